@@ -1,0 +1,461 @@
+"""The DeepSeek-V2/V3 model: MLA attention, DeepSeekMoE, multi-token prediction.
+
+Read top to bottom: RMSNorm -> RoPE (+YaRN) -> MLA (naive and absorbed paths) -> Gate ->
+Experts / MoE / MLP -> Block -> MTP -> Transformer. Names follow the papers and DeepSeek's
+HF checkpoints (`kv_a_proj_with_mqa`, `e_score_correction_bias`, ...), so `checkpoint.py`
+maps our state dict onto `model.layers.{i}.*` with almost no renaming.
+
+Shapes: B batch, T query length, S key length, H heads, D model width, C latent width
+(kv_lora_rank), R rope width, E routed experts, K experts per token, N = B*T tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig, yarn_mscale
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary embeddings on the decoupled rope part only (V2 §2.1.3), with YaRN context extension.
+
+
+def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (R/2,) and the cos/sin magnitude YaRN prescribes."""
+    dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    rs = cfg.rope_scaling
+    if not rs:
+        return inv_freq, 1.0
+    factor = float(rs["factor"])
+    original = rs["original_max_position_embeddings"]
+    beta_fast, beta_slow = rs.get("beta_fast") or 32, rs.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        # the dimension whose wavelength completes `rotations` turns over the original context
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(beta_fast)), 0)
+    high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    # high-frequency dims (ramp 0) keep their frequency; low-frequency dims are interpolated
+    inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
+    m, m_all = rs.get("mscale"), rs.get("mscale_all_dim")
+    magnitude = yarn_mscale(factor, m) / yarn_mscale(factor, m_all) if m and m_all else yarn_mscale(factor)
+    return inv_freq, magnitude
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x0, x1), (x2, x3), ... as DeepSeek's complex-number RoPE does.
+
+    x: (B, T, ..., R); cos, sin: (B or 1, T, R/2).
+    """
+    while cos.dim() < x.dim():
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    pairs = x.unflatten(-1, (-1, 2))  # (..., R/2, 2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    out = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1)
+    return out.flatten(-2).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-head latent attention (V2 §2.1).
+
+
+def causal_mask(T: int, S: int, device: torch.device) -> torch.Tensor | None:
+    """Boolean (T, S) mask, queries aligned to the end of the keys; None where no mask is needed."""
+    if T == 1:
+        return None
+    q_pos = torch.arange(S - T, S, device=device)[:, None]
+    return torch.arange(S, device=device)[None, :] <= q_pos
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        D, H = cfg.hidden_size, cfg.num_attention_heads
+        self.n_heads = H
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(D, H * cfg.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(D, cfg.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * cfg.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(D, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(H * cfg.v_head_dim, D, bias=False)
+        self.scale = cfg.softmax_scale
+
+    def queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        c = self.cfg
+        q = self.q_proj(x) if c.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.unflatten(-1, (self.n_heads, c.qk_head_dim))  # (B, T, H, Dn+R)
+        q_nope, q_pe = q.split([c.qk_nope_head_dim, c.qk_rope_head_dim], dim=-1)
+        return q_nope, apply_rope(q_pe, cos, sin)
+
+    def latents(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """What MLA caches per token: the normalised latent c_KV (B, T, C) and the roped key (B, T, R)."""
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.cfg.kv_lora_rank, self.cfg.qk_rope_head_dim], -1)
+        return self.kv_a_layernorm(c_kv), apply_rope(k_pe, cos, sin)
+
+    def naive(self, q_nope, q_pe, c_kv, k_pe, mask):
+        """Expand the latents into per-head keys and values, then standard attention."""
+        c = self.cfg
+        B, S, _ = c_kv.shape
+        T = q_nope.shape[1]
+        kv = self.kv_b_proj(c_kv).unflatten(-1, (self.n_heads, c.qk_nope_head_dim + c.v_head_dim))  # (B, S, H, Dn+Dv)
+        k_nope, v = kv.split([c.qk_nope_head_dim, c.v_head_dim], dim=-1)
+        k = torch.cat((k_nope, k_pe[:, :, None, :].expand(B, S, self.n_heads, c.qk_rope_head_dim)), -1)
+        q = torch.cat((q_nope, q_pe), -1)
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # (B, H, T|S, .)
+            attn_mask=mask, is_causal=mask is None and T == S and T > 1, scale=self.scale)
+        return o.transpose(1, 2).flatten(2)  # (B, T, H*Dv)
+
+    def absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
+        """Attend directly over the cached latents: W_UK folds into the query, W_UV into the output.
+
+        Multi-query attention with (C+R)-wide keys and C-wide values; nothing is expanded per head.
+        """
+        c = self.cfg
+        T, S = q_nope.shape[1], c_kv.shape[1]
+        w = self.kv_b_proj.weight.unflatten(0, (self.n_heads, c.qk_nope_head_dim + c.v_head_dim))  # (H, Dn+Dv, C)
+        w_uk, w_uv = w[:, : c.qk_nope_head_dim], w[:, c.qk_nope_head_dim:]
+        q_lat = torch.einsum("bthd,hdc->bhtc", q_nope, w_uk)
+        scores = (torch.einsum("bhtc,bsc->bhts", q_lat, c_kv)
+                  + torch.einsum("bthr,bsr->bhts", q_pe, k_pe)).float() * self.scale
+        if mask is None and T > 1:
+            mask = causal_mask(T, S, c_kv.device)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        p = scores.softmax(-1).to(c_kv.dtype)
+        o_lat = torch.einsum("bhts,bsc->bthc", p, c_kv)
+        return torch.einsum("bthc,hdc->bthd", o_lat, w_uv).flatten(2)  # (B, T, H*Dv)
+
+    def forward(self, x, cos, sin, cache=None, layer_idx: int = 0, mask=None, absorb: bool = False):
+        q_nope, q_pe = self.queries(x, cos, sin)
+        c_kv, k_pe = self.latents(x, cos, sin)
+        if cache is not None:
+            c_kv, k_pe = cache.update(layer_idx, c_kv, k_pe)  # (B, S, C), (B, S, R)
+        if mask is None and q_nope.shape[1] != c_kv.shape[1]:
+            mask = causal_mask(q_nope.shape[1], c_kv.shape[1], x.device)
+        attend = self.absorbed if absorb else self.naive
+        return self.o_proj(attend(q_nope, q_pe, c_kv, k_pe, mask))
+
+
+# ---------------------------------------------------------------------------------------------
+# DeepSeekMoE (V2 §2.2, V3 §2.1.2).
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: the dense layers and the shared experts."""
+
+    def __init__(self, dim: int, inter: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, inter, bias=False)
+        self.up_proj = nn.Linear(dim, inter, bias=False)
+        self.down_proj = nn.Linear(inter, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def route(scores: torch.Tensor, bias: torch.Tensor | None, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick K experts per token from gate scores (N, E); returns weights (N, K) and indices (N, K).
+
+    V3: choose by score + bias inside the best `topk_group` groups (a group scores the sum of its
+    top-2 biased scores), weight by the unbiased score, renormalised. V2: choose by softmax
+    probability (group-limited: a group scores its max), weight by it unnormalised.
+    """
+    N, E = scores.shape
+    choice = scores if bias is None else scores + bias
+    if cfg.n_group > 1 and cfg.topk_method != "greedy":
+        grouped = choice.view(N, cfg.n_group, E // cfg.n_group)  # (N, G, E/G)
+        if cfg.topk_method == "noaux_tc":
+            group_scores = grouped.topk(2, dim=-1).values.sum(-1)
+        else:
+            group_scores = grouped.amax(-1)
+        keep = group_scores.topk(cfg.topk_group, dim=-1).indices  # (N, topk_group)
+        kept = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+        choice = choice.masked_fill(~kept[:, :, None].expand_as(grouped).reshape(N, E), float("-inf"))
+    indices = choice.topk(cfg.num_experts_per_tok, dim=-1).indices
+    weights = scores.gather(1, indices)
+    if cfg.norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return weights * cfg.routed_scaling_factor, indices
+
+
+class Gate(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        if cfg.scoring_func == "sigmoid":
+            # the auxiliary-loss-free balancing bias: training moves it, gradients never touch it
+            self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts))
+        else:
+            self.e_score_correction_bias = None
+
+    def forward(self, x: torch.Tensor):
+        """x: (N, D) -> weights (N, K), indices (N, K), scores (N, E), all float32."""
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid() if self.cfg.scoring_func == "sigmoid" else logits.softmax(-1)
+        bias = None if self.e_score_correction_bias is None else self.e_score_correction_bias.float()
+        weights, indices = route(scores, bias, self.cfg)
+        return weights, indices, scores
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts stored stacked; the checkpoint splits them into `experts.{e}.*_proj`."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        E, D, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, D))  # gate rows then up rows
+        self.down_proj = nn.Parameter(torch.empty(E, D, I))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, counts: list[int]):
+        """x (N, D); tokens are grouped by expert so each expert runs one matmul over its own tokens."""
+        N, K = indices.shape
+        order = indices.flatten().argsort(stable=True)  # (N*K,) token slots sorted by expert
+        token = order // K
+        xs = x[token]  # (N*K, D)
+        outs, start = [], 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            gate, up = (xs[start:start + n] @ self.gate_up_proj[e].T).chunk(2, dim=-1)
+            outs.append((F.silu(gate) * up) @ self.down_proj[e].T)
+            start += n
+        y = torch.cat(outs) * weights.flatten()[order, None]
+        return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
+
+
+@dataclass
+class RouterStats:
+    counts: torch.Tensor  # (E,) tokens routed to each expert in this forward
+    balance_loss: torch.Tensor  # scalar: sequence-wise sum_i f_i P_i, averaged over sequences
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.gate = Gate(cfg)
+        self.experts = Experts(cfg)
+        self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+                               if cfg.n_shared_experts > 0 else None)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
+        B, T, D = x.shape
+        flat = x.reshape(B * T, D)
+        weights, indices, scores = self.gate(flat)
+        counts = torch.bincount(indices.flatten(), minlength=self.cfg.n_routed_experts)
+        y = self.experts(flat, weights, indices, counts.tolist()).view(B, T, D)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y, RouterStats(counts, self.balance_loss(scores.view(B, T, -1), indices.view(B, T, -1)))
+
+    def balance_loss(self, scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """V3 eq. 17-20: f_i = E/(K T) * #tokens of the sequence routed to i; P_i = mean_t s'_{i,t}."""
+        B, T, E = scores.shape
+        K = indices.shape[-1]
+        load = torch.zeros(B, E, device=scores.device).scatter_add_(
+            1, indices.reshape(B, T * K), torch.ones(B, T * K, device=scores.device))
+        f = load * E / (K * T)
+        p = (scores / scores.sum(-1, keepdim=True)).mean(1)  # (B, E)
+        return (f * p).sum(-1).mean()
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLA(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, h, cos, sin, cache=None, mask=None, absorb=False):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, cache, self.layer_idx, mask, absorb)
+        out = self.mlp(self.post_attention_layernorm(h))
+        if isinstance(out, tuple):
+            out, stats = out
+            return h + out, stats
+        return h + out, None
+
+
+class SharedHead(nn.Module):
+    """The MTP module's final norm; its output projection is the main model's lm_head."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class MTP(nn.Module):
+    """Multi-token prediction module k (V3 §2.2): h' = eh_proj[enorm(Emb(t_{i+k})); hnorm(h^{k-1}_i)].
+
+    The embedding comes first in the concatenation, as in DeepSeek-V3's released weights.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.block = Block(cfg, layer_idx)
+        self.shared_head = SharedHead(cfg)
+
+    def forward(self, h_prev, emb, cos, sin, cache=None, mask=None, absorb=False):
+        h = self.eh_proj(torch.cat((self.enorm(emb), self.hnorm(h_prev)), -1))
+        return self.block(h, cos, sin, cache, mask, absorb)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor  # what to backpropagate: lm + mtp_weight * mtp + balance_weight * balance
+    lm_loss: torch.Tensor
+    mtp_loss: torch.Tensor  # (1/D) sum_k CE_k, unweighted; 0 when the model has no MTP
+    balance_loss: torch.Tensor  # summed over MoE layers, unweighted
+    expert_counts: torch.Tensor  # (MoE layers, E) tokens per expert, main-model layers only
+    logits: torch.Tensor
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        L = cfg.num_hidden_layers
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(L))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mtp = nn.ModuleList(MTP(cfg, L + k) for k in range(cfg.num_nextn_predict_layers))
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        inv_freq, self.rope_magnitude = rope_frequencies(cfg)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        std = self.cfg.initializer_range
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name or name.endswith("enorm.weight") \
+                    or name.endswith("hnorm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std)
+        for m in self.modules():
+            if isinstance(m, Gate) and m.e_score_correction_bias is not None:
+                m.e_score_correction_bias.zero_()
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype):
+        """cos, sin (B or 1, T, R/2) for integer positions (T,) or (B, T)."""
+        if positions.dim() == 1:
+            positions = positions[None]
+        angles = positions.float()[..., None] * self.inv_freq
+        return (angles.cos() * self.rope_magnitude).to(dtype), (angles.sin() * self.rope_magnitude).to(dtype)
+
+    def trunk(self, input_ids, start_pos: int = 0, cache=None, mask=None, absorb=False):
+        """Embed and run the main layers; returns the final-normed hidden (B, T, D) and router stats."""
+        T = input_ids.shape[1]
+        h = self.embed_tokens(input_ids)
+        cos, sin = self.rope(torch.arange(start_pos, start_pos + T, device=h.device), h.dtype)
+        stats = []
+        for layer in self.layers:
+            h, s = layer(h, cos, sin, cache, mask, absorb)
+            if s is not None:
+                stats.append(s)
+        return self.norm(h), stats
+
+    def forward(self, input_ids: torch.Tensor, start_pos: int = 0, cache=None, mask=None,
+                absorb: bool = False) -> torch.Tensor:
+        """Logits (B, T, vocab). With a cache, `input_ids` continue the cached context at `start_pos`."""
+        h, _ = self.trunk(input_ids, start_pos, cache, mask, absorb)
+        return self.lm_head(h)
+
+    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, mtp_weight: float = 0.3,
+             balance_weight: float = 1e-4) -> LossOutput:
+        """Next-token CE + mtp_weight * MTP CE + balance_weight * sequence-wise balance loss.
+
+        targets (B, T) are the next tokens (input_ids shifted left by one); -100 is ignored.
+        MTP depth k at position i sees Emb(t_{i+k}) and predicts t_{i+k+1}, i.e. targets[i+k].
+        """
+        T = input_ids.shape[1]
+        h, stats = self.trunk(input_ids)
+        logits = self.lm_head(h)
+        lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        mtp_losses, h_prev = [], h
+        for k, mtp in enumerate(self.mtp, start=1):
+            if T - k < 1:
+                break
+            h_prev = h_prev[:, : T - k]
+            cos, sin = self.rope(torch.arange(T - k, device=h.device), h.dtype)
+            emb = self.embed_tokens(input_ids[:, k:])  # Emb(t_{i+k})
+            h_prev, s = mtp(h_prev, emb, cos, sin)
+            mtp_logits = self.lm_head(mtp.shared_head.norm(h_prev))
+            mtp_losses.append(F.cross_entropy(mtp_logits.flatten(0, 1).float(),
+                                              targets[:, k:].flatten(), ignore_index=-100))
+        zero = lm_loss.new_zeros(())
+        mtp_loss = torch.stack(mtp_losses).mean() if mtp_losses else zero
+        balance = torch.stack([s.balance_loss for s in stats]).sum() if stats else zero
+        counts = (torch.stack([s.counts for s in stats]) if stats
+                  else torch.zeros(0, self.cfg.n_routed_experts, dtype=torch.long))
+        total = lm_loss + mtp_weight * mtp_loss + balance_weight * balance
+        return LossOutput(total, lm_loss, mtp_loss, balance, counts, logits)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+class LatentCache:
+    """The simplest MLA cache: contiguous (B, S_max, C) latents and (B, S_max, R) rope keys per layer.
+
+    All sequences share one length. The engine's paged cache follows the same `update` contract.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype=torch.float32, device=None):
+        n = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+        self.c_kv = torch.zeros(n, batch_size, max_len, cfg.kv_lora_rank, dtype=dtype, device=device)
+        self.k_pe = torch.zeros(n, batch_size, max_len, cfg.qk_rope_head_dim, dtype=dtype, device=device)
+        self.lengths = [0] * n
+
+    def update(self, layer_idx: int, c_kv: torch.Tensor, k_pe: torch.Tensor):
+        start, T = self.lengths[layer_idx], c_kv.shape[1]
+        if start + T > self.c_kv.shape[2]:
+            raise ValueError(f"LatentCache full: {start} + {T} tokens exceed max_len={self.c_kv.shape[2]}")
+        self.c_kv[layer_idx, :, start:start + T] = c_kv
+        self.k_pe[layer_idx, :, start:start + T] = k_pe
+        self.lengths[layer_idx] = start + T
+        return self.c_kv[layer_idx, :, : start + T], self.k_pe[layer_idx, :, : start + T]
+
+    def bytes_per_token(self) -> int:
+        n = self.c_kv.shape[0]
+        return n * (self.c_kv.shape[-1] + self.k_pe.shape[-1]) * self.c_kv.element_size()

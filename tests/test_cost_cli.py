@@ -1,0 +1,77 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nanoseek import load_model, preset
+from nanoseek.cli import main
+from nanoseek.cost import estimate
+
+
+def test_deepseek_v3_published_figures():
+    c = estimate(preset("deepseek-v3"))
+    assert c.kv_elements_per_token_per_layer == 576
+    assert c.kv_bytes_per_token == 576 * 61 * 2 == 70272  # ~70 KB per token in bf16
+    assert abs(c.params_total / 671e9 - 1) < 0.02
+    assert abs(c.params_activated / 37e9 - 1) < 0.02
+    assert c.kv_bytes_per_token_mha == 61 * 32768 * 2  # 2 * heads * head_dim per layer
+
+
+def test_deepseek_v2_figures():
+    c = estimate(preset("deepseek-v2"))
+    assert abs(c.params_total / 236e9 - 1) < 0.02 and abs(c.params_activated / 21e9 - 1) < 0.02
+    lite = estimate(preset("deepseek-v2-lite"))
+    assert abs(lite.params_total / 15.7e9 - 1) < 0.02
+
+
+def test_cost_counts_match_instantiated_model():
+    from nanoseek import Transformer
+    for name in ("tiny", "small"):
+        cfg = preset(name)
+        model = Transformer(cfg)
+        c = estimate(cfg)
+        mtp = sum(p.numel() for p in model.mtp.parameters())
+        assert c.params_total + c.params_mtp == model.num_parameters(), name
+        assert c.params_mtp == mtp
+
+
+def test_cli_cost_json(capsys):
+    assert main(["cost", "--preset", "deepseek-v3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["kv_bytes_per_token"] == 70272 and out["name"] == "deepseek-v3"
+
+
+def test_cli_cost_table_and_config(tmp_path, capsys):
+    assert main(["init", "--preset", "tiny", "--out", str(tmp_path / "m"), "--seed", "3"]) == 0
+    assert main(["cost", "--config", str(tmp_path / "m")]) == 0
+    out = capsys.readouterr().out
+    assert "KV elements / token / layer (MLA)  40" in out
+
+
+def test_cli_init_seed_is_deterministic(tmp_path):
+    for name in ("a", "b"):
+        assert main(["init", "--preset", "tiny", "--out", str(tmp_path / name), "--seed", "5"]) == 0
+    assert main(["init", "--preset", "tiny", "--out", str(tmp_path / "c"), "--seed", "6"]) == 0
+    a, b, c = (load_model(tmp_path / n) for n in "abc")
+    assert torch.equal(a.embed_tokens.weight, b.embed_tokens.weight)
+    assert not torch.equal(a.embed_tokens.weight, c.embed_tokens.weight)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["init", "--preset", "deepseek-v3", "--out", "x"], "shape-only"),
+    (["cost"], "give exactly one of --preset NAME or --config PATH"),
+    (["cost", "--config", "/nonexistent/dir"], "not found"),
+    (["cost", "--preset", "tiny", "--seq-len", "0"], "seq_len must be >= 1"),
+])
+def test_cli_errors_are_clear(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_python_m_and_help():
+    out = subprocess.run([sys.executable, "-m", "nanoseek", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "init" in out.stdout and "cost" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "nanoseek", "init", "--help"], capture_output=True, text=True)
+    assert "--seed" in out.stdout and "--dtype" in out.stdout

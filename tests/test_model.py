@@ -1,0 +1,189 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanoseek import LatentCache, Transformer, preset
+from nanoseek.model import MoE, route
+
+
+def test_logits_shape(tiny_model):
+    x = torch.randint(0, 512, (3, 7))
+    assert tiny_model(x).shape == (3, 7, 512)
+
+
+@pytest.mark.parametrize("q_lora_rank", [None, 24])
+def test_absorbed_equals_naive(q_lora_rank):
+    torch.manual_seed(1)
+    model = Transformer(preset("tiny", q_lora_rank=q_lora_rank)).eval()
+    x = torch.randint(0, 512, (2, 13))
+    with torch.no_grad():
+        naive, absorbed = model(x), model(x, absorb=True)
+    assert torch.allclose(naive, absorbed, atol=1e-5), (naive - absorbed).abs().max()
+
+
+@pytest.mark.parametrize("absorb", [False, True])
+def test_incremental_decode_equals_full_forward(tiny_model, absorb):
+    x = torch.randint(0, 512, (2, 12))
+    with torch.no_grad():
+        full = tiny_model(x)
+        cache = LatentCache(tiny_model.cfg, batch_size=2, max_len=16)
+        steps = [tiny_model(x[:, :5], 0, cache, absorb=absorb)]  # prefill 5, then 3 + 1 + 1 + ...
+        steps.append(tiny_model(x[:, 5:8], 5, cache, absorb=absorb))
+        steps += [tiny_model(x[:, t:t + 1], t, cache, absorb=absorb) for t in range(8, 12)]
+    assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
+    # only the latent and the rope key are cached: (C + R) per token per layer
+    cfg = tiny_model.cfg
+    assert cache.bytes_per_token() == (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4 * (
+        cfg.num_hidden_layers + cfg.num_nextn_predict_layers)
+
+
+def test_cache_overflow_is_a_clear_error(tiny_model):
+    cache = LatentCache(tiny_model.cfg, batch_size=1, max_len=4)
+    with pytest.raises(ValueError, match="LatentCache full"):
+        tiny_model(torch.zeros(1, 5, dtype=torch.long), 0, cache)
+
+
+def test_bias_changes_choice_never_weights():
+    cfg = preset("tiny", n_group=1, topk_group=1)
+    torch.manual_seed(0)
+    scores = torch.rand(64, cfg.n_routed_experts)
+    w0, i0 = route(scores, torch.zeros(cfg.n_routed_experts), cfg)
+    bias = torch.zeros(cfg.n_routed_experts)
+    bias[3] = 10.0  # expert 3 is now always chosen
+    w1, i1 = route(scores, bias, cfg)
+    assert (i1 == 3).any(-1).all() and not torch.equal(i0, i1)
+    # weights are the unbiased scores of the chosen experts, renormalised, times the scaling factor
+    chosen = scores.gather(1, i1)
+    assert torch.allclose(w1, chosen / chosen.sum(-1, keepdim=True) * cfg.routed_scaling_factor)
+    assert torch.allclose(w1.sum(-1), torch.full((64,), cfg.routed_scaling_factor))
+
+
+def test_group_limited_routing_picks_only_from_kept_groups():
+    cfg = preset("tiny", n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=3)
+    torch.manual_seed(0)
+    scores = torch.rand(200, 16)
+    _, idx = route(scores, None, cfg)
+    groups = scores.view(200, 4, 4)
+    kept = groups.topk(2, dim=-1).values.sum(-1).topk(2, dim=-1).indices  # V3: top-2 sum per group
+    for t in range(200):
+        assert set((idx[t] // 4).tolist()) <= set(kept[t].tolist())
+    # V2 group-limited greedy scores a group by its max
+    v2 = preset("tiny", n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=3,
+                scoring_func="softmax", topk_method="group_limited_greedy", norm_topk_prob=False)
+    probs = scores.softmax(-1)
+    w, idx = route(probs, None, v2)
+    kept = probs.view(200, 4, 4).amax(-1).topk(2, dim=-1).indices
+    for t in range(200):
+        assert set((idx[t] // 4).tolist()) <= set(kept[t].tolist())
+    assert torch.allclose(w, probs.gather(1, idx) * v2.routed_scaling_factor)  # V2: no renormalisation
+
+
+@pytest.mark.parametrize("scoring", ["sigmoid", "softmax"])
+def test_moe_equals_slow_per_token_reference(scoring):
+    extra = {} if scoring == "sigmoid" else dict(scoring_func="softmax", topk_method="group_limited_greedy",
+                                                  norm_topk_prob=False)
+    cfg = preset("tiny", n_shared_experts=2, **extra)
+    torch.manual_seed(2)
+    moe = MoE(cfg)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    if moe.gate.e_score_correction_bias is not None:
+        moe.gate.e_score_correction_bias.normal_(0, 0.1)
+    x = torch.randn(3, 5, cfg.hidden_size)
+    y, stats = moe(x)
+    weights, indices, _ = moe.gate(x.view(-1, cfg.hidden_size))
+    I = cfg.moe_intermediate_size
+    ref = torch.zeros(15, cfg.hidden_size)
+    for t, xt in enumerate(x.view(-1, cfg.hidden_size)):
+        for k in range(cfg.num_experts_per_tok):
+            e = indices[t, k]
+            g, u = moe.experts.gate_up_proj[e, :I], moe.experts.gate_up_proj[e, I:]
+            ref[t] += weights[t, k] * (moe.experts.down_proj[e] @ (F.silu(g @ xt) * (u @ xt)))
+        ref[t] += moe.shared_experts(xt)
+    assert torch.allclose(y.view(-1, cfg.hidden_size), ref, atol=1e-5)
+    assert stats.counts.sum() == 15 * cfg.num_experts_per_tok
+    assert torch.equal(stats.counts, torch.bincount(indices.flatten(), minlength=cfg.n_routed_experts))
+
+
+def test_balance_loss_matches_formula():
+    cfg = preset("tiny")
+    moe = MoE(cfg)
+    scores = torch.tensor([[[0.9, 0.1, 0.5, 0.5, 0.2, 0.2, 0.3, 0.3],
+                            [0.1, 0.9, 0.5, 0.5, 0.2, 0.2, 0.3, 0.3]]])  # (B=1, T=2, E=8)
+    idx = torch.tensor([[[0, 2], [1, 2]]])
+    # f = E/(K T) * counts = 8/4 * [1, 1, 2, 0, ...]; P = mean over t of normalised scores
+    f = torch.tensor([2.0, 2.0, 4.0, 0, 0, 0, 0, 0])
+    p = (scores[0] / scores[0].sum(-1, keepdim=True)).mean(0)
+    assert torch.allclose(moe.balance_loss(scores, idx), (f * p).sum())
+    # perfectly balanced uniform routing gives exactly 1
+    uniform = torch.full((1, 4, 8), 0.5)
+    idx = torch.tensor([[[0, 1], [2, 3], [4, 5], [6, 7]]])
+    assert torch.allclose(moe.balance_loss(uniform, idx), torch.tensor(1.0))
+
+
+def test_mtp_loss_matches_hand_computation(tiny_model):
+    torch.manual_seed(3)
+    x = torch.randint(0, 512, (2, 9))
+    y = torch.roll(x, -1, 1)
+    y[:, -1] = -100
+    y[0, 2] = -100  # masked positions are ignored by both losses
+    out = tiny_model.loss(x, y, mtp_weight=0.5, balance_weight=0.01)
+    # depth 1: position i combines h_i with Emb(x_{i+1}) and predicts y_{i+1}
+    m = tiny_model
+    h, _ = m.trunk(x)
+    cos, sin = m.rope(torch.arange(8), h.dtype)
+    hh = m.mtp[0].eh_proj(torch.cat((m.mtp[0].enorm(m.embed_tokens(x[:, 1:])), m.mtp[0].hnorm(h[:, :8])), -1))
+    hh, _ = m.mtp[0].block(hh, cos, sin)
+    logits = m.lm_head(m.mtp[0].shared_head.norm(hh))
+    mtp = F.cross_entropy(logits.reshape(-1, 512), y[:, 1:].reshape(-1), ignore_index=-100)
+    lm = F.cross_entropy(m.lm_head(h).reshape(-1, 512), y.reshape(-1), ignore_index=-100)
+    assert torch.allclose(out.mtp_loss, mtp) and torch.allclose(out.lm_loss, lm)
+    assert torch.allclose(out.loss, lm + 0.5 * mtp + 0.01 * out.balance_loss)
+    assert out.expert_counts.shape == (1, 8) and out.expert_counts.sum() == 2 * 9 * 2
+
+
+def test_uniform_head_gives_log_vocab_losses(tiny_model):
+    with torch.no_grad():
+        tiny_model.lm_head.weight.zero_()
+    x = torch.randint(0, 512, (2, 6))
+    out = tiny_model.loss(x, torch.roll(x, -1, 1))
+    assert math.isclose(out.lm_loss.item(), math.log(512), rel_tol=1e-6)
+    assert math.isclose(out.mtp_loss.item(), math.log(512), rel_tol=1e-6)
+
+
+def test_mtp_sees_no_future_beyond_its_token(tiny_model):
+    """The depth-1 prediction at position i may use tokens up to i+1, never i+2 or later."""
+    x = torch.randint(0, 512, (1, 8))
+    m = tiny_model
+
+    def mtp_logits(ids):
+        h, _ = m.trunk(ids)
+        cos, sin = m.rope(torch.arange(7), h.dtype)
+        hh, _ = m.mtp[0](h[:, :7], m.embed_tokens(ids[:, 1:]), cos, sin)
+        return m.lm_head(m.mtp[0].shared_head.norm(hh))
+
+    with torch.no_grad():
+        a = mtp_logits(x)
+        x2 = x.clone()
+        x2[0, 5] = (x[0, 5] + 1) % 512
+        b = mtp_logits(x2)
+    assert torch.allclose(a[:, :4], b[:, :4], atol=1e-6)  # positions 0..3 see tokens <= 4 only
+    assert not torch.allclose(a[:, 4], b[:, 4])  # position 4 sees token 5 through the embedding
+
+
+def test_gradients_flow_but_not_into_the_bias(tiny_model):
+    tiny_model.train()
+    x = torch.randint(0, 512, (2, 8))
+    tiny_model.loss(x, torch.roll(x, -1, 1)).loss.backward()
+    assert all(p.grad is not None for n, p in tiny_model.named_parameters()), \
+        [n for n, p in tiny_model.named_parameters() if p.grad is None]
+    assert "e_score_correction_bias" not in dict(tiny_model.named_parameters()).keys().__str__()
+
+
+def test_bf16_autocast_runs(tiny_model):
+    x = torch.randint(0, 512, (2, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = tiny_model.loss(x, torch.roll(x, -1, 1))
+    assert torch.isfinite(out.loss)
