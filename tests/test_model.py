@@ -187,3 +187,21 @@ def test_bf16_autocast_runs(tiny_model):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = tiny_model.loss(x, torch.roll(x, -1, 1))
     assert torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize("chunk", [3, 1024])
+def test_linear_cross_entropy_equals_reference(chunk):
+    from nanoseek.model import linear_cross_entropy
+    torch.manual_seed(4)
+    h = torch.randn(2, 7, 16, requires_grad=True)
+    w = torch.randn(50, 16, requires_grad=True)
+    t = torch.randint(0, 50, (2, 7))
+    t[0, 3] = t[1, 6] = -100
+    loss = linear_cross_entropy(h, w, t, chunk=chunk)
+    (loss * 2).backward()  # a non-unit upstream gradient
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    ref = F.cross_entropy((h @ w.T).flatten(0, 1), t.flatten(), ignore_index=-100)
+    (ref * 2).backward()
+    assert torch.allclose(loss, ref, atol=1e-6)
+    assert torch.allclose(gh, h.grad, atol=1e-6) and torch.allclose(gw, w.grad, atol=1e-6)
