@@ -17,8 +17,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import uuid
 import warnings
 from pathlib import Path
 from typing import Iterator
@@ -28,11 +26,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ConfigError, ModelConfig
+from .io import TMP_MARK, atomic_dir
 from .model import Transformer
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
-TMP_MARK = ".tmp-"
 DEFAULT_SHARD_BYTES = 2 * 2**30
 
 
@@ -273,33 +271,21 @@ def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, 
     return shards
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_model(model: Transformer, path: str | os.PathLike, dtype: torch.dtype | None = None,
                max_shard_bytes: int = DEFAULT_SHARD_BYTES, extra_files: dict[str, str | bytes] | None = None
                ) -> Path:
     """Write `model` as an HF model dir at `path`, atomically: a temporary dir, then a rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}{TMP_MARK}{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        tensors = {k: (v if dtype is None else v.to(dtype)).detach().cpu() for k, v in
-                   to_hf_state_dict(model).items()}
-        # expert slices and the MTP's embedding/head copies share storage; safetensors wants each
-        # tensor in a buffer of its own
-        seen: set[int] = set()
-        for k, v in tensors.items():
-            ptr = v.untyped_storage().data_ptr()
-            if ptr in seen:
-                tensors[k] = v.clone()
-            seen.add(tensors[k].untyped_storage().data_ptr())
+    tensors = {k: (v if dtype is None else v.to(dtype)).detach().cpu() for k, v in
+               to_hf_state_dict(model).items()}
+    # expert slices and the MTP's embedding/head copies share storage; safetensors wants each
+    # tensor in a buffer of its own
+    seen: set[int] = set()
+    for k, v in tensors.items():
+        if v.untyped_storage().data_ptr() in seen:
+            tensors[k] = v.clone()
+        seen.add(tensors[k].untyped_storage().data_ptr())
+    with atomic_dir(path) as tmp:
         shards = _shards(tensors, max_shard_bytes)
         meta = {"format": "pt"}
         if len(shards) == 1:
@@ -320,26 +306,6 @@ def save_model(model: Transformer, path: str | os.PathLike, dtype: torch.dtype |
         (tmp / "generation_config.json").write_text(json.dumps(generation_config(model.cfg), indent=2) + "\n")
         for name, content in (extra_files or {}).items():
             mode = "wb" if isinstance(content, bytes) else "w"
-            with open(tmp / name, mode) as fh:
+            with open(tmp / name, mode, **({} if mode == "wb" else {"encoding": "utf-8"})) as fh:
                 fh.write(content)
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        _fsync_dir(tmp)
-        _commit(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
-
-
-def _commit(tmp: Path, path: Path) -> None:
-    """Move a finished temporary dir into place, replacing any previous dir at `path`."""
-    old = None
-    if path.exists():
-        old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(path, old)
-    os.rename(tmp, path)
-    _fsync_dir(path.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

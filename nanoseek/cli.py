@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .checkpoint import CheckpointError
 from .config import PRESETS, SHAPE_ONLY, ConfigError, ModelConfig, preset
+from .data.shards import ShardError
+from .tokenizer import TokenizerError
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -33,15 +36,78 @@ def cmd_init(args: argparse.Namespace) -> int:
 
     from .checkpoint import save_model
     from .model import Transformer
+    from .tokenizer import Tokenizer
 
     name, cfg = _config_from(args)
     if args.preset in SHAPE_ONLY:
         raise UsageError(f"preset {args.preset!r} is shape-only (for `nanoseek cost`); it is far too large "
                          f"to instantiate here. Use one of: {', '.join(p for p in PRESETS if p not in SHAPE_ONLY)}")
+    tok = Tokenizer.load(args.tokenizer) if args.tokenizer else Tokenizer.byte_level()
+    if tok.vocab_size > cfg.vocab_size:
+        raise UsageError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
+                         f"{cfg.vocab_size}; use a larger config or a smaller tokenizer")
     torch.manual_seed(args.seed)
     model = Transformer(cfg)
-    out = save_model(model, args.out, dtype=getattr(torch, DTYPES[args.dtype]))
-    print(f"wrote {out}: {name}, {model.num_parameters():,} parameters, seed {args.seed}, {args.dtype}")
+    out = save_model(model, args.out, dtype=getattr(torch, DTYPES[args.dtype]),
+                     extra_files=tok.files(cfg.max_position_embeddings))
+    print(f"wrote {out}: {name}, {model.num_parameters():,} parameters, seed {args.seed}, {args.dtype}, "
+          f"{'byte-level' if not args.tokenizer else args.tokenizer} tokenizer ({tok.vocab_size} tokens)")
+    return 0
+
+
+def cmd_tokenizer(args: argparse.Namespace) -> int:
+    from .data.readers import iter_documents
+    from .tokenizer import Tokenizer
+
+    problems: list[str] = []
+    texts = (text for _, text, _ in iter_documents(args.input, lambda r, w: problems.append(f"{r}: {w}"),
+                                                   args.text_field))
+    tok = Tokenizer.train(texts, args.vocab_size, show_progress=not args.quiet)
+    tok.save(args.out)
+    for p in problems[:10]:
+        print(f"skipped {p}", file=sys.stderr)
+    print(f"wrote {args.out}: {tok.vocab_size} tokens ({len(problems)} input problems skipped)")
+    return 0
+
+
+def cmd_curate(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .data.curate import CurateConfig, NothingUsable, curate
+
+    cfg = CurateConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(CurateConfig)})
+    try:
+        report = curate(args.input, args.out, cfg, workers=args.workers, progress=not args.quiet)
+    except NothingUsable as e:
+        raise UsageError(str(e)) from None
+    print(report.table())
+    print(f"wrote {args.out}: {len(report.shards)} shard(s) and curate_report.json")
+    return 0
+
+
+def cmd_tokenize(args: argparse.Namespace) -> int:
+    from .data.shards import tokenize_dir
+
+    index = tokenize_dir(args.input, args.tokenizer, args.out, workers=args.workers, progress=not args.quiet)
+    print(f"wrote {args.out}: {index['num_tokens']:,} tokens in {index['num_docs']:,} documents, "
+          f"{len(index['shards'])} shard(s), {index['dtype']}")
+    return 0
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from .data.tasks import get_task
+
+    try:
+        task = get_task(args.task)
+        problems = task.problems(args.split, args.n, level=args.level, seed=args.seed)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    for p in problems:
+        if args.json:
+            print(json.dumps({"key": p.key, "level": p.level, "prompt": p.prompt, "answer": p.answer,
+                              "solution": task.solution(p)}, ensure_ascii=False))
+        else:
+            print(f"[{p.task} level {p.level}] {p.prompt}\n{task.solution(p)}\n")
     return 0
 
 
@@ -62,7 +128,7 @@ def cmd_cost(args: argparse.Namespace) -> int:
 
 def cmd_speedrun(args: argparse.Namespace) -> int:
     print("nanoseek speedrun is not built yet: it lands with the speedrun issue, after training, GRPO and the "
-          "engine. Available now: `nanoseek init`, `nanoseek cost`.", file=sys.stderr)
+          "engine. Available now: init, cost, tokenizer, curate, tokenize, tasks.", file=sys.stderr)
     return 2
 
 
@@ -81,7 +147,72 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, metavar="DIR", help="model dir to write (replaced atomically)")
     sp.add_argument("--seed", type=int, default=0, help="random seed for the initial weights (default 0)")
     sp.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="weight dtype on disk (default fp32)")
+    sp.add_argument("--tokenizer", metavar="DIR",
+                    help="a trained tokenizer dir to ship with the model (default: the built-in byte-level one)")
     sp.set_defaults(func=cmd_init)
+
+    sp = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer with DeepSeek's special tokens",
+                        description="Train a byte-level BPE tokenizer (HF tokenizers) on text files and write "
+                                    "tokenizer.json and tokenizer_config.json (with the chat template).")
+    sp.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                    help=".txt/.md/.jsonl(.gz)/.parquet files or directories (curated dirs included)")
+    sp.add_argument("--vocab-size", type=int, required=True, help="target vocabulary size (>= 265)")
+    sp.add_argument("--out", required=True, metavar="DIR", help="where to write the tokenizer files")
+    sp.add_argument("--text-field", help="jsonl / parquet field holding the text (default: text or content)")
+    sp.add_argument("--quiet", action="store_true", help="no progress bar")
+    sp.set_defaults(func=cmd_tokenizer)
+
+    from .data.curate import CurateConfig
+    d = CurateConfig()
+    sp = sub.add_parser("curate", help="clean, filter, de-duplicate and classify a corpus into shards",
+                        description="Normalise (NFC, control characters), filter by quality heuristics, remove "
+                                    "exact and near (MinHash LSH) duplicates, classify domain and language, and "
+                                    "write jsonl.gz shards with a report.")
+    sp.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                    help=".txt/.md/.jsonl(.gz)/.parquet files or directories")
+    sp.add_argument("--out", required=True, metavar="DIR", help="output dir (replaced atomically)")
+    sp.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                    help="processes analysing documents (default: all cores)")
+    sp.add_argument("--min-chars", type=int, default=d.min_chars, help=f"drop shorter texts (default {d.min_chars})")
+    sp.add_argument("--max-chars", type=int, default=d.max_chars, help=f"drop longer texts (default {d.max_chars})")
+    sp.add_argument("--min-alnum-ratio", type=float, default=d.min_alnum_ratio,
+                    help=f"min share of letters and digits among non-space characters (default {d.min_alnum_ratio})")
+    sp.add_argument("--max-symbol-ratio", type=float, default=d.max_symbol_ratio,
+                    help=f"max share of junk symbols (# $ %% & @ ^ _ | ~ {{}} [], emoji) (default {d.max_symbol_ratio})")
+    sp.add_argument("--max-dup-line-ratio", type=float, default=d.max_dup_line_ratio,
+                    help=f"max share of repeated lines (default {d.max_dup_line_ratio})")
+    sp.add_argument("--max-dup-ngram-ratio", type=float, default=d.max_dup_ngram_ratio,
+                    help=f"max share of repeated word 5-grams (default {d.max_dup_ngram_ratio})")
+    sp.add_argument("--near-dup-threshold", type=float, default=d.near_dup_threshold,
+                    help=f"Jaccard similarity above which texts are near duplicates (default {d.near_dup_threshold})")
+    sp.add_argument("--num-perm", type=int, default=d.num_perm, help=f"MinHash permutations (default {d.num_perm})")
+    sp.add_argument("--shard-records", type=int, default=d.shard_records,
+                    help=f"records per output shard (default {d.shard_records})")
+    sp.add_argument("--text-field", help="jsonl / parquet field holding the text (default: text or content)")
+    sp.add_argument("--quiet", action="store_true", help="no progress bar")
+    sp.set_defaults(func=cmd_curate)
+
+    sp = sub.add_parser("tokenize", help="turn a curated dir into token shards for training",
+                        description="Tokenize every curated shard (in parallel processes) into uint16/uint32 "
+                                    "token files with per-document offsets, domains and difficulties.")
+    sp.add_argument("--input", required=True, metavar="DIR", help="a dir written by `nanoseek curate`")
+    sp.add_argument("--tokenizer", required=True, metavar="DIR", help="a dir written by `nanoseek tokenizer`")
+    sp.add_argument("--out", required=True, metavar="DIR", help="output dir (replaced atomically)")
+    sp.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)")
+    sp.add_argument("--quiet", action="store_true", help="no progress bar")
+    sp.set_defaults(func=cmd_tokenize)
+
+    from .data.tasks import SPLITS, TASKS
+    sp = sub.add_parser("tasks", help="the synthetic reasoning tasks: print sample problems and solutions",
+                        description="Print problems of a synthetic task with their worked solutions.")
+    sp.add_argument("action", choices=["sample"], help="what to do (sample: print problems)")
+    sp.add_argument("--task", required=True, choices=list(TASKS), help="which task")
+    sp.add_argument("--split", choices=list(SPLITS), default="train", help="which split (default train)")
+    sp.add_argument("--n", type=int, default=3, help="how many problems (default 3)")
+    sp.add_argument("--level", type=int, help="one difficulty level (default: cycle through all)")
+    sp.add_argument("--seed", type=int, help="sampling seed (the test split is fixed without one)")
+    sp.add_argument("--json", action="store_true", help="one JSON object per line")
+    sp.set_defaults(func=cmd_tasks)
 
     sp = sub.add_parser("cost", help="parameters, activated parameters, KV-cache bytes and FLOPs of a config",
                         description="Print total and activated parameters, KV-cache bytes per token (MLA "
@@ -107,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (UsageError, ConfigError, CheckpointError) as e:
+    except (UsageError, ConfigError, CheckpointError, TokenizerError, ShardError) as e:
         print(f"nanoseek {args.command}: error: {e}", file=sys.stderr)
         return 2
 

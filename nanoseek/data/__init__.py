@@ -1,0 +1,1 @@
+"""Data: synthetic reasoning tasks, corpus curation, token shards and the training loader."""

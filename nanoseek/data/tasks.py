@@ -1,0 +1,279 @@
+"""Synthetic reasoning tasks with exact answers: the default corpus and the rule rewards for RL.
+
+Each task generates problems, writes worked step-by-step solutions in the R1 format
+`<think> ... </think> <answer> ... </answer>`, and verifies a completion exactly.
+
+    task = TASKS["arithmetic"]
+    problems = task.problems("test", n=100)          # fixed by seed; never overlaps train
+    text = task.solution(problems[0])                # worked solution
+    task.verify(problems[0], completion)             # -> bool
+
+Splits are decided by a hash of each problem's canonical key, so train / validation / test can
+never share a problem whatever the seeds. Adding a task is one small class: `name`, `levels`,
+`make(rng, level)`, `solution(problem)` and `check(problem, answer_text)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+SPLITS = {"test": (0, 5), "validation": (5, 10), "train": (10, 100)}  # hash buckets out of 100
+TEST_SEED = 1234  # the test split is the same for everyone
+_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class Problem:
+    task: str
+    key: str  # canonical identity: decides the split and de-duplicates
+    prompt: str
+    answer: str  # the reference answer (for Countdown: one valid expression)
+    level: int
+    meta: dict = field(default_factory=dict, compare=False, hash=False)
+
+
+def split_of(key: str) -> str:
+    bucket = int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big") % 100
+    return next(name for name, (lo, hi) in SPLITS.items() if lo <= bucket < hi)
+
+
+def extract_answer(completion: str) -> str | None:
+    """The text inside the one `<answer>...</answer>` of a completion; None if there is not exactly one."""
+    found = _ANSWER.findall(completion)
+    if len(found) != 1 or completion.count("<answer>") != 1:
+        return None
+    return found[0].strip()
+
+
+class Task:
+    name: str = ""
+    levels: tuple[int, ...] = ()
+    description: str = ""
+
+    def make(self, rng: random.Random, level: int) -> Problem:
+        raise NotImplementedError
+
+    def solution(self, problem: Problem) -> str:
+        raise NotImplementedError
+
+    def check(self, problem: Problem, answer: str) -> bool:
+        raise NotImplementedError
+
+    def verify(self, problem: Problem, completion: str) -> bool:
+        """True when the completion's single answer is exactly right."""
+        answer = extract_answer(completion)
+        return answer is not None and self.check(problem, answer)
+
+    def problems(self, split: str, n: int, level: int | None = None, seed: int | None = None) -> list[Problem]:
+        """n distinct problems of one split; levels cycle through `self.levels` unless one is given."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {', '.join(SPLITS)} (got {split!r})")
+        if level is not None and level not in self.levels:
+            raise ValueError(f"{self.name}: level must be one of {list(self.levels)} (got {level})")
+        rng = random.Random(f"{self.name}/{split}/{TEST_SEED if seed is None and split == 'test' else seed}")
+        active = [level] if level is not None else list(self.levels)
+        out, seen, misses = [], set(), 0
+        while len(out) < n:
+            lvl = active[len(out) % len(active)]
+            p = self.make(rng, lvl)
+            if p.key in seen or split_of(p.key) != split:
+                misses += 1
+                if misses > 2000:  # this level has no fresh problems left in this split
+                    active.remove(lvl)
+                    misses = 0
+                    if not active:
+                        raise ValueError(f"{self.name}: only {len(out)} distinct {split} problems exist"
+                                         f"{'' if level is None else f' at level {level}'}; ask for fewer")
+                continue
+            misses = 0
+            seen.add(p.key)
+            out.append(p)
+        return out
+
+
+# ---- arithmetic -------------------------------------------------------------------------------
+
+_INT = re.compile(r"-?[0-9]{1,80}")
+
+
+def _digits(n: int) -> list[int]:
+    return [int(c) for c in reversed(str(n))]
+
+
+class Arithmetic(Task):
+    name = "arithmetic"
+    levels = (1, 2, 3, 4, 5)  # digits per operand
+    description = "multi-digit +, -, x with worked column arithmetic"
+
+    def make(self, rng, level):
+        lo, hi = (0 if level == 1 else 10 ** (level - 1)), 10**level - 1
+        a, b = rng.randint(lo, hi), rng.randint(lo, hi)
+        op = rng.choice("+-x")
+        value = a + b if op == "+" else a - b if op == "-" else a * b
+        return Problem(self.name, f"{a}{op}{b}", f"What is {a} {op} {b}?", str(value), level,
+                       {"a": a, "b": b, "op": op})
+
+    def solution(self, p):
+        a, b, op = p.meta["a"], p.meta["b"], p.meta["op"]
+        steps = {"+": self._add_steps, "-": self._sub_steps, "x": self._mul_steps}[op](a, b)
+        return f"<think>\n{steps}\n</think> <answer>{p.answer}</answer>"
+
+    @staticmethod
+    def _add_steps(a, b):
+        da, db, lines, carry = _digits(a), _digits(b), [], 0
+        for i in range(max(len(da), len(db))):
+            x, y = (da[i] if i < len(da) else 0), (db[i] if i < len(db) else 0)
+            s = x + y + carry
+            lines.append(f"{x} + {y} + carry {carry} = {s}, write {s % 10}, carry {s // 10}")
+            carry = s // 10
+        if carry:
+            lines.append(f"write the last carry {carry}")
+        return "\n".join(lines + [f"so {a} + {b} = {a + b}"])
+
+    @staticmethod
+    def _sub_steps(a, b):
+        if a < b:
+            return f"{a} is less than {b}, so compute {b} - {a} and negate\n" + \
+                Arithmetic._sub_steps(b, a) + f"\nso {a} - {b} = {a - b}"
+        da, db, lines, borrow = _digits(a), _digits(b), [], 0
+        for i in range(len(da)):
+            x, y = da[i] - borrow, (db[i] if i < len(db) else 0)
+            if x < y:
+                lines.append(f"{x} < {y}, borrow: {x + 10} - {y} = {x + 10 - y}")
+                borrow = 1
+            else:
+                lines.append(f"{x} - {y} = {x - y}")
+                borrow = 0
+        return "\n".join(lines + [f"so {a} - {b} = {a - b}"])
+
+    @staticmethod
+    def _mul_steps(a, b):
+        lines, total = [], 0
+        for i, d in enumerate(_digits(b)):
+            part = a * d * 10**i
+            lines.append(f"{a} x {d * 10**i} = {part}")
+            lines.append(f"running sum {total} + {part} = {total + part}")
+            total += part
+        return "\n".join(lines + [f"so {a} x {b} = {a * b}"])
+
+    def check(self, p, answer):
+        return bool(_INT.fullmatch(answer)) and int(answer) == int(p.answer)
+
+
+# ---- countdown --------------------------------------------------------------------------------
+
+class _Parser:
+    """expr := term (('+'|'-') term)*; term := atom (('*'|'x'|'/') atom)*; atom := int | '(' expr ')'."""
+
+    def __init__(self, text: str):
+        self.tokens = re.findall(r"\d+|[-+*/x()]|\S", text.replace("×", "x").replace("÷", "/"))
+        self.pos, self.numbers = 0, []
+
+    def parse(self) -> Fraction:
+        value = self.expr()
+        if self.pos != len(self.tokens):
+            raise ValueError("trailing input")
+        return value
+
+    def peek(self):
+        return self.tokens[self.pos] if self.pos < len(self.tokens) else None
+
+    def take(self):
+        tok = self.peek()
+        self.pos += 1
+        return tok
+
+    def expr(self):
+        value = self.term()
+        while self.peek() in ("+", "-"):
+            value = value + self.term() if self.take() == "+" else value - self.term()
+        return value
+
+    def term(self):
+        value = self.atom()
+        while self.peek() in ("*", "x", "/"):
+            op, rhs = self.take(), self.atom()
+            if op == "/":
+                if rhs == 0:
+                    raise ValueError("division by zero")
+                value /= rhs
+            else:
+                value *= rhs
+        return value
+
+    def atom(self):
+        tok = self.take()
+        if tok == "(":
+            value = self.expr()
+            if self.take() != ")":
+                raise ValueError("unbalanced parenthesis")
+            return value
+        if tok is not None and tok.isascii() and tok.isdigit() and len(tok) <= 6:
+            self.numbers.append(int(tok))
+            return Fraction(int(tok))
+        raise ValueError(f"unexpected {tok!r}")
+
+
+def evaluate(expression: str) -> tuple[Fraction, list[int]]:
+    """Value and the integer literals of an arithmetic expression; ValueError if malformed."""
+    if len(expression) > 200:
+        raise ValueError("expression too long")
+    p = _Parser(expression)
+    return p.parse(), p.numbers
+
+
+class Countdown(Task):
+    name = "countdown"
+    levels = (3, 4)  # how many numbers are given
+    description = "reach a target from given numbers with + - x /, each used at most once"
+
+    def make(self, rng, level):
+        while True:
+            numbers = [rng.randint(1, 25 if i else 100) for i in range(level)]
+            order = numbers[:]
+            rng.shuffle(order)
+            value, expr, steps = order[0], str(order[0]), []
+            for n in order[1:]:
+                ops = ["+", "x"] + (["-"] if value > n else []) + (["/"] if value % n == 0 and n > 1 else [])
+                op = rng.choice(ops)
+                new = value + n if op == "+" else value * n if op == "x" else value - n if op == "-" else value // n
+                steps.append(f"{value} {op} {n} = {new}")
+                expr = f"({expr} {op.replace('x', '*')} {n})"
+                value = new
+            if 1 <= value <= 999:
+                break
+        shown = sorted(numbers)
+        key = f"{','.join(map(str, shown))}->{value}"
+        prompt = (f"Using the numbers {shown}, each at most once, and + - * /, make {value}. "
+                  f"Give the expression.")
+        return Problem(self.name, key, prompt, expr[1:-1] if expr.startswith("(") else expr, level,
+                       {"numbers": shown, "target": value, "steps": steps})
+
+    def solution(self, p):
+        steps = "\n".join(p.meta["steps"])
+        return f"<think>\n{steps}\nthat reaches {p.meta['target']}\n</think> <answer>{p.answer}</answer>"
+
+    def check(self, p, answer):
+        try:
+            value, used = evaluate(answer)
+        except (ValueError, ZeroDivisionError):
+            return False
+        pool = list(p.meta["numbers"])
+        for n in used:
+            if n not in pool:
+                return False
+            pool.remove(n)
+        return value == p.meta["target"]
+
+
+TASKS: dict[str, Task] = {t.name: t for t in (Arithmetic(), Countdown())}
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; choose one of: {', '.join(TASKS)}")
+    return TASKS[name]

@@ -1,0 +1,174 @@
+"""Byte-level BPE tokenizer with DeepSeek's special tokens and chat template.
+
+    tok = Tokenizer.train(texts, vocab_size=4096)     # HF `tokenizers` BPE, in-process
+    tok = Tokenizer.byte_level()                      # no training: 256 bytes + special tokens
+    ids, mask = tok.render_chat([{"role": "user", "content": "2+2?"},
+                                 {"role": "assistant", "content": "<think>...</think><answer>4</answer>"}])
+    tok.save(model_dir)                               # tokenizer.json + tokenizer_config.json
+
+Special tokens take ids 0..8 (begin/end of sentence first, as in DeepSeek-V3: bos=0, eos=1).
+`render_chat` gives exactly the ids transformers' `apply_chat_template` gives on the saved dir;
+its mask covers the assistant's tokens (and the end-of-sentence that closes them) only.
+No normaliser: encode -> decode reproduces any text byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+BOS = "<｜begin▁of▁sentence｜>"
+EOS = "<｜end▁of▁sentence｜>"
+PAD = "<｜▁pad▁｜>"
+USER = "<｜User｜>"
+ASSISTANT = "<｜Assistant｜>"
+THINK, THINK_END = "<think>", "</think>"
+ANSWER, ANSWER_END = "<answer>", "</answer>"
+SPECIAL_TOKENS = [BOS, EOS, PAD, USER, ASSISTANT, THINK, THINK_END, ANSWER, ANSWER_END]
+
+# The same rendering as `render_chat`, for transformers, vLLM and SGLang.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] }}"
+    "{% elif message['role'] == 'user' %}{{ '" + USER + "' + message['content'] }}"
+    "{% elif message['role'] == 'assistant' %}{{ '" + ASSISTANT + "' + message['content'] + '" + EOS + "' }}"
+    "{% else %}{{ raise_exception('unknown role: ' + message['role']) }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '" + ASSISTANT + "' }}{% endif %}"
+)
+ROLES = ("system", "user", "assistant")
+
+
+class TokenizerError(ValueError):
+    """A tokenizer dir or a chat message is invalid; the message says which and why."""
+
+
+def _pre_tokenizer():
+    return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+
+
+class Tokenizer:
+    def __init__(self, tk: HFTokenizer):
+        self.tk = tk
+        missing = [t for t in SPECIAL_TOKENS if tk.token_to_id(t) is None]
+        if missing:
+            raise TokenizerError(f"tokenizer lacks special token(s) {', '.join(missing)}")
+        ids = {t: tk.token_to_id(t) for t in SPECIAL_TOKENS}
+        self.bos_id, self.eos_id, self.pad_id = ids[BOS], ids[EOS], ids[PAD]
+        self.user_id, self.assistant_id = ids[USER], ids[ASSISTANT]
+        self.think_id, self.think_end_id = ids[THINK], ids[THINK_END]
+        self.answer_id, self.answer_end_id = ids[ANSWER], ids[ANSWER_END]
+        self.special_ids = frozenset(ids.values())
+
+    # ---- construction ----------------------------------------------------------------
+    @classmethod
+    def byte_level(cls) -> "Tokenizer":
+        """The 9 special tokens and the 256 bytes, no merges: works without any training."""
+        vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+        for ch in pre_tokenizers.ByteLevel.alphabet():
+            vocab[ch] = len(vocab)
+        return cls(_assemble(HFTokenizer(models.BPE(vocab=vocab, merges=[]))))
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int, show_progress: bool = False) -> "Tokenizer":
+        floor = len(SPECIAL_TOKENS) + 256
+        if vocab_size < floor:
+            raise TokenizerError(f"vocab_size must be >= {floor} (9 special tokens + 256 bytes); got {vocab_size}")
+        tk = HFTokenizer(models.BPE())
+        tk.pre_tokenizer = _pre_tokenizer()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                      show_progress=show_progress)
+        tk.train_from_iterator(texts, trainer=trainer)
+        return cls(_assemble(tk))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Tokenizer":
+        path = Path(path)
+        f = path / "tokenizer.json" if path.is_dir() else path
+        if not f.exists():
+            raise TokenizerError(f"{f}: not found (train one with `nanoseek tokenizer`)")
+        try:
+            tk = HFTokenizer.from_file(str(f))
+        except Exception as e:
+            raise TokenizerError(f"{f}: not a valid tokenizer.json ({e})") from None
+        try:
+            return cls(tk)
+        except TokenizerError as e:
+            raise TokenizerError(f"{f}: {e}") from None
+
+    def save(self, path: str | os.PathLike, model_max_length: int | None = None) -> None:
+        """Write tokenizer.json and tokenizer_config.json (with the chat template) into `path`."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        for name, content in self.files(model_max_length).items():
+            tmp = path / f".{name}.tmp"
+            tmp.write_text(content, encoding="utf-8")
+            os.replace(tmp, path / name)
+
+    def files(self, model_max_length: int | None = None) -> dict[str, str]:
+        """The file contents `save` writes, for writers that place them themselves."""
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
+            "add_bos_token": False, "add_eos_token": False,
+            "clean_up_tokenization_spaces": False,
+            "chat_template": CHAT_TEMPLATE,
+        }
+        if model_max_length:
+            config["model_max_length"] = model_max_length
+        return {"tokenizer.json": self.tk.to_str(), "tokenizer_config.json": json.dumps(config, indent=2,
+                                                                                       ensure_ascii=False)}
+
+    # ---- use -------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.tk.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.tk.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self.tk.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def render_chat(self, messages: Sequence[dict], add_generation_prompt: bool = False
+                    ) -> tuple[list[int], list[int]]:
+        """Token ids of a conversation and a loss mask that is 1 on the assistant's tokens only."""
+        ids, mask = [self.bos_id], [0]
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                raise TokenizerError(f"messages[{i}]: expected {{'role': one of {', '.join(ROLES)}, "
+                                     f"'content': str}} (got {m!r:.80})")
+            # special tokens split the text, so encoding segment by segment equals encoding the
+            # whole rendered string, which is what the Jinja template + transformers do
+            body = self.encode(m["content"])
+            if m["role"] == "system":
+                ids += body
+                mask += [0] * len(body)
+            elif m["role"] == "user":
+                ids += [self.user_id] + body
+                mask += [0] * (len(body) + 1)
+            else:
+                ids += [self.assistant_id] + body + [self.eos_id]
+                mask += [0] + [1] * (len(body) + 1)
+        if add_generation_prompt:
+            ids.append(self.assistant_id)
+            mask.append(0)
+        return ids, mask
+
+
+def _assemble(tk: HFTokenizer) -> HFTokenizer:
+    """Byte-level pieces around a BPE model, with the special tokens registered as special."""
+    tk.pre_tokenizer = _pre_tokenizer()
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens(SPECIAL_TOKENS)
+    return tk

@@ -1,0 +1,117 @@
+import pytest
+
+from nanoseek.data.tasks import TASKS, Problem, evaluate, extract_answer, get_task, split_of
+from fractions import Fraction
+
+arith = TASKS["arithmetic"]
+countdown = TASKS["countdown"]
+P_ADD = Problem("arithmetic", "123+456", "What is 123 + 456?", "579", 3, {"a": 123, "b": 456, "op": "+"})
+P_SUB = Problem("arithmetic", "12-456", "What is 12 - 456?", "-444", 3, {"a": 12, "b": 456, "op": "-"})
+P_CD = Problem("countdown", "3,7,25->46", "...", "25 + 3 * 7", 3, {"numbers": [3, 7, 25], "target": 46})
+
+
+@pytest.mark.parametrize("completion, ok", [
+    ("<think>x</think> <answer>579</answer>", True),
+    ("<answer> 579 </answer>", True),
+    ("<think>...</think> <answer>579</answer> and some text after", True),  # format reward judges that
+    ("<answer>578</answer>", False),
+    ("<answer>579</answer><answer>579</answer>", False),  # several answer tags
+    ("<answer>578</answer> no wait <answer>579</answer>", False),
+    ("579", False),  # no tag
+    ("<answer>579", False),
+    ("<answer>５７９</answer>", False),  # unicode (full-width) digits
+    ("<answer>579.0</answer>", False),
+    ("<answer>+579</answer>", False),
+    ("<answer>" + "9" * 5000 + "</answer>", False),  # huge number
+    ("<answer>5 7 9</answer>", False),
+    ("<answer><answer>579</answer></answer>", False),
+])
+def test_arithmetic_verifier(completion, ok):
+    assert arith.verify(P_ADD, completion) is ok
+
+
+def test_negative_answers():
+    assert arith.verify(P_SUB, "<answer>-444</answer>")
+    assert not arith.verify(P_SUB, "<answer>444</answer>")
+
+
+@pytest.mark.parametrize("answer, ok", [
+    ("25 + 3 * 7", True),
+    ("3 * 7 + 25", True),
+    ("(25 + 21)", False),  # 21 is not given
+    ("25 + 3 x 7", True),  # x accepted for multiplication
+    ("25 + 3 × 7", True),
+    ("25 + 25 - 4", False),  # 25 reused, 4 not given
+    ("7 * 7 - 3", False),  # 7 reused
+    ("25 / (7 - 7) + 46", False),  # division by zero (and reuse)
+    ("46", False),
+    ("25 + 3 * 7 = 46", False),
+    ("__import__('os').system('echo hi')", False),  # never evaluated as Python
+    ("(25 + 3 * 7", False),
+    ("25 + 3 ** 7", False),
+    ("２５ + 3 * 7", False),
+    ("", False),
+])
+def test_countdown_verifier(answer, ok):
+    assert countdown.verify(P_CD, f"<think>t</think> <answer>{answer}</answer>") is ok
+
+
+def test_countdown_division_is_exact():
+    assert evaluate("7 / 2")[0] == Fraction(7, 2)
+    p = Problem("countdown", "k", "...", "", 3, {"numbers": [2, 3, 7], "target": 3})
+    assert not countdown.check(p, "7 / 2")  # 3.5, not floored to 3
+    assert countdown.check(p, "(7 + 2) / 3")
+    p = Problem("countdown", "k", "...", "", 3, {"numbers": [2, 4, 6], "target": 5})
+    assert countdown.check(p, "(4 + 6) / 2")
+
+
+def test_extract_answer():
+    assert extract_answer("<answer>\n42\n</answer>") == "42"
+    assert extract_answer("<answer>1</answer> <answer>2</answer>") is None
+    assert extract_answer("nothing") is None
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_splits_are_disjoint_and_deterministic(name):
+    task = TASKS[name]
+    train = task.problems("train", 3000, seed=0)
+    val = task.problems("validation", 200)
+    test = task.problems("test", 200)
+    keys = [{p.key for p in s} for s in (train, val, test)]
+    assert not (keys[0] & keys[1]) and not (keys[0] & keys[2]) and not (keys[1] & keys[2])
+    assert all(split_of(p.key) == "test" for p in test)
+    assert [p.key for p in task.problems("test", 200)] == [p.key for p in test]  # the test split is fixed
+    assert [p.key for p in task.problems("train", 50, seed=1)] != [p.key for p in train[:50]]
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_worked_solutions_verify(name):
+    task = TASKS[name]
+    for p in task.problems("train", 300, seed=3):
+        solution = task.solution(p)
+        assert solution.startswith("<think>") and "</think> <answer>" in solution
+        assert task.verify(p, solution), (p, solution)
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_levels(name):
+    task = TASKS[name]
+    for level in task.levels:
+        assert {p.level for p in task.problems("train", 20, level=level, seed=0)} == {level}
+    with pytest.raises(ValueError, match="level must be one of"):
+        task.problems("train", 1, level=99)
+
+
+def test_arithmetic_levels_are_digit_counts():
+    for p in arith.problems("train", 50, level=4, seed=0):
+        assert len(str(p.meta["a"])) == 4 and len(str(p.meta["b"])) == 4
+
+
+def test_exhausted_split_is_a_clear_error():
+    with pytest.raises(ValueError, match="distinct test problems exist at level 1"):
+        arith.problems("test", 1000, level=1)
+
+
+def test_unknown_task():
+    with pytest.raises(ValueError, match="unknown task 'chess'"):
+        get_task("chess")
