@@ -1,9 +1,22 @@
-"""nanoseek: DeepSeek's LLM system in miniature -- readable, tested against transformers, runnable on a CPU."""
+"""nanoseek: DeepSeek's LLM system in miniature -- readable, tested against transformers, runnable on a CPU.
 
-from .checkpoint import CheckpointError, load_model, save_model
-from .config import ConfigError, ModelConfig, preset
-from .model import LatentCache, Transformer
+The public names load lazily, so commands that need no model (curate, tokenize, ...) start
+without importing torch.
+"""
+
+import importlib
 
 __version__ = "0.1.0"
-__all__ = ["CheckpointError", "ConfigError", "LatentCache", "ModelConfig", "Transformer", "load_model",
-           "preset", "save_model"]
+_EXPORTS = {
+    "CheckpointError": "checkpoint", "load_model": "checkpoint", "save_model": "checkpoint",
+    "ConfigError": "config", "ModelConfig": "config", "preset": "config",
+    "LatentCache": "model", "Transformer": "model",
+    "Tokenizer": "tokenizer",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'nanoseek' has no attribute {name!r}")

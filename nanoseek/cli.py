@@ -11,7 +11,6 @@ import json
 import os
 import sys
 
-from .checkpoint import CheckpointError
 from .config import PRESETS, SHAPE_ONLY, ConfigError, ModelConfig, preset
 from .data.shards import ShardError
 from .tokenizer import TokenizerError
@@ -238,7 +237,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (UsageError, ConfigError, CheckpointError, TokenizerError, ShardError) as e:
+    except (UsageError, ConfigError, TokenizerError, ShardError) as e:
+        print(f"nanoseek {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        checkpoint = sys.modules.get("nanoseek.checkpoint")  # loaded only by commands that use models
+        if checkpoint is None or not isinstance(e, checkpoint.CheckpointError):
+            raise
         print(f"nanoseek {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -75,3 +75,26 @@ def test_python_m_and_help():
     assert out.returncode == 0 and "init" in out.stdout and "cost" in out.stdout
     out = subprocess.run([sys.executable, "-m", "nanoseek", "init", "--help"], capture_output=True, text=True)
     assert "--seed" in out.stdout and "--dtype" in out.stdout
+
+
+def test_init_ships_a_tokenizer(tmp_path, capsys):
+    from nanoseek.tokenizer import Tokenizer
+    assert main(["init", "--preset", "tiny", "--out", str(tmp_path / "m")]) == 0
+    tok = Tokenizer.load(tmp_path / "m")
+    assert tok.vocab_size == 265 and tok.decode(tok.encode("héllo 😀")) == "héllo 😀"
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "m"))
+    assert hf.eos_token_id == 1 and hf.bos_token_id == 0
+
+
+def test_init_rejects_a_tokenizer_larger_than_the_vocab(tmp_path, capsys):
+    from nanoseek.tokenizer import Tokenizer
+    import random
+    rng = random.Random(0)
+    texts = [" ".join("".join(rng.choice("abcdefghijklmnop") for _ in range(6)) for _ in range(200))
+             for _ in range(50)]
+    tok = Tokenizer.train(texts, 700)
+    assert tok.vocab_size > 512
+    tok.save(tmp_path / "tok")
+    assert main(["init", "--preset", "tiny", "--out", str(tmp_path / "m"), "--tokenizer", str(tmp_path / "tok")]) == 2
+    assert "vocab_size is 512" in capsys.readouterr().err

@@ -24,7 +24,6 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..io import atomic_dir
 
@@ -189,7 +188,9 @@ class Loader:
         self.rows_done += 1
         return np.concatenate(parts).astype(np.int64)
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_batch(self) -> tuple["torch.Tensor", "torch.Tensor"]:
+        import torch
+
         rows = []
         for _ in range(self.batch_size):
             for r in range(self.world_size):  # rank r keeps the r-th of every world_size rows
