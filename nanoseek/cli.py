@@ -96,6 +96,16 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
 def cmd_tasks(args: argparse.Namespace) -> int:
     from .data.tasks import get_task
 
+    if args.action == "corpus":
+        from .data.corpus import write_corpus
+
+        if not args.out:
+            raise UsageError("tasks corpus needs --out DIR")
+        files = write_corpus(args.out, args.megabytes, seed=args.seed or 0)
+        print(f"wrote {len(files)} file(s), {sum(f.stat().st_size for f in files) / 1e6:.1f} MB, to {args.out}")
+        return 0
+    if not args.task:
+        raise UsageError("tasks sample needs --task NAME")
     try:
         task = get_task(args.task)
         problems = task.problems(args.split, args.n, level=args.level, seed=args.seed)
@@ -202,14 +212,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_tokenize)
 
     from .data.tasks import SPLITS, TASKS
-    sp = sub.add_parser("tasks", help="the synthetic reasoning tasks: print sample problems and solutions",
-                        description="Print problems of a synthetic task with their worked solutions.")
-    sp.add_argument("action", choices=["sample"], help="what to do (sample: print problems)")
-    sp.add_argument("--task", required=True, choices=list(TASKS), help="which task")
+    sp = sub.add_parser("tasks", help="the synthetic reasoning tasks: sample problems, or write a raw corpus",
+                        description="Print problems of a synthetic task with their worked solutions, or write "
+                                    "a generated raw corpus for `nanoseek curate`.")
+    sp.add_argument("action", choices=["sample", "corpus"],
+                    help="sample: print problems with solutions; corpus: write a raw jsonl corpus "
+                         "(task solutions, prose, code, Chinese, junk and planted duplicates) to curate")
+    sp.add_argument("--task", choices=list(TASKS), help="which task (for sample)")
+    sp.add_argument("--out", metavar="DIR", help="where to write the corpus (for corpus)")
+    sp.add_argument("--megabytes", type=float, default=20, help="corpus size (for corpus; default 20)")
     sp.add_argument("--split", choices=list(SPLITS), default="train", help="which split (default train)")
     sp.add_argument("--n", type=int, default=3, help="how many problems (default 3)")
     sp.add_argument("--level", type=int, help="one difficulty level (default: cycle through all)")
-    sp.add_argument("--seed", type=int, help="sampling seed (the test split is fixed without one)")
+    sp.add_argument("--seed", type=int, help="sampling seed (the test split is fixed without one; corpus: 0)")
     sp.add_argument("--json", action="store_true", help="one JSON object per line")
     sp.set_defaults(func=cmd_tasks)
 

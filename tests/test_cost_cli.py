@@ -98,3 +98,12 @@ def test_init_rejects_a_tokenizer_larger_than_the_vocab(tmp_path, capsys):
     tok.save(tmp_path / "tok")
     assert main(["init", "--preset", "tiny", "--out", str(tmp_path / "m"), "--tokenizer", str(tmp_path / "tok")]) == 2
     assert "vocab_size is 512" in capsys.readouterr().err
+
+
+def test_cli_tasks(tmp_path, capsys):
+    assert main(["tasks", "sample", "--task", "countdown", "--n", "2", "--json"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and "<answer>" in json.loads(lines[0])["solution"]
+    assert main(["tasks", "sample"]) == 2
+    assert main(["tasks", "corpus", "--out", str(tmp_path / "raw"), "--megabytes", "0.2"]) == 0
+    assert sum(f.stat().st_size for f in (tmp_path / "raw").iterdir()) >= 200_000

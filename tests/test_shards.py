@@ -126,3 +126,9 @@ def test_cli_tokenizer_and_tokenize(data, tmp_path, capsys):
     assert "360 documents" in capsys.readouterr().out
     assert main(["tokenize", "--input", str(tmp_path), "--tokenizer", str(tmp_path / "tok"),
                  "--out", str(tmp_path / "x"), "--quiet"]) == 2
+
+
+def test_token_dtype_by_vocab_size():
+    from nanoseek.data.shards import token_dtype
+    assert token_dtype(4096) == token_dtype(65536) == "uint16"
+    assert token_dtype(65537) == token_dtype(129280) == "uint32"

@@ -34,6 +34,11 @@ class ShardError(ValueError):
     """Token shards are missing, corrupt or inconsistent; the message names the file."""
 
 
+def token_dtype(vocab_size: int) -> str:
+    """The narrowest unsigned dtype that holds every token id."""
+    return "uint16" if vocab_size <= 2**16 else "uint32"
+
+
 def _tokenize_shard(args: tuple[str, str, str, int, str, list[str]]) -> dict:
     """Worker: one curated shard -> tokens-i.bin + docs-i.npy. Returns its index entry."""
     from ..tokenizer import Tokenizer
@@ -78,7 +83,7 @@ def tokenize_dir(curated: str | Path, tokenizer_dir: str | Path, out: str | Path
         raise ShardError(f"{report_path}: not found; is {curated} the output of `nanoseek curate`?")
     report = json.loads(report_path.read_text())
     tok = Tokenizer.load(tokenizer_dir)
-    dtype = "uint16" if tok.vocab_size <= 2**16 else "uint32"
+    dtype = token_dtype(tok.vocab_size)
     domains = sorted(report.get("domains", {})) or ["prose"]
     jobs = [(str(curated / name), str(tokenizer_dir), "", i, dtype, domains)
             for i, name in enumerate(report["shards"])]
