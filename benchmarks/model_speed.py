@@ -23,19 +23,7 @@ import torch
 
 from nanoseek import Transformer, load_model, preset, save_model
 from nanoseek.cost import estimate
-
-
-def matmul_peak(dtype: torch.dtype, n: int = 1024, seconds: float = 1.0) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    best = 0.0
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        t = time.perf_counter()
-        a @ b
-        best = max(best, 2 * n**3 / (time.perf_counter() - t))
-    return best
+from nanoseek.perf import matmul_peak
 
 
 def step_fn(kind: str, model, x, hf: bool):
@@ -88,7 +76,7 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
 
     torch.manual_seed(0)
-    peak = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    peak = {"fp32": matmul_peak(torch.float32, seconds=1.0), "bf16": matmul_peak(torch.bfloat16, seconds=1.0)}
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads")
     print(f"matmul peak (1024^3): fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s\n")
     header = (f"| model | pass | precision | nanoseek tok/s | transformers tok/s | ratio | "

@@ -271,11 +271,9 @@ def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, 
     return shards
 
 
-def save_model(model: Transformer, path: str | os.PathLike, dtype: torch.dtype | None = None,
-               max_shard_bytes: int = DEFAULT_SHARD_BYTES, extra_files: dict[str, str | bytes] | None = None
-               ) -> Path:
-    """Write `model` as an HF model dir at `path`, atomically: a temporary dir, then a rename."""
-    path = Path(path)
+def write_model(model: Transformer, path: Path, dtype: torch.dtype | None = None,
+                max_shard_bytes: int = DEFAULT_SHARD_BYTES, extra_files: dict[str, str | bytes] | None = None) -> None:
+    """Write the files of an HF model dir into an existing (temporary) dir `path`."""
     tensors = {k: (v if dtype is None else v.to(dtype)).detach().cpu() for k, v in
                to_hf_state_dict(model).items()}
     # expert slices and the MTP's embedding/head copies share storage; safetensors wants each
@@ -285,27 +283,35 @@ def save_model(model: Transformer, path: str | os.PathLike, dtype: torch.dtype |
         if v.untyped_storage().data_ptr() in seen:
             tensors[k] = v.clone()
         seen.add(tensors[k].untyped_storage().data_ptr())
+    shards = _shards(tensors, max_shard_bytes)
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(path / WEIGHTS), metadata=meta)
+    else:
+        n = len(shards)
+        weight_map = {}
+        for i, shard in enumerate(shards, start=1):
+            fname = f"model-{i:05d}-of-{n:05d}.safetensors"
+            save_file(shard, str(path / fname), metadata=meta)
+            weight_map.update({k: fname for k in shard})
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        (path / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
+                                              "weight_map": weight_map}, indent=2))
+    config = model.cfg.to_hf_dict()
+    config["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (path / "generation_config.json").write_text(json.dumps(generation_config(model.cfg), indent=2) + "\n")
+    for name, content in (extra_files or {}).items():
+        mode = "wb" if isinstance(content, bytes) else "w"
+        with open(path / name, mode, **({} if mode == "wb" else {"encoding": "utf-8"})) as fh:
+            fh.write(content)
+
+
+def save_model(model: Transformer, path: str | os.PathLike, dtype: torch.dtype | None = None,
+               max_shard_bytes: int = DEFAULT_SHARD_BYTES, extra_files: dict[str, str | bytes] | None = None
+               ) -> Path:
+    """Write `model` as an HF model dir at `path`, atomically: a temporary dir, then a rename."""
+    path = Path(path)
     with atomic_dir(path) as tmp:
-        shards = _shards(tensors, max_shard_bytes)
-        meta = {"format": "pt"}
-        if len(shards) == 1:
-            save_file(shards[0], str(tmp / WEIGHTS), metadata=meta)
-        else:
-            n = len(shards)
-            weight_map = {}
-            for i, shard in enumerate(shards, start=1):
-                fname = f"model-{i:05d}-of-{n:05d}.safetensors"
-                save_file(shard, str(tmp / fname), metadata=meta)
-                weight_map.update({k: fname for k in shard})
-            total = sum(t.numel() * t.element_size() for t in tensors.values())
-            (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
-                                                 "weight_map": weight_map}, indent=2))
-        config = model.cfg.to_hf_dict()
-        config["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        (tmp / "generation_config.json").write_text(json.dumps(generation_config(model.cfg), indent=2) + "\n")
-        for name, content in (extra_files or {}).items():
-            mode = "wb" if isinstance(content, bytes) else "w"
-            with open(tmp / name, mode, **({} if mode == "wb" else {"encoding": "utf-8"})) as fh:
-                fh.write(content)
+        write_model(model, tmp, dtype, max_shard_bytes, extra_files)
     return path

@@ -14,6 +14,7 @@ import sys
 from .config import PRESETS, SHAPE_ONLY, ConfigError, ModelConfig, preset
 from .data.shards import ShardError
 from .tokenizer import TokenizerError
+from .train.args import TrainError
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -135,6 +136,12 @@ def cmd_cost(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from .train.pretrain import main as pretrain
+
+    return pretrain(args)
+
+
 def cmd_speedrun(args: argparse.Namespace) -> int:
     print("nanoseek speedrun is not built yet: it lands with the speedrun issue, after training, GRPO and the "
           "engine. Available now: init, cost, tokenizer, curate, tokenize, tasks.", file=sys.stderr)
@@ -239,6 +246,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="print JSON instead of a table")
     sp.set_defaults(func=cmd_cost)
 
+    from .train.args import add_arguments as add_pretrain_arguments
+    sp = sub.add_parser("pretrain", help="pretrain a model on token shards (CE + MTP, bias balancing)",
+                        description="Pretrain from a preset or config.json on token shards: next-token + MTP loss, "
+                                    "auxiliary-loss-free balancing, AdamW or Muon, WSD or cosine schedule, "
+                                    "atomic checkpoints with exact resume. Runs under torchrun for data parallel.")
+    add_pretrain_arguments(sp)
+    sp.set_defaults(func=cmd_pretrain)
+
     sp = sub.add_parser("speedrun", help="the main job, end to end (not built yet)",
                         description="Data, tokenizer, pretraining, SFT, GRPO, evaluation and a report. "
                                     "Not built yet.")
@@ -252,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (UsageError, ConfigError, TokenizerError, ShardError) as e:
+    except (UsageError, ConfigError, TokenizerError, ShardError, TrainError, FloatingPointError) as e:
         print(f"nanoseek {args.command}: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:

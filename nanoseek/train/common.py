@@ -1,0 +1,344 @@
+"""The pieces every training loop shares: optimizer, schedule, one step, balancing, checkpoints, metrics.
+
+pretrain.py and sft.py differ only in where batches come from; both call `Trainer.step` and
+`save_checkpoint` / `load_checkpoint` from here.
+
+One step (DeepSeek-V3 recipe): for each micro-batch, loss = CE + mtp_weight * MTP CE +
+balance_weight * sequence-wise balance loss, under bf16 autocast where the device supports it;
+gradients averaged over data-parallel ranks; a non-finite loss or gradient norm skips the step;
+clip to `clip`; optimizer step at the scheduled lr; then the auxiliary-loss-free balancing bias
+of every MoE layer moves by gamma toward balance, from the step's expert loads summed over ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..checkpoint import write_model
+from ..io import atomic_dir
+from ..model import MoE, Transformer
+from .dist import World, all_reduce, average_gradients
+
+COMMIT = "COMMITTED"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 50
+    schedule: str = "wsd"  # wsd: warmup-stable-decay; cosine
+    decay_frac: float = 0.2  # wsd: the final share of steps that decays to min_lr
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    optimizer: str = "adamw"  # or muon (hidden matrices), AdamW for the rest
+    clip: float = 1.0
+
+
+def lr_at(step: int, total: int, c: OptimConfig) -> float:
+    """Learning rate for optimizer step `step` (0-based) of `total`."""
+    if step < c.warmup:
+        return c.lr * (step + 1) / c.warmup
+    floor = c.lr * c.min_lr_ratio
+    if c.schedule == "cosine":
+        progress = (step - c.warmup) / max(1, total - c.warmup)
+        return floor + (c.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    decay_start = int(total * (1 - c.decay_frac))
+    if step < decay_start:
+        return c.lr
+    progress = (step - decay_start) / max(1, total - decay_start)
+    return c.lr + (floor - c.lr) * min(1.0, progress)
+
+
+# ---- optimizers --------------------------------------------------------------------------------
+
+def _newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Approximately orthogonalise the last two dims of g (Muon's quintic iteration)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.float()
+    transpose = x.shape[-2] > x.shape[-1]
+    if transpose:
+        x = x.transpose(-2, -1)
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        s = x @ x.transpose(-2, -1)
+        x = a * x + (b * s + c * s @ s) @ x
+    if transpose:
+        x = x.transpose(-2, -1)
+    return x.to(g.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """Momentum, then orthogonalised updates for hidden weight matrices (stacked experts: per expert)."""
+
+    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                buf = self.state[p].setdefault("momentum", torch.zeros_like(p))
+                buf.mul_(group["momentum"]).add_(p.grad)
+                update = _newton_schulz(p.grad.add(buf, alpha=group["momentum"]))  # Nesterov
+                scale = max(1.0, p.shape[-2] / p.shape[-1]) ** 0.5
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(update, alpha=-group["lr"] * scale)
+
+
+class Optimizers:
+    """One or two torch optimizers stepped together, with per-group lr multipliers."""
+
+    def __init__(self, opts: list[torch.optim.Optimizer]):
+        self.opts = opts
+
+    def set_lr(self, lr: float) -> None:
+        for opt in self.opts:
+            for g in opt.param_groups:
+                g["lr"] = lr * g.get("lr_scale", 1.0)
+
+    def step(self) -> None:
+        for opt in self.opts:
+            opt.step()
+
+    def zero_grad(self) -> None:
+        for opt in self.opts:
+            opt.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> list[dict]:
+        return [opt.state_dict() for opt in self.opts]
+
+    def load_state_dict(self, states: list[dict]) -> None:
+        for opt, s in zip(self.opts, states, strict=True):
+            opt.load_state_dict(s)
+
+
+def build_optimizer(model: Transformer, c: OptimConfig) -> Optimizers:
+    """AdamW with weight decay on matrices only; with `muon`, Muon takes the hidden matrices."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    outer = ("embed_tokens", "lm_head", "gate.weight")  # Muon is for hidden layers only
+    if c.optimizer == "muon":
+        hidden = [p for n, p in named if p.dim() >= 2 and not any(o in n for o in outer)]
+        rest = [(n, p) for n, p in named if not any(p is h for h in hidden)]
+        muon = Muon(hidden, lr=c.lr, weight_decay=c.weight_decay)
+        for g in muon.param_groups:
+            g["lr_scale"] = 1.0
+    elif c.optimizer == "adamw":
+        rest, muon = named, None
+    else:
+        raise ValueError(f"optimizer must be adamw or muon (got {c.optimizer!r})")
+    decay = [p for _, p in rest if p.dim() >= 2]
+    no_decay = [p for _, p in rest if p.dim() < 2]
+    # with Muon, AdamW's share (embeddings, head, norms) runs at a tenth of Muon's lr
+    scale = 0.1 if muon else 1.0
+    adamw = torch.optim.AdamW([{"params": decay, "weight_decay": c.weight_decay, "lr_scale": scale},
+                               {"params": no_decay, "weight_decay": 0.0, "lr_scale": scale}],
+                              lr=c.lr * scale, betas=c.betas)
+    return Optimizers([adamw] + ([muon] if muon else []))
+
+
+# ---- auxiliary-loss-free balancing ---------------------------------------------------------------
+
+@torch.no_grad()
+def update_balance_bias(model: Transformer, counts: torch.Tensor, gamma: float) -> None:
+    """V3 §2.1.2: b_i += gamma for underloaded experts, -= gamma for overloaded ones, per MoE layer.
+
+    counts: (MoE layers, E) tokens routed to each expert this step, summed over all ranks.
+    """
+    if gamma == 0 or counts.numel() == 0:
+        return
+    gates = [block.mlp.gate for block in model.layers if isinstance(block.mlp, MoE)]
+    for gate, load in zip(gates, counts.float(), strict=True):
+        gate.e_score_correction_bias += gamma * torch.sign(load.mean() - load)
+
+
+# ---- the step ---------------------------------------------------------------------------------------
+
+@dataclass
+class LossConfig:
+    mtp_weight: float = 0.3
+    balance_weight: float = 1e-4  # alpha
+    bias_gamma: float = 1e-3  # gamma; 0 turns bias balancing off
+
+
+def autocast_dtype(device: torch.device, requested: str) -> torch.dtype | None:
+    """bf16 where the device supports it (requested 'auto'), else None (fp32)."""
+    if requested == "fp32":
+        return None
+    if requested == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if torch.backends.mkldnn.is_available() and _cpu_has_bf16() else None
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+class Trainer:
+    def __init__(self, model: Transformer, optim: Optimizers, optim_cfg: OptimConfig, loss_cfg: LossConfig,
+                 total_steps: int, world: World, precision: str = "auto", max_bad_steps: int = 10):
+        self.model, self.optim, self.oc, self.lc = model, optim, optim_cfg, loss_cfg
+        self.total, self.world = total_steps, world
+        self.amp = autocast_dtype(world.device, precision)
+        self.step_num = 0  # optimizer steps taken (or skipped) so far
+        self.skipped, self.bad_in_a_row, self.max_bad = 0, 0, max_bad_steps
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
+        """One optimizer step over the micro-batches; returns its metrics."""
+        model, dev = self.model, self.world.device
+        model.train()
+        self.optim.zero_grad()
+        t0 = time.perf_counter()
+        sums = torch.zeros(4, dtype=torch.float64)  # loss, lm, mtp, balance
+        counts, tokens = None, 0
+        for x, y in micro_batches:
+            x, y = x.to(dev), y.to(dev)
+            with torch.autocast(dev.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+                out = model.loss(x, y, self.lc.mtp_weight, self.lc.balance_weight)
+            (out.loss / len(micro_batches)).backward()
+            sums += torch.tensor([out.loss.item(), out.lm_loss.item(), out.mtp_loss.item(),
+                                  out.balance_loss.item()], dtype=torch.float64)
+            counts = out.expert_counts if counts is None else counts + out.expert_counts
+            tokens += int((y != -100).sum())
+        sums /= len(micro_batches)
+        average_gradients(self.params, self.world)
+        all_reduce(sums, self.world, average=True)
+        counts = all_reduce(counts.to(torch.float64), self.world)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.oc.clip)
+        lr = lr_at(self.step_num, self.total, self.oc)
+        self.step_num += 1
+        metrics = {"step": self.step_num, "loss": sums[0].item(), "lm_loss": sums[1].item(),
+                   "mtp_loss": sums[2].item(), "balance_loss": sums[3].item(), "grad_norm": grad_norm.item(),
+                   "lr": lr, "tokens": tokens * self.world.world_size}
+        if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+            self.optim.zero_grad()
+            self.skipped += 1
+            self.bad_in_a_row += 1
+            if self.bad_in_a_row >= self.max_bad:
+                raise FloatingPointError(
+                    f"{self.bad_in_a_row} steps in a row had a non-finite loss or gradient (last: loss "
+                    f"{metrics['loss']}, grad norm {metrics['grad_norm']}); lower --lr or check the data")
+            return {**metrics, "skipped": True}
+        self.bad_in_a_row = 0
+        self.optim.set_lr(lr)
+        self.optim.step()
+        update_balance_bias(model, counts, self.lc.bias_gamma)
+        if counts.numel():
+            load = counts / counts.sum(-1, keepdim=True) * counts.shape[-1]  # load / mean load
+            metrics["expert_load_max_over_mean"] = [round(v, 4) for v in load.max(-1).values.tolist()]
+            metrics["expert_counts"] = counts.long().tolist()
+        metrics["seconds"] = time.perf_counter() - t0
+        return metrics
+
+    def state_dict(self) -> dict:
+        return {"step": self.step_num, "skipped": self.skipped, "bad_in_a_row": self.bad_in_a_row}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.step_num, self.skipped, self.bad_in_a_row = s["step"], s["skipped"], s["bad_in_a_row"]
+
+
+# ---- random state -----------------------------------------------------------------------------------
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(s: dict) -> None:
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if torch.cuda.is_available() and s["cuda"]:
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+# ---- checkpoints --------------------------------------------------------------------------------------
+
+def checkpoint_dir(run: Path, step: int) -> Path:
+    return run / "checkpoints" / f"step-{step:08d}"
+
+
+def complete_checkpoints(run: Path) -> list[Path]:
+    """Committed checkpoints of a run, oldest first."""
+    root = run / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.name.startswith("step-") and (p / COMMIT).exists())
+
+
+def save_checkpoint(run: Path, model: Transformer, optim: Optimizers, trainer: Trainer, extra_state: dict,
+                    extra_files: dict[str, str], keep: int) -> Path:
+    """An HF model dir plus training_state/, written atomically, marked committed; keeps the newest `keep`."""
+    path = checkpoint_dir(run, trainer.step_num)
+    with atomic_dir(path) as tmp:
+        write_model(model, tmp, extra_files=extra_files)
+        state = tmp / "training_state"
+        state.mkdir()
+        torch.save({"optimizer": optim.state_dict(), "trainer": trainer.state_dict(), "rng": rng_state(),
+                    **extra_state}, state / "state.pt")
+        (tmp / COMMIT).write_text(json.dumps({"step": trainer.step_num, "time": time.time()}))
+    for old in complete_checkpoints(run)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def load_training_state(path: Path) -> dict:
+    return torch.load(path / "training_state" / "state.pt", weights_only=False)
+
+
+class MetricsLog:
+    """metrics.jsonl (append; on resume, lines past the resumed step are dropped) + optional TB / W&B."""
+
+    def __init__(self, run: Path, enabled: bool, resume_step: int = 0, tensorboard: bool = False,
+                 wandb: bool = False, config: dict | None = None):
+        self.enabled, self.path = enabled, run / "metrics.jsonl"
+        self.tb = self.wb = None
+        if not enabled:
+            return
+        if resume_step and self.path.exists():
+            kept = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
+            self.path.write_text("".join(ln + "\n" for ln in kept))
+        elif self.path.exists():
+            self.path.unlink()
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(run / "tensorboard"))
+        if wandb:
+            import wandb as wb
+            self.wb = wb.init(project="nanoseek", dir=str(run), config=config or {})
+
+    def write(self, m: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(m) + "\n")
+        scalars = {k: v for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self.tb:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, m["step"])
+        if self.wb:
+            self.wb.log(scalars, step=m["step"])
+
+    def close(self) -> None:
+        if self.tb:
+            self.tb.close()
+        if self.wb:
+            self.wb.finish()

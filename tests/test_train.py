@@ -1,0 +1,195 @@
+"""Training: schedule, balancing, non-finite steps, checkpoints, exact resume after SIGKILL, data parallel."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanoseek import Transformer, load_model, preset
+from nanoseek.cli import main
+from nanoseek.data.shards import tokenize_dir
+from nanoseek.data.curate import curate
+from nanoseek.data.corpus import write_corpus
+from nanoseek.tokenizer import Tokenizer
+from nanoseek.train import common
+from nanoseek.train.common import LossConfig, OptimConfig, Trainer, build_optimizer, lr_at, update_balance_bias
+from nanoseek.train.dist import World
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    write_corpus(root / "raw", 0.4, seed=0)
+    curate([root / "raw"], root / "curated", workers=1)
+    Tokenizer.byte_level().save(root / "tok")
+    tokenize_dir(root / "curated", root / "tok", root / "tokens", workers=1)
+    return root
+
+
+def pretrain_argv(data, out, *extra):
+    return ["pretrain", "--preset", "tiny", "--data", str(data / "tokens"), "--tokenizer", str(data / "tok"),
+            "--out", str(out), "--batch-size", "4", "--seq-len", "32", "--precision", "fp32", "--warmup", "3",
+            "--quiet", *extra]
+
+
+def losses(run):
+    return [json.loads(line)["loss"] for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_lr_schedules():
+    c = OptimConfig(lr=1.0, min_lr_ratio=0.1, warmup=10, schedule="wsd", decay_frac=0.2)
+    assert lr_at(0, 100, c) == pytest.approx(0.1) and lr_at(9, 100, c) == pytest.approx(1.0)
+    assert lr_at(50, 100, c) == 1.0 and lr_at(79, 100, c) == 1.0
+    assert lr_at(90, 100, c) == pytest.approx(0.55) and lr_at(100, 100, c) == pytest.approx(0.1)
+    c = OptimConfig(lr=1.0, min_lr_ratio=0.0, warmup=0, schedule="cosine")
+    assert lr_at(0, 100, c) == pytest.approx(1.0) and lr_at(50, 100, c) == pytest.approx(0.5)
+    assert lr_at(100, 100, c) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_balance_bias_moves_toward_balance():
+    model = Transformer(preset("tiny"))
+    counts = torch.tensor([[10.0, 2, 4, 4, 4, 4, 4, 0]])  # mean 4
+    update_balance_bias(model, counts, gamma=0.01)
+    bias = model.layers[1].mlp.gate.e_score_correction_bias
+    assert bias.tolist() == pytest.approx([-0.01, 0.01, 0, 0, 0, 0, 0, 0.01])
+
+
+def _trainer(model, steps=10, **kw):
+    oc = OptimConfig(warmup=1)
+    return Trainer(model, build_optimizer(model, oc), oc, LossConfig(), steps, World(), "fp32", **kw)
+
+
+def test_non_finite_steps_are_skipped_then_stop():
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny"))
+    trainer = _trainer(model, max_bad_steps=3)
+    x = torch.randint(0, 512, (2, 16))
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("nan")
+    before = model.embed_tokens.weight.clone()
+    m = trainer.step([(x, x)])
+    assert m["skipped"] and trainer.skipped == 1
+    assert torch.equal(model.embed_tokens.weight, before)  # no update from a NaN step
+    trainer.step([(x, x)])
+    with pytest.raises(FloatingPointError, match="3 steps in a row had a non-finite loss"):
+        trainer.step([(x, x)])
+
+
+def test_training_lowers_the_loss_and_records_expert_loads():
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny"))
+    trainer = _trainer(model, steps=30)
+    x = torch.randint(0, 64, (4, 32))
+    first = trainer.step([(x, torch.roll(x, -1, 1))])
+    for _ in range(28):
+        last = trainer.step([(x, torch.roll(x, -1, 1))])
+    assert last["loss"] < first["loss"] - 1.0
+    assert len(last["expert_counts"]) == 1 and sum(last["expert_counts"][0]) == 4 * 32 * 2
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_optimizers_step(optimizer):
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny"))
+    oc = OptimConfig(optimizer=optimizer, warmup=1, lr=1e-2)
+    trainer = Trainer(model, build_optimizer(model, oc), oc, LossConfig(), 10, World(), "fp32")
+    x = torch.randint(0, 64, (4, 32))
+    losses_ = [trainer.step([(x, torch.roll(x, -1, 1))])["loss"] for _ in range(8)]
+    assert losses_[-1] < losses_[0]
+
+
+def test_pretrain_writes_checkpoints_metrics_and_a_final_model(data, tmp_path):
+    run = tmp_path / "run"
+    assert main(pretrain_argv(data, run, "--steps", "6", "--save-every", "2", "--keep", "2")) == 0
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000004", "step-00000006"]
+    for ck in (run / "checkpoints").iterdir():
+        assert (ck / "COMMITTED").exists() and (ck / "training_state" / "state.pt").exists()
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    for key in ("loss", "mtp_loss", "balance_loss", "grad_norm", "lr", "tokens_per_s", "mfu",
+                "expert_load_max_over_mean"):
+        assert key in rows[-1], key
+    final = load_model(run)
+    ck = load_model(run / "checkpoints" / "step-00000006")
+    assert all(torch.equal(a, b) for a, b in zip(final.state_dict().values(), ck.state_dict().values()))
+    assert Tokenizer.load(run).vocab_size == 265
+
+
+def test_resume_after_sigkill_is_bit_exact(data, tmp_path):
+    args = ["--steps", "12", "--save-every", "4"]
+    assert main(pretrain_argv(data, tmp_path / "ref", *args)) == 0
+    cmd = [sys.executable, "-m", "nanoseek", *pretrain_argv(data, tmp_path / "run", *args)]
+    proc = subprocess.Popen(cmd)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 6:
+            break
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert len(losses(tmp_path / "run")) < 12, "the run finished before it could be killed"
+    assert main(pretrain_argv(data, tmp_path / "run", *args, "--resume")) == 0
+    assert losses(tmp_path / "run") == losses(tmp_path / "ref")  # bit for bit
+
+
+def test_crash_mid_save_keeps_the_previous_checkpoint(data, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    assert main(pretrain_argv(data, run, "--steps", "2", "--save-every", "2")) == 0
+    real = common.write_model
+
+    def half_write(model, path, **kw):
+        real(model, path, **kw)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(common, "write_model", half_write)
+    assert main(pretrain_argv(data, run, "--steps", "4", "--save-every", "2", "--resume")) == 2
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-00000002"]
+    load_model(run / "checkpoints" / "step-00000002")
+
+
+def test_bad_input_is_a_clear_error(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(pretrain_argv(data, run, "--steps", "2", "--save-every", "2")) == 0
+    assert main(pretrain_argv(data, run, "--steps", "4")) == 2
+    assert "already has checkpoints" in capsys.readouterr().err
+    argv = pretrain_argv(data, run, "--steps", "4", "--resume")
+    argv[argv.index("tiny")] = "small"
+    assert main(argv) == 2
+    assert "config disagrees with the flags" in capsys.readouterr().err
+    trained = tmp_path / "tok600"
+    import random
+    rng = random.Random(0)
+    Tokenizer.train([" ".join("".join(rng.choice("abcdefghijklmnop") for _ in range(6)) for _ in range(200))
+                     for _ in range(50)], 700).save(trained)
+    argv = pretrain_argv(data, tmp_path / "r2", "--steps", "2")
+    argv[argv.index(str(data / "tok"))] = str(trained)
+    assert main(argv) == 2
+    assert "vocab_size is 512" in capsys.readouterr().err
+    argv = pretrain_argv(data, tmp_path / "r3", "--steps", "2")
+    argv[argv.index(str(data / "tokens"))] = str(tmp_path / "missing")
+    assert main(argv) == 2
+    assert "index.json: not found" in capsys.readouterr().err
+
+
+def test_torchrun_two_processes_match_one(data, tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    common_args = ["--steps", "20", "--save-every", "100", "--seed", "3"]
+    one = pretrain_argv(data, tmp_path / "one", *common_args)
+    one[one.index("--batch-size") + 1] = "4"
+    two = pretrain_argv(data, tmp_path / "two", *common_args)
+    two[two.index("--batch-size") + 1] = "2"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "nanoseek", *one], check=True, env=env)
+    subprocess.run([str(torchrun), "--nproc_per_node=2", "--master_port=29533", "-m", "nanoseek", *two],
+                   check=True, env=env)
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(a) == len(b) == 20
+    assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-5
