@@ -142,9 +142,27 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return pretrain(args)
 
 
+def cmd_sft(args: argparse.Namespace) -> int:
+    from .train.sft import main as sft
+
+    return sft(args)
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .plot import plot_run
+
+    try:
+        written = plot_run(args.run)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
 def cmd_speedrun(args: argparse.Namespace) -> int:
     print("nanoseek speedrun is not built yet: it lands with the speedrun issue, after training, GRPO and the "
-          "engine. Available now: init, cost, tokenizer, curate, tokenize, tasks.", file=sys.stderr)
+          "engine. Available now: init, cost, tokenizer, curate, tokenize, tasks, pretrain, sft.", file=sys.stderr)
     return 2
 
 
@@ -253,6 +271,19 @@ def build_parser() -> argparse.ArgumentParser:
                                     "atomic checkpoints with exact resume. Runs under torchrun for data parallel.")
     add_pretrain_arguments(sp)
     sp.set_defaults(func=cmd_pretrain)
+
+    from .train.args import add_sft_arguments
+    sp = sub.add_parser("sft", help="supervised fine-tuning on chat examples (assistant tokens only)",
+                        description="Fine-tune a model dir on jsonl chat examples with the loss on the assistant's "
+                                    "tokens only; packing or padding; the same loop, checkpoints and resume as "
+                                    "pretrain.")
+    add_sft_arguments(sp)
+    sp.set_defaults(func=cmd_sft)
+
+    sp = sub.add_parser("plot", help="PNG plots of a training run: losses, lr, expert load",
+                        description="Write RUN/plots/loss.png, lr.png and expert_load.png from RUN/metrics.jsonl.")
+    sp.add_argument("run", metavar="RUN", help="a run dir written by pretrain or sft")
+    sp.set_defaults(func=cmd_plot)
 
     sp = sub.add_parser("speedrun", help="the main job, end to end (not built yet)",
                         description="Data, tokenizer, pretraining, SFT, GRPO, evaluation and a report. "

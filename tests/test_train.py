@@ -193,3 +193,12 @@ def test_torchrun_two_processes_match_one(data, tmp_path):
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(a) == len(b) == 20
     assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-5
+
+
+def test_plot_writes_pngs(data, tmp_path):
+    run = tmp_path / "run"
+    assert main(pretrain_argv(data, run, "--steps", "3", "--save-every", "3")) == 0
+    assert main(["plot", str(run)]) == 0
+    for name in ("loss.png", "lr.png", "expert_load.png"):
+        assert (run / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["plot", str(tmp_path / "nope")]) == 2

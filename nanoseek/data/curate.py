@@ -174,31 +174,40 @@ def minhash_bands(text: str, num_perm: int, bands: int, rows: int) -> list[int]:
 
 
 class HashSet64:
-    """A set of 64-bit hashes at 8 bytes each: a sorted numpy array plus a small recent-set buffer.
+    """A set of 64-bit hashes at 8 bytes each: sorted numpy runs plus a small buffer set.
 
-    The dedup state is all curation keeps per document; datasketch's own LSH index costs
-    kilobytes per document, which would make memory grow with the corpus.
+    Runs merge like a binary counter (two runs of similar size become one), so arrays grow
+    geometrically and the allocator is not left with a trail of ever-larger freed arrays. The
+    dedup state is all curation keeps per document; datasketch's own LSH index costs kilobytes
+    per document, which would make memory grow with the corpus.
     """
 
     def __init__(self, buffer: int = 1 << 16):
-        self.sorted = np.empty(0, dtype=np.uint64)
+        self.runs: list[np.ndarray] = []
         self.recent: set[int] = set()
         self.buffer = buffer
 
     def __contains__(self, h: int) -> bool:
         if h in self.recent:
             return True
-        i = int(np.searchsorted(self.sorted, np.uint64(h)))
-        return i < len(self.sorted) and int(self.sorted[i]) == h
+        key = np.uint64(h)
+        for run in self.runs:
+            i = int(np.searchsorted(run, key))
+            if i < len(run) and run[i] == key:
+                return True
+        return False
 
     def add(self, h: int) -> None:
         self.recent.add(h)
         if len(self.recent) >= self.buffer:
-            self.sorted = np.union1d(self.sorted, np.fromiter(self.recent, dtype=np.uint64, count=len(self.recent)))
+            run = np.sort(np.fromiter(self.recent, dtype=np.uint64, count=len(self.recent)))
             self.recent.clear()
+            while self.runs and len(self.runs[-1]) <= len(run):
+                run = np.union1d(self.runs.pop(), run)
+            self.runs.append(run)
 
     def __len__(self) -> int:
-        return len(self.sorted) + len(self.recent)
+        return sum(len(r) for r in self.runs) + len(self.recent)
 
 
 def _lsh_params(cfg: CurateConfig) -> tuple[int, int]:

@@ -14,7 +14,8 @@ class TrainError(RuntimeError):
 def add_common_arguments(p: argparse.ArgumentParser, default_lr: float, default_steps: int) -> None:
     """Flags shared by pretrain and sft."""
     p.add_argument("--out", required=True, metavar="RUN", help="run dir: checkpoints, metrics, the final model")
-    p.add_argument("--tokenizer", metavar="DIR", help="tokenizer dir (default: the byte-level one)")
+    p.add_argument("--tokenizer", metavar="DIR",
+                   help="tokenizer dir (default: pretrain: the byte-level one; sft: the model dir's)")
     p.add_argument("--steps", type=int, default=default_steps, help=f"optimizer steps (default {default_steps})")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch per process (default 8)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
@@ -54,3 +55,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mix", metavar="DOMAIN=W,...", help="domain mixture weights, e.g. math=2,prose=1 (default equal)")
     p.add_argument("--curriculum", action="store_true", help="first epoch of each domain easiest first")
     add_common_arguments(p, default_lr=3e-3, default_steps=1000)
+
+
+def add_sft_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, metavar="DIR", help="the model dir to fine-tune (e.g. a pretrain RUN)")
+    p.add_argument("--data", nargs="+", required=True, metavar="JSONL",
+                   help='chat examples, one {"messages": [...]} per line')
+    p.add_argument("--no-packing", action="store_true",
+                   help="one conversation per row, padded (default: pack conversations into full rows)")
+    add_common_arguments(p, default_lr=1e-3, default_steps=300)

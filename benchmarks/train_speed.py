@@ -1,0 +1,135 @@
+"""Training speed against transformers, MTP's cost, and what bias balancing does to expert load.
+
+    python benchmarks/train_speed.py                        # tiny and small, then 500 balance steps
+    python benchmarks/train_speed.py --balance-steps 100    # quicker
+
+Part 1, same config, optimizer (AdamW, same hyper-parameters) and inputs: one full training step
+(forward, backward, optimizer step) of nanoseek's Trainer -- with and without the MTP loss --
+against transformers' DeepseekV3ForCausalLM(labels=...) + torch AdamW, alternating call by call;
+fp32 and bf16 autocast. MFU against this CPU's matmul peak measured in the same run.
+
+Part 2: pretrain `--balance-preset` on a generated, curated corpus for `--balance-steps` steps
+twice from the same seed -- bias balancing on (gamma = 0.001) and off (gamma = 0) -- and report
+max/mean tokens per expert per MoE layer, averaged over the last 50 steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from nanoseek import Transformer, load_model, preset, save_model
+from nanoseek.cost import estimate
+from nanoseek.perf import matmul_peak
+from nanoseek.train.common import LossConfig, OptimConfig, Trainer, build_optimizer
+from nanoseek.train.dist import World
+
+
+def speed(name: str, batch: int, seq: int, rounds: int, peak: dict) -> None:
+    import transformers
+
+    cfg = preset(name)
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as d:
+        save_model(Transformer(cfg), d)
+        ours = {mtp: load_model(d) for mtp in (True, False)}
+        theirs = transformers.DeepseekV3ForCausalLM.from_pretrained(d, dtype=torch.float32)
+    x = torch.randint(0, cfg.vocab_size, (batch, seq))
+    y = torch.cat((x[:, 1:], torch.full_like(x[:, :1], -100)), 1)
+    oc = OptimConfig(warmup=1, lr=1e-4)
+    flops = estimate(cfg.replace(num_nextn_predict_layers=0), seq_len=seq).flops_per_token_train
+    for precision in ("fp32", "bf16"):
+        trainers = {mtp: Trainer(m, build_optimizer(m, oc), oc, LossConfig(mtp_weight=0.3 if mtp else 0.0),
+                                 10**6, World(), precision) for mtp, m in ours.items()}
+        hf_opt = torch.optim.AdamW(theirs.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+        amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
+
+        def hf_step():
+            theirs.train()
+            with amp():
+                loss = theirs(input_ids=x, labels=x).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(theirs.parameters(), 1.0)
+            hf_opt.step()
+            hf_opt.zero_grad(set_to_none=True)
+
+        fns = {"ours+mtp": lambda: trainers[True].step([(x, y)]), "ours": lambda: trainers[False].step([(x, y)]),
+               "hf": hf_step}
+        times = {k: [] for k in fns}
+        for f in fns.values():
+            f()
+        for _ in range(rounds):
+            for k, f in fns.items():
+                t = time.perf_counter()
+                f()
+                times[k].append(time.perf_counter() - t)
+        tok_s = {k: batch * seq / statistics.median(v) for k, v in times.items()}
+        mfu = flops * tok_s["ours"] / peak[precision]
+        print(f"| {name} | {precision if precision == 'fp32' else 'bf16 autocast'} | {tok_s['ours']:,.0f} | "
+              f"{tok_s['ours+mtp']:,.0f} | {tok_s['hf']:,.0f} | {tok_s['ours'] / tok_s['hf']:.2f}x | {mfu:.0%} |",
+              flush=True)
+
+
+def balance(preset_name: str, steps: int, work: Path) -> None:
+    from nanoseek.cli import main as cli
+    from nanoseek.data.corpus import write_corpus
+
+    write_corpus(work / "raw", 8, seed=0)
+    cli(["curate", "--input", str(work / "raw"), "--out", str(work / "data"), "--quiet"])
+    cli(["tokenizer", "--input", str(work / "data"), "--vocab-size", "4096", "--out", str(work / "tok"), "--quiet"])
+    cli(["tokenize", "--input", str(work / "data"), "--tokenizer", str(work / "tok"), "--out", str(work / "tokens"),
+         "--quiet"])
+    results = {}
+    for label, gamma in (("bias balancing on (gamma 0.001)", "0.001"), ("off (gamma 0)", "0")):
+        run = work / f"run-{gamma}"
+        t = time.perf_counter()
+        cli(["pretrain", "--preset", preset_name, "--data", str(work / "tokens"), "--tokenizer", str(work / "tok"),
+             "--out", str(run), "--steps", str(steps), "--save-every", str(steps), "--bias-gamma", gamma,
+             "--quiet"])
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()][-50:]
+        layers = len(rows[-1]["expert_load_max_over_mean"])
+        per_layer = [statistics.mean(r["expert_load_max_over_mean"][i] for r in rows) for i in range(layers)]
+        results[label] = (per_layer, rows[-1]["lm_loss"], time.perf_counter() - t)
+    print(f"\n{preset_name}, {steps} steps; max/mean tokens per expert, mean of the last 50 steps, per MoE layer:\n")
+    print("| balancing | max/mean per layer | mean over layers | final lm loss |")
+    print("|---|---|---|---|")
+    for label, (per_layer, loss, _) in results.items():
+        print(f"| {label} | {', '.join(f'{v:.2f}' for v in per_layer)} | {statistics.mean(per_layer):.2f} | "
+              f"{loss:.3f} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--presets", nargs="+", default=["tiny", "small"], help="presets for the speed table")
+    ap.add_argument("--batch", type=int, default=8, help="sequences per step (default 8)")
+    ap.add_argument("--seq", type=int, default=256, help="tokens per sequence (default 256)")
+    ap.add_argument("--rounds", type=int, default=8, help="timed steps per variant (default 8)")
+    ap.add_argument("--balance-preset", default="small", help="model for the balance runs (default small)")
+    ap.add_argument("--balance-steps", type=int, default=500, help="steps per balance run (default 500; 0 skips)")
+    args = ap.parse_args()
+
+    import transformers
+    transformers.logging.set_verbosity_error()
+    peak = {"fp32": matmul_peak(torch.float32, seconds=1.0), "bf16": matmul_peak(torch.bfloat16, seconds=1.0)}
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads; "
+          f"matmul peak fp32 {peak['fp32'] / 1e9:.0f}, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s; "
+          f"batch {args.batch} x {args.seq} tokens\n")
+    print("| model | precision | nanoseek tok/s | nanoseek + MTP tok/s | transformers tok/s | ratio (no MTP) | "
+          "nanoseek MFU |")
+    print("|---|---|---|---|---|---|---|")
+    for name in args.presets:
+        speed(name, args.batch, args.seq, args.rounds, peak)
+    if args.balance_steps:
+        with tempfile.TemporaryDirectory() as d:
+            balance(args.balance_preset, args.balance_steps, Path(d))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""`nanoseek plot RUN`: PNGs from a run's metrics.jsonl -- losses, learning rate, expert load over steps.
+
+Writes RUN/plots/loss.png (total, next-token and MTP loss), lr.png, and expert_load.png (one
+heatmap per MoE layer: each expert's share of the routed tokens, relative to a perfectly even
+share, over the steps -- auxiliary-loss-free balancing should pull it toward 1).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def read_metrics(run: str | Path) -> list[dict]:
+    path = Path(run) / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not found; is {run} a training run dir?")
+    rows = []
+    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise ValueError(f"{path}:{lineno}: not valid JSON") from None
+    if not rows:
+        raise ValueError(f"{path}: no steps logged yet")
+    return rows
+
+
+def plot_run(run: str | Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = [r for r in read_metrics(run) if not r.get("skipped")]
+    out = Path(run) / "plots"
+    out.mkdir(exist_ok=True)
+    steps = [r["step"] for r in rows]
+    written = []
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("loss", "total"), ("lm_loss", "next token"), ("mtp_loss", "MTP")):
+        if any(r.get(key) for r in rows):
+            ax.plot(steps, [r[key] for r in rows], label=label, lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "loss.png", dpi=120)
+    written.append(out / "loss.png")
+
+    fig, ax = plt.subplots(figsize=(7, 3))
+    ax.plot(steps, [r["lr"] for r in rows], lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("learning rate")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "lr.png", dpi=120)
+    written.append(out / "lr.png")
+
+    counts = [r["expert_counts"] for r in rows if r.get("expert_counts")]
+    if counts:
+        arr = np.array(counts, dtype=float)  # (steps, layers, experts)
+        share = arr / arr.sum(-1, keepdims=True) * arr.shape[-1]
+        layers = arr.shape[1]
+        fig, axes = plt.subplots(layers, 1, figsize=(7, 2.2 * layers + 0.6), squeeze=False)
+        for i, ax in enumerate(axes[:, 0]):
+            im = ax.imshow(share[:, i].T, aspect="auto", cmap="viridis", interpolation="nearest",
+                           extent=(steps[0], steps[-1], arr.shape[-1] - 0.5, -0.5), vmin=0, vmax=max(2, share.max()))
+            ax.set_ylabel(f"MoE layer {i}\nexpert")
+            fig.colorbar(im, ax=ax, label="load / even share")
+        axes[-1, 0].set_xlabel("step")
+        fig.tight_layout()
+        fig.savefig(out / "expert_load.png", dpi=120)
+        written.append(out / "expert_load.png")
+    plt.close("all")
+    return written

@@ -1,0 +1,147 @@
+"""`nanoseek sft`: supervised fine-tuning on chat examples, loss on the assistant's tokens only.
+
+    nanoseek sft --model runs/x/base --data examples.jsonl --out runs/x/sft
+
+Each line of the data is `{"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}]}`.
+Conversations are rendered with the model dir's chat template (`Tokenizer.render_chat`), whose
+mask marks the assistant's tokens; every other target is -100. With packing (the default)
+conversations are concatenated into rows of seq_len + 1 tokens; with --no-packing each row is one
+conversation, padded. The loop, checkpoints and resume are pretrain's (`train_loop`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..checkpoint import load_model
+from ..config import ConfigError, ModelConfig
+from ..tokenizer import Tokenizer, TokenizerError
+from . import dist
+from .args import TrainError
+from .common import complete_checkpoints, load_training_state
+from .pretrain import config_differences, train_loop
+
+
+def read_conversations(paths: list[str], tok: Tokenizer) -> list[tuple[list[int], list[int]]]:
+    """(ids, mask) of every conversation; a bad line is an error naming file and line."""
+    out = []
+    for path in paths:
+        try:
+            lines = Path(path).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise TrainError(f"{path}: cannot read SFT data ({e})") from None
+        for lineno, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                messages = json.loads(line)["messages"]
+                ids, mask = tok.render_chat(messages)
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise TrainError(f"{path}:{lineno}: expected a JSON object with a 'messages' list ({e})") from None
+            except TokenizerError as e:
+                raise TrainError(f"{path}:{lineno}: {e}") from None
+            if not any(mask):
+                raise TrainError(f"{path}:{lineno}: no assistant message, so nothing to learn from")
+            out.append((ids, mask))
+    if not out:
+        raise TrainError(f"no conversations in {', '.join(paths)}")
+    return out
+
+
+class ChatBatches:
+    """Seeded, shuffled, resumable batches of conversations; packed rows or one padded row each."""
+
+    def __init__(self, convs, seq_len: int, batch_size: int, pad_id: int, packing: bool, seed: int,
+                 rank: int = 0, world_size: int = 1):
+        self.convs, self.seq_len, self.batch_size = convs, seq_len, batch_size
+        self.pad, self.packing, self.seed = pad_id, packing, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.position, self.carry = 0, 0, ([], [])  # carry: packed tokens not yet in a row
+        self.truncated = 0 if packing else sum(len(ids) > seq_len + 1 for ids, _ in convs)
+
+    def _order(self) -> np.ndarray:
+        if getattr(self, "_order_epoch", None) != self.epoch:
+            self._order_epoch = self.epoch
+            self._perm = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.convs))
+        return self._perm
+
+    def _next_conv(self):
+        order = self._order()
+        ids, mask = self.convs[order[self.position]]
+        self.position += 1
+        if self.position == len(order):
+            self.epoch, self.position = self.epoch + 1, 0
+        return ids, mask
+
+    def _row(self) -> tuple[list[int], list[int]]:
+        n = self.seq_len + 1
+        if not self.packing:
+            ids, mask = self._next_conv()
+            ids, mask = ids[:n], mask[:n]
+            return ids + [self.pad] * (n - len(ids)), mask + [0] * (n - len(mask))
+        ids, mask = list(self.carry[0]), list(self.carry[1])
+        while len(ids) < n:
+            i, m = self._next_conv()
+            ids += i
+            mask += m
+        self.carry = (ids[n:], mask[n:])
+        return ids[:n], mask[:n]
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, masks = [], []
+        for _ in range(self.batch_size):
+            for r in range(self.world_size):
+                ids, mask = self._row()
+                if r == self.rank:
+                    rows.append(ids)
+                    masks.append(mask)
+        ids, mask = torch.tensor(rows), torch.tensor(masks, dtype=torch.bool)
+        targets = ids[:, 1:].masked_fill(~mask[:, 1:], -100)  # learn the assistant's tokens only
+        return ids[:, :-1], targets
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "carry": [list(self.carry[0]), list(self.carry[1])]}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.epoch, self.position, self.carry = s["epoch"], s["position"], (list(s["carry"][0]), list(s["carry"][1]))
+
+
+def main(args) -> int:
+    world = dist.init()
+    run = Path(args.out)
+    try:
+        base_cfg = ModelConfig.from_json(args.model)
+        tok = Tokenizer.load(args.tokenizer or args.model)
+        if tok.vocab_size > base_cfg.vocab_size:
+            raise TrainError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
+                             f"{base_cfg.vocab_size}")
+        convs = read_conversations(args.data, tok)
+        done = complete_checkpoints(run)
+        if done and not args.resume:
+            raise TrainError(f"{run} already has checkpoints (newest: {done[-1].name}); pass --resume to continue "
+                             f"it or choose another --out")
+        saved = None
+        if args.resume and done:
+            diffs = config_differences(ModelConfig.from_json(done[-1]), base_cfg)
+            if diffs:
+                raise TrainError(f"{done[-1]}: the checkpoint's config disagrees with --model ({'; '.join(diffs)})")
+            model, saved = load_model(done[-1]), load_training_state(done[-1])
+        else:
+            model = load_model(args.model)
+        batches = ChatBatches(convs, args.seq_len, args.batch_size, tok.pad_id, not args.no_packing, args.seed,
+                              world.rank, world.world_size)
+        if world.main:
+            run.mkdir(parents=True, exist_ok=True)
+            (run / "train_args.json").write_text(json.dumps(vars(args), indent=2, default=str))
+            if batches.truncated:
+                print(f"note: {batches.truncated} conversation(s) longer than --seq-len are cut", flush=True)
+        train_loop(args, model, saved, batches.next_batch, batches, tok, world, run)
+    except ConfigError as e:
+        raise TrainError(str(e)) from None
+    finally:
+        dist.shutdown(world)
+    return 0
