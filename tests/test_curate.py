@@ -121,11 +121,13 @@ def test_classify(text, want):
 
 
 def test_hashset64():
-    s = HashSet64(buffer=4)
-    values = [random.Random(1).getrandbits(64) for _ in range(1)] + list(range(100, 120))
+    s = HashSet64(buffer=4, max_run=16)
+    rng = random.Random(1)
+    values = [rng.getrandbits(64) for _ in range(100)] + list(range(100, 120))
     for v in values:
         s.add(v)
     assert all(v in s for v in values) and 5 not in s and len(s) == len(values)
+    assert len(s.runs) > 1 and all(len(r) <= 2 * 16 for r in s.runs)
 
 
 def test_cli_curate_prints_report(tmp_path, capsys):

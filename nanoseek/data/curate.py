@@ -176,16 +176,17 @@ def minhash_bands(text: str, num_perm: int, bands: int, rows: int) -> list[int]:
 class HashSet64:
     """A set of 64-bit hashes at 8 bytes each: sorted numpy runs plus a small buffer set.
 
-    Runs merge like a binary counter (two runs of similar size become one), so arrays grow
-    geometrically and the allocator is not left with a trail of ever-larger freed arrays. The
+    Runs merge like a binary counter (two runs of similar size become one) up to `max_run`
+    entries, so no merge ever copies more than a few MB and the allocator is not left with a
+    trail of ever-larger freed arrays. The
     dedup state is all curation keeps per document; datasketch's own LSH index costs kilobytes
     per document, which would make memory grow with the corpus.
     """
 
-    def __init__(self, buffer: int = 1 << 16):
+    def __init__(self, buffer: int = 1 << 16, max_run: int = 1 << 18):
         self.runs: list[np.ndarray] = []
         self.recent: set[int] = set()
-        self.buffer = buffer
+        self.buffer, self.max_run = buffer, max_run  # runs stop merging at 2 MB: bounded transients
 
     def __contains__(self, h: int) -> bool:
         if h in self.recent:
@@ -202,7 +203,7 @@ class HashSet64:
         if len(self.recent) >= self.buffer:
             run = np.sort(np.fromiter(self.recent, dtype=np.uint64, count=len(self.recent)))
             self.recent.clear()
-            while self.runs and len(self.runs[-1]) <= len(run):
+            while self.runs and len(self.runs[-1]) <= len(run) and len(run) < self.max_run:
                 run = np.union1d(self.runs.pop(), run)
             self.runs.append(run)
 
