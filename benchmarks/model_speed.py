@@ -79,8 +79,8 @@ def main() -> None:
     peak = {"fp32": matmul_peak(torch.float32, seconds=1.0), "bf16": matmul_peak(torch.bfloat16, seconds=1.0)}
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads")
     print(f"matmul peak (1024^3): fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s\n")
-    header = (f"| model | pass | precision | nanoseek tok/s | transformers tok/s | ratio | "
-              f"nanoseek GFLOP/s (% of peak) |")
+    header = ("| model | pass | precision | nanoseek tok/s | transformers tok/s | ratio | "
+              "nanoseek GFLOP/s (% of peak) |")
     print(header)
     print("|" + "---|" * 7)
     for name in args.presets:

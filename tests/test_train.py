@@ -1,7 +1,6 @@
 """Training: schedule, balancing, non-finite steps, checkpoints, exact resume after SIGKILL, data parallel."""
 
 import json
-import math
 import os
 import signal
 import subprocess
@@ -202,3 +201,19 @@ def test_plot_writes_pngs(data, tmp_path):
     for name in ("loss.png", "lr.png", "expert_load.png"):
         assert (run / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["plot", str(tmp_path / "nope")]) == 2
+
+
+def test_ctrl_c_saves_then_exits(data, tmp_path):
+    cmd = [sys.executable, "-m", "nanoseek", *pretrain_argv(data, tmp_path / "run", "--steps", "500",
+                                                             "--save-every", "1000")]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "saving a checkpoint first" in err
+    (ckpt,) = (tmp_path / "run" / "checkpoints").iterdir()
+    assert (ckpt / "COMMITTED").exists()
+    assert int(ckpt.name.split("-")[1]) == len(losses(tmp_path / "run")) < 500

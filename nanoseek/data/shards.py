@@ -22,10 +22,14 @@ import json
 import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..io import atomic_dir
+
+if TYPE_CHECKING:
+    import torch
 
 INDEX = "index.json"
 

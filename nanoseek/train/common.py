@@ -26,6 +26,7 @@ import torch
 from ..checkpoint import write_model
 from ..io import atomic_dir
 from ..model import MoE, Transformer
+from .args import TrainError
 from .dist import World, all_reduce, average_gradients
 
 COMMIT = "COMMITTED"
@@ -318,12 +319,16 @@ class MetricsLog:
             self.path.write_text("".join(ln + "\n" for ln in kept))
         elif self.path.exists():
             self.path.unlink()
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(run / "tensorboard"))
-        if wandb:
-            import wandb as wb
-            self.wb = wb.init(project="nanoseek", dir=str(run), config=config or {})
+        try:
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(run / "tensorboard"))
+            if wandb:
+                import wandb as wb
+                self.wb = wb.init(project="nanoseek", dir=str(run), config=config or {})
+        except ImportError as e:
+            raise TrainError(f"--tensorboard needs `pip install tensorboard`, --wandb needs `pip install wandb` "
+                             f"({e})") from None
 
     def write(self, m: dict) -> None:
         if not self.enabled:

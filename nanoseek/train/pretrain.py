@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -54,22 +55,25 @@ def config_differences(a: ModelConfig, b: ModelConfig) -> list[str]:
             for f in dataclasses.fields(a) if f.compare and getattr(a, f.name) != getattr(b, f.name)]
 
 
-def start_or_resume(args, cfg: ModelConfig, run: Path):
-    """(model, saved state or None) -- fresh, or from the newest complete checkpoint with --resume."""
+def start_or_resume(args, cfg: ModelConfig, run: Path, fresh: Callable[[], Transformer]):
+    """(model, saved state or None): `fresh()`, or the newest complete checkpoint with --resume."""
     done = complete_checkpoints(run)
     if done and not args.resume:
         raise TrainError(f"{run} already has checkpoints (newest: {done[-1].name}); pass --resume to continue it "
                          f"or choose another --out")
     if not (args.resume and done):
-        torch.manual_seed(args.seed)
-        return Transformer(cfg), None
+        return fresh(), None
     newest = done[-1]
-    saved = ModelConfig.from_json(newest)
-    diffs = config_differences(saved, cfg)
+    diffs = config_differences(ModelConfig.from_json(newest), cfg)
     if diffs:
         raise TrainError(f"{newest}: the checkpoint's config disagrees with the flags ({'; '.join(diffs)}); "
                          f"resume with the same model flags or choose another --out")
     return load_model(newest), load_training_state(newest)
+
+
+def _seeded_model(cfg: ModelConfig, seed: int) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(cfg)
 
 
 def export_final(model: Transformer, run: Path, tokenizer_files: dict[str, str]) -> None:
@@ -122,6 +126,9 @@ def train_loop(args, model: Transformer, saved: dict | None, next_micro_batch, d
                 m["tokens_per_s"] = m["tokens"] / m["seconds"]
                 m["mfu"] = flops_per_token * m["tokens_per_s"] / peak
             log.write(m)
+            if m.get("skipped") and world.main:
+                tqdm.write(f"warning: step {m['step']} skipped: non-finite loss ({m['loss']}) or gradient norm "
+                           f"({m['grad_norm']}); {trainer.skipped} skipped so far", file=sys.stderr)
             bar.update(1)
             bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{m['lr']:.2e}",
                             tok_s=f"{m.get('tokens_per_s', 0):.0f}", refresh=False)
@@ -167,7 +174,7 @@ def main(args) -> int:
                                  f"not this {tok.vocab_size}-token one; pass the tokenizer the shards were made with")
         if args.seq_len > cfg.max_position_embeddings:
             raise TrainError(f"--seq-len {args.seq_len} exceeds max_position_embeddings={cfg.max_position_embeddings}")
-        model, saved = start_or_resume(args, cfg, run)
+        model, saved = start_or_resume(args, cfg, run, lambda: _seeded_model(cfg, args.seed))
         loader = Loader(args.data, args.seq_len, args.batch_size, parse_mix(args.mix), args.curriculum, args.seed,
                         world.rank, world.world_size)
         if world.main:

@@ -22,8 +22,7 @@ from ..config import ConfigError, ModelConfig
 from ..tokenizer import Tokenizer, TokenizerError
 from . import dist
 from .args import TrainError
-from .common import complete_checkpoints, load_training_state
-from .pretrain import config_differences, train_loop
+from .pretrain import start_or_resume, train_loop
 
 
 def read_conversations(paths: list[str], tok: Tokenizer) -> list[tuple[list[int], list[int]]]:
@@ -120,18 +119,7 @@ def main(args) -> int:
             raise TrainError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
                              f"{base_cfg.vocab_size}")
         convs = read_conversations(args.data, tok)
-        done = complete_checkpoints(run)
-        if done and not args.resume:
-            raise TrainError(f"{run} already has checkpoints (newest: {done[-1].name}); pass --resume to continue "
-                             f"it or choose another --out")
-        saved = None
-        if args.resume and done:
-            diffs = config_differences(ModelConfig.from_json(done[-1]), base_cfg)
-            if diffs:
-                raise TrainError(f"{done[-1]}: the checkpoint's config disagrees with --model ({'; '.join(diffs)})")
-            model, saved = load_model(done[-1]), load_training_state(done[-1])
-        else:
-            model = load_model(args.model)
+        model, saved = start_or_resume(args, base_cfg, run, lambda: load_model(args.model))
         batches = ChatBatches(convs, args.seq_len, args.batch_size, tok.pad_id, not args.no_packing, args.seed,
                               world.rank, world.world_size)
         if world.main:
