@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 TMP_MARK = ".tmp-"
+COMMIT = "COMMITTED"  # written last into a training checkpoint dir
 
 
 def fsync_dir(path: Path) -> None:

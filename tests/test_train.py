@@ -217,3 +217,13 @@ def test_ctrl_c_saves_then_exits(data, tmp_path):
     (ckpt,) = (tmp_path / "run" / "checkpoints").iterdir()
     assert (ckpt / "COMMITTED").exists()
     assert int(ckpt.name.split("-")[1]) == len(losses(tmp_path / "run")) < 500
+
+
+def test_a_run_in_progress_loads_its_newest_checkpoint(data, tmp_path):
+    run = tmp_path / "run"
+    assert main(pretrain_argv(data, run, "--steps", "4", "--save-every", "2")) == 0
+    for name in ("config.json", "model.safetensors"):
+        (run / name).unlink()  # as if the final export had not happened yet
+    model = load_model(run)
+    ck = load_model(run / "checkpoints" / "step-00000004")
+    assert torch.equal(model.embed_tokens.weight, ck.embed_tokens.weight)

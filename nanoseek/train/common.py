@@ -24,12 +24,10 @@ import numpy as np
 import torch
 
 from ..checkpoint import write_model
-from ..io import atomic_dir
+from ..io import COMMIT, atomic_dir
 from ..model import MoE, Transformer
 from .args import TrainError
 from .dist import World, all_reduce, average_gradients
-
-COMMIT = "COMMITTED"
 
 
 @dataclass
