@@ -16,10 +16,13 @@ def read_metrics(run: str | Path) -> list[dict]:
     if not path.exists():
         raise FileNotFoundError(f"{path}: not found; is {run} a training run dir?")
     rows = []
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+    lines = path.read_text().splitlines()
+    for lineno, line in enumerate(lines, start=1):
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
+            if lineno == len(lines):  # a run killed mid-write leaves half a line: skip it
+                break
             raise ValueError(f"{path}:{lineno}: not valid JSON") from None
     if not rows:
         raise ValueError(f"{path}: no steps logged yet")

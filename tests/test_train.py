@@ -227,3 +227,13 @@ def test_a_run_in_progress_loads_its_newest_checkpoint(data, tmp_path):
     model = load_model(run)
     ck = load_model(run / "checkpoints" / "step-00000004")
     assert torch.equal(model.embed_tokens.weight, ck.embed_tokens.weight)
+
+
+def test_resume_drops_a_half_written_metrics_line(data, tmp_path):
+    run = tmp_path / "run"
+    assert main(pretrain_argv(data, run, "--steps", "4", "--save-every", "2")) == 0
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 5, "lo')  # killed mid-write
+    assert main(["plot", str(run)]) == 0
+    assert main(pretrain_argv(data, run, "--steps", "6", "--save-every", "2", "--resume")) == 0
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == list(range(1, 7))

@@ -295,12 +295,21 @@ def save_checkpoint(run: Path, model: Transformer, optim: Optimizers, trainer: T
                     **extra_state}, state / "state.pt")
         (tmp / COMMIT).write_text(json.dumps({"step": trainer.step_num, "time": time.time()}))
     for old in complete_checkpoints(run)[:-keep]:
+        (old / COMMIT).unlink()  # un-commit first: a kill mid-delete never leaves a "complete" husk
         shutil.rmtree(old, ignore_errors=True)
     return path
 
 
 def load_training_state(path: Path) -> dict:
     return torch.load(path / "training_state" / "state.pt", weights_only=False)
+
+
+def _step_of(line: str) -> float:
+    """The step of a metrics line; infinity for a line a killed run left half-written."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
 
 
 class MetricsLog:
@@ -313,7 +322,7 @@ class MetricsLog:
         if not enabled:
             return
         if resume_step and self.path.exists():
-            kept = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
+            kept = [ln for ln in self.path.read_text().splitlines() if _step_of(ln) <= resume_step]
             self.path.write_text("".join(ln + "\n" for ln in kept))
         elif self.path.exists():
             self.path.unlink()

@@ -96,6 +96,9 @@ def train_loop(args, model: Transformer, saved: dict | None, next_micro_batch, d
                      decay_frac=args.decay_frac, weight_decay=args.weight_decay, optimizer=args.optimizer,
                      clip=args.clip)
     lc = LossConfig(args.mtp_weight, args.balance_weight, args.bias_gamma)
+    if world.main:
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "train_args.json").write_text(json.dumps(vars(args), indent=2, default=str))
     model.to(world.device)
     optim = build_optimizer(model, oc)
     trainer = Trainer(model, optim, oc, lc, args.steps, world, args.precision, args.max_bad_steps)
@@ -177,9 +180,6 @@ def main(args) -> int:
         model, saved = start_or_resume(args, cfg, run, lambda: _seeded_model(cfg, args.seed))
         loader = Loader(args.data, args.seq_len, args.batch_size, parse_mix(args.mix), args.curriculum, args.seed,
                         world.rank, world.world_size)
-        if world.main:
-            run.mkdir(parents=True, exist_ok=True)
-            (run / "train_args.json").write_text(json.dumps(vars(args), indent=2, default=str))
         train_loop(args, model, saved, loader.next_batch, loader, tok, world, run)
     except ConfigError as e:
         raise TrainError(str(e)) from None

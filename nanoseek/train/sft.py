@@ -123,8 +123,6 @@ def main(args) -> int:
         batches = ChatBatches(convs, args.seq_len, args.batch_size, tok.pad_id, not args.no_packing, args.seed,
                               world.rank, world.world_size)
         if world.main:
-            run.mkdir(parents=True, exist_ok=True)
-            (run / "train_args.json").write_text(json.dumps(vars(args), indent=2, default=str))
             if batches.truncated:
                 print(f"note: {batches.truncated} conversation(s) longer than --seq-len are cut", flush=True)
         train_loop(args, model, saved, batches.next_batch, batches, tok, world, run)
