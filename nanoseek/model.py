@@ -455,11 +455,20 @@ class Transformer(nn.Module):
         angles = positions.float()[..., None] * self.inv_freq
         return (angles.cos() * self.rope_magnitude).to(dtype), (angles.sin() * self.rope_magnitude).to(dtype)
 
-    def trunk(self, input_ids, start_pos: int = 0, cache=None, mask=None, absorb=False):
-        """Embed and run the main layers; returns the final-normed hidden (B, T, D) and router stats."""
+    def trunk(self, input_ids, start_pos: int | torch.Tensor = 0, cache=None, mask=None, absorb=False):
+        """Embed and run the main layers; returns the final-normed hidden (B, T, D) and router stats.
+
+        start_pos: the position of input_ids[:, 0], one int for the batch or a (B,) tensor per
+        sequence (e.g. negative by the padding of left-padded prompts). mask: (B, 1, T, S) bool,
+        True where a query may attend a key; None means causal with queries at the end of the keys.
+        """
         T = input_ids.shape[1]
         h = self.embed_tokens(input_ids)
-        cos, sin = self.rope(torch.arange(start_pos, start_pos + T, device=h.device), h.dtype)
+        if isinstance(start_pos, torch.Tensor):
+            positions = start_pos.to(h.device)[:, None] + torch.arange(T, device=h.device)  # (B, T)
+        else:
+            positions = torch.arange(start_pos, start_pos + T, device=h.device)
+        cos, sin = self.rope(positions, h.dtype)
         stats = []
         for layer in self.layers:
             h, s = layer(h, cos, sin, cache, mask, absorb)
@@ -467,7 +476,7 @@ class Transformer(nn.Module):
                 stats.append(s)
         return self.norm(h), stats
 
-    def forward(self, input_ids: torch.Tensor, start_pos: int = 0, cache=None, mask=None,
+    def forward(self, input_ids: torch.Tensor, start_pos: int | torch.Tensor = 0, cache=None, mask=None,
                 absorb: bool = False) -> torch.Tensor:
         """Logits (B, T, vocab). With a cache, `input_ids` continue the cached context at `start_pos`."""
         h, _ = self.trunk(input_ids, start_pos, cache, mask, absorb)

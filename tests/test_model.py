@@ -205,3 +205,24 @@ def test_linear_cross_entropy_equals_reference(chunk):
     (ref * 2).backward()
     assert torch.allclose(loss, ref, atol=1e-6)
     assert torch.allclose(gh, h.grad, atol=1e-6) and torch.allclose(gw, w.grad, atol=1e-6)
+
+
+@pytest.mark.parametrize("absorb", [False, True])
+def test_padded_batch_equals_one_by_one(tiny_model, absorb):
+    """Prompts of different lengths in one batch (left-padded, per-sequence positions, a padding-aware
+    causal mask) give each prompt's own logits: what the engine's batched prefill relies on."""
+    torch.manual_seed(5)
+    prompts = [torch.randint(0, 512, (n,)) for n in (7, 3, 5)]
+    T = max(len(p) for p in prompts)
+    ids = torch.zeros(3, T, dtype=torch.long)
+    pad = torch.tensor([T - len(p) for p in prompts])
+    for b, p in enumerate(prompts):
+        ids[b, pad[b]:] = p
+    keys = torch.arange(T)[None, :] >= pad[:, None]  # (B, S): real tokens
+    mask = (torch.ones(T, T, dtype=torch.bool).tril()[None] & keys[:, None, :])[:, None]  # (B, 1, T, S)
+    mask |= torch.eye(T, dtype=torch.bool)[None, None]  # pad queries see themselves: no empty rows
+    with torch.no_grad():
+        batched = tiny_model(ids, start_pos=-pad, mask=mask, absorb=absorb)
+        for b, p in enumerate(prompts):
+            alone = tiny_model(p[None])
+            assert torch.allclose(batched[b, pad[b]:], alone[0], atol=1e-5), b
