@@ -1,0 +1,124 @@
+"""The paged latent KV cache: per token per layer only the latent c_KV (C) and the roped key (R).
+
+Fixed-size blocks come from one preallocated pool; a sequence holds a table of blocks that grows
+as it does, and gives them back when it finishes or is cancelled. A forward pass over a batch of
+sequences goes:
+
+    cache.bind(seq_ids, new_tokens)      # reserve room, plan where the new tokens go
+    model(ids, start_pos=cache.start_positions(), cache=cache, mask=cache.mask())
+    cache.commit()                       # the new tokens now count as cached
+
+`update(layer, c_kv, k_pe)` (called by every MLA layer) writes the new latents into their slots
+and returns each sequence's whole context gathered and right-padded to the longest, (B, S, C)
+and (B, S, R); `mask()` hides the padding. Nothing is ever expanded per head.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import ModelConfig
+
+
+class CacheFull(RuntimeError):
+    """Not enough free blocks for what was asked; the message says how many were missing."""
+
+
+class PagedLatentCache:
+    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int = 16, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu"):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"num_blocks and block_size must be >= 1 (got {num_blocks}, {block_size})")
+        self.layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+        self.block_size, self.num_blocks = block_size, num_blocks
+        slots = (num_blocks + 1) * block_size  # + one scratch block where padding writes land
+        self.c_kv = torch.zeros(self.layers, slots, cfg.kv_lora_rank, dtype=dtype, device=device)
+        self.k_pe = torch.zeros(self.layers, slots, cfg.qk_rope_head_dim, dtype=dtype, device=device)
+        self.scratch = num_blocks * block_size
+        self.free_blocks = list(range(num_blocks))
+        self.tables: dict[object, list[int]] = {}
+        self.lengths: dict[object, int] = {}
+        self._batch = None
+
+    # ---- sequences -------------------------------------------------------------------------
+    def add(self, seq_id) -> None:
+        if seq_id in self.tables:
+            raise ValueError(f"sequence {seq_id!r} is already in the cache")
+        self.tables[seq_id], self.lengths[seq_id] = [], 0
+
+    def free(self, seq_id) -> None:
+        """Give every block of a finished or cancelled sequence back to the pool, at once."""
+        self.free_blocks += self.tables.pop(seq_id)
+        del self.lengths[seq_id]
+
+    def blocks_needed(self, seq_id, new_tokens: int) -> int:
+        have = len(self.tables[seq_id]) * self.block_size
+        return max(0, -(-(self.lengths[seq_id] + new_tokens - have) // self.block_size))
+
+    def can_fit(self, seq_ids, new_tokens) -> bool:
+        return sum(self.blocks_needed(s, n) for s, n in zip(seq_ids, new_tokens)) <= len(self.free_blocks)
+
+    # ---- one forward ---------------------------------------------------------------------------
+    def bind(self, seq_ids: list, new_tokens: list[int]) -> None:
+        """Reserve blocks for `new_tokens[i]` more tokens of each sequence and plan the next forward."""
+        need = sum(self.blocks_needed(s, n) for s, n in zip(seq_ids, new_tokens))
+        if need > len(self.free_blocks):
+            raise CacheFull(f"the KV cache needs {need} more blocks of {self.block_size} tokens but has "
+                            f"{len(self.free_blocks)} free; finish or cancel sequences, or build a larger cache")
+        for s, n in zip(seq_ids, new_tokens):
+            for _ in range(self.blocks_needed(s, n)):
+                self.tables[s].append(self.free_blocks.pop())
+        T = max(new_tokens)
+        S = max(self.lengths[s] + n for s, n in zip(seq_ids, new_tokens))
+        write = torch.full((len(seq_ids), T), self.scratch, dtype=torch.long)
+        read = torch.full((len(seq_ids), S), self.scratch, dtype=torch.long)
+        for b, (s, n) in enumerate(zip(seq_ids, new_tokens)):
+            slots = self._slots(s, self.lengths[s] + n)
+            read[b, : len(slots)] = slots
+            write[b, :n] = slots[self.lengths[s]:]
+        self._batch = (list(seq_ids), list(new_tokens), write.flatten(), read, T, S)
+
+    def _slots(self, seq_id, n: int) -> torch.Tensor:
+        blocks = torch.tensor(self.tables[seq_id], dtype=torch.long)
+        offsets = torch.arange(self.block_size)
+        return (blocks[:, None] * self.block_size + offsets).flatten()[:n]
+
+    def start_positions(self) -> torch.Tensor:
+        """(B,) the position of each sequence's first new token."""
+        seq_ids = self._batch[0]
+        return torch.tensor([self.lengths[s] for s in seq_ids])
+
+    def mask(self) -> torch.Tensor:
+        """(B, 1, T, S): new token t of sequence b sees that sequence's cached tokens and its own up to t."""
+        seq_ids, new, _, _, T, S = self._batch
+        start = self.start_positions()[:, None, None]  # (B, 1, 1)
+        q = torch.arange(T)[None, :, None] + start  # (B, T, 1) absolute query positions
+        k = torch.arange(S)[None, None, :]
+        valid = torch.tensor(new)[:, None, None] > torch.arange(T)[None, :, None]
+        m = (k <= q) & valid
+        m |= ~valid & (k == 0)  # padding queries see one key, so no row is empty
+        return m[:, None]
+
+    def update(self, layer_idx: int, c_kv: torch.Tensor, k_pe: torch.Tensor):
+        _, _, write, read, _, _ = self._batch
+        self.c_kv[layer_idx].index_copy_(0, write, c_kv.reshape(-1, c_kv.shape[-1]).to(self.c_kv.dtype))
+        self.k_pe[layer_idx].index_copy_(0, write, k_pe.reshape(-1, k_pe.shape[-1]).to(self.k_pe.dtype))
+        B, S = read.shape
+        c = self.c_kv[layer_idx].index_select(0, read.flatten()).view(B, S, -1)
+        k = self.k_pe[layer_idx].index_select(0, read.flatten()).view(B, S, -1)
+        return c.to(c_kv.dtype), k.to(k_pe.dtype)
+
+    def commit(self) -> None:
+        seq_ids, new, *_ = self._batch
+        for s, n in zip(seq_ids, new):
+            self.lengths[s] += n
+        self._batch = None
+
+    # ---- accounting ------------------------------------------------------------------------------
+    def bytes_per_token(self) -> int:
+        """(kv_lora_rank + qk_rope_head_dim) x layers x element size: nothing per head."""
+        return self.layers * (self.c_kv.shape[-1] + self.k_pe.shape[-1]) * self.c_kv.element_size()
+
+    @property
+    def free_tokens(self) -> int:
+        return len(self.free_blocks) * self.block_size
