@@ -1,0 +1,76 @@
+"""Per-sequence sampling: penalties, temperature, top-k, top-p, a seeded generator of its own.
+
+Pure functions over one sequence's logits, so every sequence in a batch samples exactly as it
+would alone: the same seed gives the same tokens whatever else is being decoded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0  # 0 means greedy
+    top_k: int = 0  # 0: no top-k cut
+    top_p: float = 1.0
+    seed: int | None = None
+    max_tokens: int = 256
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: bool = False
+
+    def validate(self) -> "SamplingParams":
+        """Raise ValueError naming the first parameter out of range."""
+        checks = [
+            ("temperature", self.temperature >= 0, "must be >= 0 (0 is greedy)"),
+            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "must be an integer >= 0 (0 turns it off)"),
+            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("max_tokens", isinstance(self.max_tokens, int) and self.max_tokens >= 1, "must be an integer >= 1"),
+            ("presence_penalty", -2 <= self.presence_penalty <= 2, "must be in [-2, 2]"),
+            ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "must be in [-2, 2]"),
+            ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
+        ]
+        for name, ok, rule in checks:
+            if not ok:
+                raise ValueError(f"{name} {rule} (got {getattr(self, name)!r})")
+        return self
+
+    def generator(self, device: str | torch.device = "cpu") -> torch.Generator | None:
+        if self.seed is None:
+            return None
+        return torch.Generator(device=device).manual_seed(self.seed)
+
+
+def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, presence: float, frequency: float) -> torch.Tensor:
+    """OpenAI's penalties: logit -= presence * [count > 0] + frequency * count, per token (V,)."""
+    if presence == 0 and frequency == 0:
+        return logits
+    return logits - presence * (counts > 0).to(logits.dtype) - frequency * counts.to(logits.dtype)
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
+           counts: torch.Tensor | None = None) -> tuple[int, float]:
+    """(token, its log-probability under the penalised model distribution) from one row of logits (V,)."""
+    logits = logits.float()
+    if counts is not None:
+        logits = apply_penalties(logits, counts, params.presence_penalty, params.frequency_penalty)
+    logprobs = logits.log_softmax(-1)
+    if params.temperature == 0:
+        token = int(logits.argmax())
+        return token, float(logprobs[token])
+    scaled = logits / params.temperature
+    if params.top_k and params.top_k < scaled.numel():
+        kth = scaled.topk(params.top_k).values[-1]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    if params.top_p < 1:
+        sorted_logits, order = scaled.sort(descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= params.top_p  # keep the smallest prefix reaching top_p
+        scaled = scaled.scatter(0, order[drop], float("-inf"))
+    token = int(torch.multinomial(scaled.softmax(-1), 1, generator=generator))
+    return token, float(logprobs[token])

@@ -1,0 +1,66 @@
+"""Sampling: greedy, temperature, top-k, top-p, penalties, seeds, parameter errors."""
+
+import pytest
+import torch
+
+from nanoseek.engine.sampling import SamplingParams, apply_penalties, sample
+
+LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
+
+
+def draws(params, n=2000, seed=0, logits=LOGITS):
+    g = torch.Generator().manual_seed(seed)
+    return [sample(logits, params, g)[0] for _ in range(n)]
+
+
+def test_greedy_is_argmax_with_its_logprob():
+    token, lp = sample(LOGITS, SamplingParams(temperature=0))
+    assert token == 0 and lp == pytest.approx(float(LOGITS.log_softmax(-1)[0]))
+
+
+def test_top_k_restricts_the_support():
+    assert set(draws(SamplingParams(top_k=2))) == {0, 1}
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    probs = LOGITS.softmax(-1)  # 0.52, 0.19, 0.12, 0.07, 0.03 (rounded)
+    assert set(draws(SamplingParams(top_p=0.5))) == {0}
+    assert set(draws(SamplingParams(top_p=0.6))) == {0, 1}
+    assert probs[0] < 0.6 < probs[0] + probs[1]
+
+
+def test_temperature_sharpens_and_flattens():
+    cold = draws(SamplingParams(temperature=0.2)).count(0)
+    hot = draws(SamplingParams(temperature=5.0)).count(0)
+    assert cold > 1900 and hot < 700
+
+
+def test_frequencies_follow_the_distribution():
+    counts = torch.bincount(torch.tensor(draws(SamplingParams(), n=20000)), minlength=5) / 20000
+    assert torch.allclose(counts, LOGITS.softmax(-1), atol=0.015)
+
+
+def test_same_seed_same_tokens():
+    p = SamplingParams(seed=42)
+    g1, g2 = p.generator(), p.generator()
+    assert [sample(LOGITS, p, g1)[0] for _ in range(30)] == [sample(LOGITS, p, g2)[0] for _ in range(30)]
+    assert draws(p, 30, seed=1) != draws(p, 30, seed=2)
+
+
+def test_penalties():
+    counts = torch.tensor([3, 0, 1, 0, 0])
+    out = apply_penalties(LOGITS, counts, presence=0.5, frequency=0.25)
+    assert out.tolist() == pytest.approx([2.0 - 0.5 - 0.75, 1.0, 0.5 - 0.5 - 0.25, 0.0, -1.0])
+    token, _ = sample(LOGITS, SamplingParams(temperature=0, frequency_penalty=2.0), counts=counts)
+    assert token == 1
+
+
+@pytest.mark.parametrize("changes, name", [
+    ({"temperature": -0.1}, "temperature"), ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"),
+    ({"top_k": -1}, "top_k"), ({"max_tokens": 0}, "max_tokens"), ({"presence_penalty": 3}, "presence_penalty"),
+    ({"frequency_penalty": -2.5}, "frequency_penalty"), ({"stop": [""]}, "stop"),
+])
+def test_bad_parameters_name_themselves(changes, name):
+    with pytest.raises(ValueError, match=f"^{name} "):
+        SamplingParams(**changes).validate()
+    assert SamplingParams().validate().temperature == 1.0
