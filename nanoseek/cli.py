@@ -160,6 +160,32 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .checkpoint import load_model
+    from .engine.engine import Engine
+    from .engine.sampling import SamplingParams
+    from .tokenizer import Tokenizer
+
+    model = load_model(args.model)
+    tok = Tokenizer.load(args.model)
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                            max_tokens=args.max_tokens, stop=args.stop or [])
+    engine = Engine(model, tok, max_running=1)
+    try:
+        engine.add(args.prompt, params)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    reason = None
+    while engine.has_work():
+        for out in engine.step():
+            print(out.delta, end="", flush=True)
+            reason = out.finish_reason or reason
+    print()
+    if args.verbose:
+        print(f"[finished: {reason}]", file=sys.stderr)
+    return 0
+
+
 def cmd_speedrun(args: argparse.Namespace) -> int:
     print("nanoseek speedrun is not built yet: it lands with the speedrun issue, after training, GRPO and the "
           "engine. Available now: init, cost, tokenizer, curate, tokenize, tasks, pretrain, sft.", file=sys.stderr)
@@ -279,6 +305,20 @@ def build_parser() -> argparse.ArgumentParser:
                                     "pretrain.")
     add_sft_arguments(sp)
     sp.set_defaults(func=cmd_sft)
+
+    sp = sub.add_parser("generate", help="continue a prompt with a model dir, streaming to the terminal",
+                        description="Generate from a model dir (its own tokenizer) through the latent-cache engine, "
+                                    "printing text as it is produced.")
+    sp.add_argument("--model", required=True, metavar="DIR", help="a model dir (or a training run dir)")
+    sp.add_argument("--prompt", required=True, help="the text to continue")
+    sp.add_argument("--max-tokens", type=int, default=128, help="most new tokens (default 128)")
+    sp.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default 0)")
+    sp.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1: off)")
+    sp.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default 0: off)")
+    sp.add_argument("--seed", type=int, help="sampling seed (same seed, same output)")
+    sp.add_argument("--stop", action="append", metavar="TEXT", help="stop before this text (repeatable)")
+    sp.add_argument("--verbose", action="store_true", help="print why generation finished")
+    sp.set_defaults(func=cmd_generate)
 
     sp = sub.add_parser("plot", help="PNG plots of a training run: losses, lr, expert load",
                         description="Write RUN/plots/loss.png, lr.png and expert_load.png from RUN/metrics.jsonl.")

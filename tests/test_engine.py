@@ -89,3 +89,16 @@ def test_stop_strings_and_bad_input(model):
         engine.add("x", SamplingParams(temperature=-1))
     with pytest.raises(ValueError, match="prompt has 600 tokens; the model's context is 512"):
         engine.add([5] * 600)
+
+
+def test_cli_generate_streams_the_engine_output(model, tmp_path, capsys):
+    from nanoseek import save_model
+    from nanoseek.cli import main
+    save_model(model, tmp_path / "m", extra_files=TOK.files())
+    assert main(["generate", "--model", str(tmp_path / "m"), "--prompt", PROMPTS[0], "--max-tokens", "9",
+                 "--verbose"]) == 0
+    out = capsys.readouterr()
+    want = Engine(model, TOK).generate([PROMPTS[0]], GREEDY[0])[0].stream.text
+    assert out.out == want + "\n" and "[finished:" in out.err
+    assert main(["generate", "--model", str(tmp_path / "m"), "--prompt", "x", "--top-p", "0"]) == 2
+    assert "top_p must be in (0, 1]" in capsys.readouterr().err
