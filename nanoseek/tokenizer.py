@@ -71,7 +71,7 @@ class Tokenizer:
     def byte_level(cls) -> "Tokenizer":
         """The 9 special tokens and the 256 bytes, no merges: works without any training."""
         vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
-        for ch in pre_tokenizers.ByteLevel.alphabet():
+        for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):  # alphabet() order varies per process
             vocab[ch] = len(vocab)
         return cls(_assemble(HFTokenizer(models.BPE(vocab=vocab, merges=[]))))
 
@@ -139,6 +139,12 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def check_fits(self, vocab_size: int) -> None:
+        """Raise TokenizerError when a model with `vocab_size` rows cannot embed every token id."""
+        if self.vocab_size > vocab_size:
+            raise TokenizerError(f"the tokenizer has {self.vocab_size} tokens but the model's vocab_size is "
+                                 f"{vocab_size}; use a smaller tokenizer or a config with a larger vocab_size")
 
     def render_chat(self, messages: Sequence[dict], add_generation_prompt: bool = False
                     ) -> tuple[list[int], list[int]]:

@@ -89,3 +89,12 @@ def test_load_errors(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{broken")
     with pytest.raises(TokenizerError, match="not a valid tokenizer.json"):
         Tokenizer.load(tmp_path)
+
+
+def test_byte_level_ids_are_the_same_in_every_process():
+    import subprocess
+    import sys
+    code = "from nanoseek.tokenizer import Tokenizer; print(Tokenizer.byte_level().encode('What is 2+2? 你'))"
+    here = str(Tokenizer.byte_level().encode("What is 2+2? 你"))
+    for _ in range(3):
+        assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == here
