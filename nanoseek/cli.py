@@ -43,9 +43,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         raise UsageError(f"preset {args.preset!r} is shape-only (for `nanoseek cost`); it is far too large "
                          f"to instantiate here. Use one of: {', '.join(p for p in PRESETS if p not in SHAPE_ONLY)}")
     tok = Tokenizer.load(args.tokenizer) if args.tokenizer else Tokenizer.byte_level()
-    if tok.vocab_size > cfg.vocab_size:
-        raise UsageError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
-                         f"{cfg.vocab_size}; use a larger config or a smaller tokenizer")
+    tok.check_fits(cfg.vocab_size)
     torch.manual_seed(args.seed)
     model = Transformer(cfg)
     out = save_model(model, args.out, dtype=getattr(torch, DTYPES[args.dtype]),

@@ -10,6 +10,7 @@ the top level, so RUN itself is a model dir for nanoseek, transformers, vLLM and
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -158,17 +159,27 @@ def train_loop(args, model: Transformer, saved: dict | None, next_micro_batch, d
     return model
 
 
+@contextlib.contextmanager
+def training_world():
+    """The process group for a training command: config errors become TrainError, and the group is
+    always shut down."""
+    world = dist.init()
+    try:
+        yield world
+    except ConfigError as e:
+        raise TrainError(str(e)) from None
+    finally:
+        dist.shutdown(world)
+
+
 def main(args) -> int:
     from ..data.shards import Loader
 
-    world = dist.init()
     run = Path(args.out)
-    try:
+    with training_world() as world:
         cfg = model_config(args)
         tok = Tokenizer.load(args.tokenizer) if args.tokenizer else Tokenizer.byte_level()
-        if tok.vocab_size > cfg.vocab_size:
-            raise TrainError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
-                             f"{cfg.vocab_size}; use a smaller tokenizer or a config with a larger vocab_size")
+        tok.check_fits(cfg.vocab_size)
         index_path = Path(args.data) / "index.json"
         if index_path.exists():
             shards_vocab = json.loads(index_path.read_text()).get("vocab_size")
@@ -181,8 +192,4 @@ def main(args) -> int:
         loader = Loader(args.data, args.seq_len, args.batch_size, parse_mix(args.mix), args.curriculum, args.seed,
                         world.rank, world.world_size)
         train_loop(args, model, saved, loader.next_batch, loader, tok, world, run)
-    except ConfigError as e:
-        raise TrainError(str(e)) from None
-    finally:
-        dist.shutdown(world)
     return 0

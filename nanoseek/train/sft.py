@@ -18,11 +18,10 @@ import numpy as np
 import torch
 
 from ..checkpoint import load_model
-from ..config import ConfigError, ModelConfig
+from ..config import ModelConfig
 from ..tokenizer import Tokenizer, TokenizerError
-from . import dist
 from .args import TrainError
-from .pretrain import start_or_resume, train_loop
+from .pretrain import start_or_resume, train_loop, training_world
 
 
 def read_conversations(paths: list[str], tok: Tokenizer) -> list[tuple[list[int], list[int]]]:
@@ -110,24 +109,16 @@ class ChatBatches:
 
 
 def main(args) -> int:
-    world = dist.init()
     run = Path(args.out)
-    try:
+    with training_world() as world:
         base_cfg = ModelConfig.from_json(args.model)
         tok = Tokenizer.load(args.tokenizer or args.model)
-        if tok.vocab_size > base_cfg.vocab_size:
-            raise TrainError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
-                             f"{base_cfg.vocab_size}")
+        tok.check_fits(base_cfg.vocab_size)
         convs = read_conversations(args.data, tok)
         model, saved = start_or_resume(args, base_cfg, run, lambda: load_model(args.model))
         batches = ChatBatches(convs, args.seq_len, args.batch_size, tok.pad_id, not args.no_packing, args.seed,
                               world.rank, world.world_size)
-        if world.main:
-            if batches.truncated:
-                print(f"note: {batches.truncated} conversation(s) longer than --seq-len are cut", flush=True)
+        if world.main and batches.truncated:
+            print(f"note: {batches.truncated} conversation(s) longer than --seq-len are cut", flush=True)
         train_loop(args, model, saved, batches.next_batch, batches, tok, world, run)
-    except ConfigError as e:
-        raise TrainError(str(e)) from None
-    finally:
-        dist.shutdown(world)
     return 0
