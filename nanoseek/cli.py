@@ -10,6 +10,8 @@ import argparse
 import json
 import os
 import sys
+import time
+from pathlib import Path
 
 from .config import PRESETS, SHAPE_ONLY, ConfigError, ModelConfig, preset
 from .data.shards import ShardError
@@ -168,20 +170,133 @@ def cmd_generate(args: argparse.Namespace) -> int:
     tok = Tokenizer.load(args.model)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                             max_tokens=args.max_tokens, stop=args.stop or [])
-    engine = Engine(model, tok, max_running=1)
     try:
+        engine = Engine(model, tok, max_running=1, speculative=args.speculative)
         engine.add(args.prompt, params)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    reason = None
+    reason, count, start = None, 0, time.perf_counter()
     while engine.has_work():
         for out in engine.step():
             print(out.delta, end="", flush=True)
-            reason = out.finish_reason or reason
+            reason, count = out.finish_reason or reason, count + 1
     print()
     if args.verbose:
-        print(f"[finished: {reason}]", file=sys.stderr)
+        seconds = time.perf_counter() - start
+        spec = (f", {engine.acceptance_rate:.0%} of {engine.drafted} MTP drafts accepted"
+                if engine.acceptance_rate is not None else "")
+        print(f"[finished: {reason}; {count} tokens in {seconds:.2f} s, {count / seconds:.1f} tokens/s{spec}]",
+              file=sys.stderr)
     return 0
+
+
+CHAT_HELP = "/reset starts a new conversation, /quit (or Ctrl-D) leaves; Ctrl-C stops a reply."
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .checkpoint import load_model
+    from .engine.engine import Engine
+    from .engine.reasoning import ReasoningSplitter
+    from .engine.sampling import SamplingParams
+    from .tokenizer import Tokenizer
+
+    model = load_model(args.model)
+    tok = Tokenizer.load(args.model)
+    try:
+        engine = Engine(model, tok, max_running=1, speculative=args.speculative)
+        SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens).validate()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    dim, reset = ("\033[2m", "\033[0m") if color else ("", "")
+    history = _ChatHistory()
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(system)
+    print(f"nanoseek chat: {args.model}. {CHAT_HELP}")
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print()
+            break
+        except KeyboardInterrupt:
+            print()
+            continue
+        line = line.strip()
+        if line in ("/quit", "/exit"):
+            break
+        if line == "/reset":
+            messages = list(system)
+            print("(new conversation)")
+            continue
+        if line.startswith("/") or not line:
+            if line:
+                print(f"unknown command {line}; {CHAT_HELP}")
+            continue
+        ids, _ = tok.render_chat(messages + [{"role": "user", "content": line}], add_generation_prompt=True)
+        room = engine.max_len - len(ids)
+        if room < 1:
+            print(f"(the conversation is {len(ids)} tokens, the model's context is {engine.max_len}; "
+                  f"/reset to start over)")
+            continue
+        params = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                                max_tokens=min(args.max_tokens, room))
+        split = ReasoningSplitter(implicit=False)
+        answer, reason, shown_reasoning = "", None, False
+        stream = engine.stream(ids, params)
+        try:
+            for out in stream:
+                reasoning, content = split.push(out.delta)
+                if out.finish_reason:
+                    r, c = split.finish()
+                    reasoning, content = reasoning + r, content + c
+                    reason = out.finish_reason
+                if reasoning:
+                    print(dim + reasoning + reset, end="", flush=True)
+                    shown_reasoning = True
+                if content:
+                    if shown_reasoning and not answer:
+                        print()
+                    print(content, end="", flush=True)
+                    answer += content
+        except KeyboardInterrupt:
+            stream.close()  # cancels the reply and frees its cache blocks
+            reason = "interrupted"
+        print(reset)
+        if reason == "length":
+            print(f"(cut at {params.max_tokens} tokens)")
+        elif reason == "interrupted":
+            print("(stopped)")
+        messages += [{"role": "user", "content": line}, {"role": "assistant", "content": answer.strip()}]
+    history.save()
+    return 0
+
+
+class _ChatHistory:
+    """Line editing and a persistent input history, where the readline module exists."""
+
+    def __init__(self):
+        self.path = Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state")) / "nanoseek" / "chat_history"
+        try:
+            import readline
+        except ImportError:  # Windows without pyreadline: plain input()
+            self.readline = None
+            return
+        self.readline = readline
+        try:
+            readline.read_history_file(self.path)
+        except OSError:
+            pass
+
+    def save(self) -> None:
+        if self.readline is None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.readline.set_history_length(1000)
+            self.readline.write_history_file(self.path)
+        except OSError:
+            pass
 
 
 def cmd_speedrun(args: argparse.Namespace) -> int:
@@ -315,8 +430,27 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default 0: off)")
     sp.add_argument("--seed", type=int, help="sampling seed (same seed, same output)")
     sp.add_argument("--stop", action="append", metavar="TEXT", help="stop before this text (repeatable)")
-    sp.add_argument("--verbose", action="store_true", help="print why generation finished")
+    sp.add_argument("--speculative", action="store_true",
+                    help="MTP self-speculative decoding: the MTP module drafts a token, the main model checks it "
+                         "in the same forward (same greedy output; needs a model with an MTP layer)")
+    sp.add_argument("--verbose", action="store_true",
+                    help="print why generation finished, tokens/s and the draft acceptance rate")
     sp.set_defaults(func=cmd_generate)
+
+    sp = sub.add_parser("chat", help="multi-turn chat with a model dir in the terminal",
+                        description="Chat through the model's chat template. Reasoning (<think>...</think>) is "
+                                    "shown dimmed and left out of the history, as DeepSeek-R1 does. " + CHAT_HELP +
+                                    " Arrow keys edit and recall earlier lines (kept in "
+                                    "~/.local/state/nanoseek/chat_history).")
+    sp.add_argument("--model", required=True, metavar="DIR", help="a model dir (or a training run dir)")
+    sp.add_argument("--system", metavar="TEXT", help="a system message at the start of every conversation")
+    sp.add_argument("--max-tokens", type=int, default=512, help="most tokens per reply (default 512)")
+    sp.add_argument("--temperature", type=float, default=0.6, help="0 is greedy (default 0.6, as DeepSeek "
+                                                                   "recommends for R1)")
+    sp.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
+    sp.add_argument("--seed", type=int, help="sampling seed for every reply")
+    sp.add_argument("--speculative", action="store_true", help="MTP self-speculative decoding")
+    sp.set_defaults(func=cmd_chat)
 
     sp = sub.add_parser("plot", help="PNG plots of a training run: losses, lr, expert load",
                         description="Write RUN/plots/loss.png, lr.png and expert_load.png from RUN/metrics.jsonl.")

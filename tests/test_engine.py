@@ -103,5 +103,145 @@ def test_cli_generate_streams_the_engine_output(model, tmp_path, capsys):
     out = capsys.readouterr()
     want = Engine(model, TOK).generate([PROMPTS[0]], GREEDY[0])[0].stream.text
     assert out.out == want + "\n" and "[finished:" in out.err
+    assert main(["generate", "--model", str(tmp_path / "m"), "--prompt", PROMPTS[0], "--max-tokens", "9",
+                 "--speculative", "--verbose"]) == 0
+    out = capsys.readouterr()
+    assert out.out == want + "\n" and "MTP drafts accepted" in out.err
     assert main(["generate", "--model", str(tmp_path / "m"), "--prompt", "x", "--top-p", "0"]) == 2
     assert "top_p must be in (0, 1]" in capsys.readouterr().err
+
+
+# ---- MTP self-speculative decoding ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained():
+    """tiny trained for a few seconds on repetitive text: its MTP module drafts well, not perfectly."""
+    torch.manual_seed(0)
+    m = Transformer(preset("tiny"))
+    ids = torch.tensor(TOK.encode("the cat sat on the mat. a dog ran to the park! " * 20))
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    for _ in range(60):
+        s = torch.randint(0, len(ids) - 65, (8,))
+        out = m.loss(torch.stack([ids[i:i + 64] for i in s]), torch.stack([ids[i + 1:i + 65] for i in s]))
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    return m.eval()
+
+
+SPEC_PROMPTS = ["the cat", "a dog ran", "xyz", "the mat. a", "park"]
+SPEC_PARAMS = [SamplingParams(temperature=0, max_tokens=n) for n in (40, 1, 2, 27, 33)]
+
+
+@pytest.mark.parametrize("which", ["trained", "random"])
+def test_speculative_greedy_equals_plain_greedy(which, trained, model):
+    m = trained if which == "trained" else model
+    plain = Engine(m, TOK, max_running=2).generate(SPEC_PROMPTS, SPEC_PARAMS)
+    engine = Engine(m, TOK, max_running=2, speculative=True)  # requests join and leave mid-run
+    spec = engine.generate(SPEC_PROMPTS, SPEC_PARAMS)
+    assert [r.output for r in spec] == [r.output for r in plain]
+    assert [r.finish_reason for r in spec] == [r.finish_reason for r in plain]
+    assert [len(r.output) for r in spec[1:3]] == [1, 2]
+    if which == "trained":
+        assert 0.4 < engine.acceptance_rate < 1  # both paths taken: kept drafts and rolled-back ones
+    assert len(engine.cache.free_blocks) == engine.cache.num_blocks and not engine.cache.tables
+
+
+def test_speculative_decode_fills_the_cache_like_plain_decode(trained):
+    """After speculation (kept drafts and rollbacks), the cached latents, the MTP layer's too, equal a
+    full forward's."""
+    engine = Engine(trained, TOK, speculative=True)
+    rid = engine.add("the cat", SamplingParams(temperature=0, max_tokens=30))
+    for _ in range(12):
+        engine.step()
+    req = engine.running[rid]
+    assert engine.accepted and engine.drafted > engine.accepted
+    ids = req.prompt + req.output[:-1]  # the last token is not fed yet
+    assert engine.cache.lengths[rid] == len(ids)
+    from nanoseek.model import LatentCache
+    full = LatentCache(trained.cfg, 1, len(ids))
+    with torch.no_grad():
+        trained(torch.tensor([ids]), cache=full)
+        # the MTP layer: position i sees the main hidden state at i and the token after it
+        L = trained.cfg.num_hidden_layers
+        h, _ = trained.trunk(torch.tensor([ids]))
+        cos, sin = trained.rope(torch.arange(len(ids)), h.dtype)
+        trained.mtp[0](h, trained.embed_tokens(torch.tensor([ids[1:] + req.output[-1:]])), cos, sin, full)
+    slots = engine.cache._slots(rid, len(ids))
+    for layer in range(L + 1):
+        torch.testing.assert_close(engine.cache.c_kv[layer, slots], full.c_kv[layer][0, : len(ids)],
+                                   atol=1e-5, rtol=1e-4)
+
+
+def test_speculative_sampling_is_seeded_and_ignores_batch_company(trained):
+    p = SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=20)
+    alone = Engine(trained, TOK, speculative=True).generate(["the cat"], p)[0].output
+    company = [SamplingParams(temperature=1, seed=1, max_tokens=20), p,
+               SamplingParams(temperature=1.2, seed=9, max_tokens=15)]
+    crowd = Engine(trained, TOK, max_running=3, speculative=True).generate(["a dog", "the cat", "xyz"], company)
+    assert crowd[1].output == alone
+
+
+def test_speculative_needs_an_mtp_module():
+    m = Transformer(preset("tiny", num_nextn_predict_layers=0))
+    with pytest.raises(ValueError, match="^speculative: this model has no MTP module"):
+        Engine(m, TOK, speculative=True)
+
+
+# ---- streaming API and request errors ---------------------------------------------------------------
+
+def test_callbacks_and_stream_deliver_every_delta(model):
+    engine = Engine(model, TOK, max_running=4)
+    seen: dict[int, list] = {}
+    other = engine.add(PROMPTS[0], GREEDY[0], callback=lambda out: seen.setdefault(out.id, []).append(out))
+    outs = list(engine.stream(PROMPTS[2], GREEDY[2]))
+    alone = Engine(model, TOK).generate([PROMPTS[2]], GREEDY[2])[0]
+    assert "".join(o.delta for o in outs) == alone.stream.text
+    assert [o.token for o in outs] == alone.output and outs[-1].finish_reason == "length"
+    while engine.has_work():
+        engine.step()
+    got = seen[other]
+    assert [o.token for o in got] == Engine(model, TOK).generate([PROMPTS[0]], GREEDY[0])[0].output
+    assert got[-1].finish_reason and all(o.finish_reason is None for o in got[:-1])
+    # a consumer that stops listening cancels its request and frees its blocks
+    it = engine.stream(PROMPTS[1], SamplingParams(temperature=0, max_tokens=50))
+    next(it)
+    it.close()
+    assert not engine.has_work() and len(engine.cache.free_blocks) == engine.cache.num_blocks
+
+
+@pytest.mark.parametrize("prompt, match", [
+    ("", "^prompt must not be empty"),
+    ([1, 2, 99999], r"^prompt: token ids must be integers in \[0, 512\)"),
+    ([5] * 512, "^prompt has 512 tokens; the model's context is 512"),
+])
+def test_bad_prompts_name_the_prompt(model, prompt, match):
+    with pytest.raises(ValueError, match=match):
+        Engine(model, TOK).add(prompt)
+
+
+def test_cli_chat_keeps_history_resets_and_drops_reasoning(model, tmp_path, capsys, monkeypatch):
+    import io
+
+    from nanoseek import save_model
+    from nanoseek.cli import main
+    from nanoseek.engine.reasoning import split_reasoning
+    save_model(model, tmp_path / "m", extra_files=TOK.files())
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\nand then?\n/reset\nhello\n/bogus\n/quit\n"))
+    assert main(["chat", "--model", str(tmp_path / "m"), "--temperature", "0", "--max-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+
+    def reply(messages):
+        ids, _ = TOK.render_chat(messages, add_generation_prompt=True)
+        text = Engine(model, TOK).generate([ids], SamplingParams(temperature=0, max_tokens=8))[0].stream.text
+        return split_reasoning(text, implicit=False)
+
+    r1, c1 = reply([{"role": "user", "content": "hello"}])
+    r2, c2 = reply([{"role": "user", "content": "hello"}, {"role": "assistant", "content": c1.strip()},
+                    {"role": "user", "content": "and then?"}])
+    shown1 = r1 + ("\n" if r1 and c1 else "") + c1
+    assert out.count("> " + shown1 + "\n") == 2  # the same reply after /reset: the history was cleared
+    assert "> " + r2 + ("\n" if r2 and c2 else "") + c2 + "\n" in out
+    assert "unknown command /bogus" in out and "\033[" not in out  # no colour codes off a terminal
+    assert (tmp_path / "state" / "nanoseek" / "chat_history").exists()

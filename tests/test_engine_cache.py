@@ -55,6 +55,13 @@ def test_blocks_are_returned_and_exhaustion_is_an_error(tiny_model):
     cache.add("y")
     with pytest.raises(CacheFull, match="needs 2 more blocks of 4 tokens but has 1 free"):
         cache.bind(["y"], [5])
+    cache.truncate("x", 7)  # rolled back: blocks stay, the next tokens go to position 7
+    assert cache.lengths["x"] == 7 and len(cache.free_blocks) == 1
+    cache.bind(["x"], [2])
+    assert cache.start_positions().tolist() == [7]
+    cache.commit()
+    with pytest.raises(ValueError, match="cannot truncate sequence 'x' of 9 tokens to 10"):
+        cache.truncate("x", 10)
     cache.free("x")
     assert len(cache.free_blocks) == 4 and cache.free_tokens == 16
     cfg = tiny_model.cfg

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from nanoseek.engine.sampling import SamplingParams, apply_penalties, sample
+from nanoseek.engine.sampling import SamplingParams, apply_penalties, distribution, draw, residual, sample, verify
 
 LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
 
@@ -45,6 +45,31 @@ def test_same_seed_same_tokens():
     g1, g2 = p.generator(), p.generator()
     assert [sample(LOGITS, p, g1)[0] for _ in range(30)] == [sample(LOGITS, p, g2)[0] for _ in range(30)]
     assert draws(p, 30, seed=1) != draws(p, 30, seed=2)
+
+
+def test_speculative_sampling_keeps_the_target_distribution():
+    """Draft from q, keep with min(1, p/q), else draw from norm(max(p - q, 0)): the tokens follow p."""
+    params = SamplingParams()
+    p, _ = distribution(LOGITS, params)
+    q, _ = distribution(torch.tensor([-1.0, 0.0, 2.0, 1.0, 0.5]), params)  # a poor draft model
+    g = torch.Generator().manual_seed(0)
+    tokens, kept = [], 0
+    for _ in range(20000):
+        d = draw(q, params, g)
+        t = verify(d, q, p, params, g)
+        kept += t is not None
+        tokens.append(t if t is not None else draw(residual(p, q), params, g))
+    freq = torch.bincount(torch.tensor(tokens), minlength=5) / 20000
+    assert torch.allclose(freq, p, atol=0.015)
+    assert kept / 20000 == pytest.approx(float(torch.minimum(p, q).sum()), abs=0.015)  # acceptance = sum min(p, q)
+
+
+def test_greedy_speculation_keeps_exactly_the_argmax():
+    greedy = SamplingParams(temperature=0)
+    p, _ = distribution(LOGITS, greedy)
+    q, _ = distribution(torch.tensor([0.0, 3.0, 0.0, 0.0, 0.0]), greedy)
+    assert verify(0, p, p, greedy) == 0 and verify(1, q, p, greedy) is None
+    assert draw(residual(p, q), greedy) == 0
 
 
 def test_penalties():

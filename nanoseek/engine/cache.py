@@ -15,9 +15,22 @@ and (B, S, R); `mask()` hides the padding. Nothing is ever expanded per head.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..config import ModelConfig
+
+
+@dataclass
+class _Plan:
+    """Where one forward's new tokens go (write slots) and what each sequence reads (read slots)."""
+    seq_ids: list
+    new_tokens: list[int]
+    starts: list[int]
+    write: torch.Tensor  # (B*T,) slot of each new token, padding -> the scratch block
+    read: torch.Tensor  # (B, S) slots of each sequence's context, right-padded with scratch
+    advance: bool  # commit() moves the sequences' lengths
 
 
 class CacheFull(RuntimeError):
@@ -51,32 +64,46 @@ class PagedLatentCache:
         self.free_blocks += self.tables.pop(seq_id)
         del self.lengths[seq_id]
 
-    def blocks_needed(self, seq_id, new_tokens: int) -> int:
+    def blocks_needed(self, seq_id, new_tokens: int, start: int | None = None) -> int:
         have = len(self.tables[seq_id]) * self.block_size
-        return max(0, -(-(self.lengths[seq_id] + new_tokens - have) // self.block_size))
+        start = self.lengths[seq_id] if start is None else start
+        return max(0, -(-(start + new_tokens - have) // self.block_size))
+
+    def truncate(self, seq_id, length: int) -> None:
+        """Forget a sequence's tokens from `length` on (rejected speculative drafts); its blocks stay."""
+        if not 0 <= length <= self.lengths[seq_id]:
+            raise ValueError(f"cannot truncate sequence {seq_id!r} of {self.lengths[seq_id]} tokens to {length}")
+        self.lengths[seq_id] = length
 
     def can_fit(self, seq_ids, new_tokens) -> bool:
         return sum(self.blocks_needed(s, n) for s, n in zip(seq_ids, new_tokens)) <= len(self.free_blocks)
 
     # ---- one forward ---------------------------------------------------------------------------
-    def bind(self, seq_ids: list, new_tokens: list[int]) -> None:
-        """Reserve blocks for `new_tokens[i]` more tokens of each sequence and plan the next forward."""
-        need = sum(self.blocks_needed(s, n) for s, n in zip(seq_ids, new_tokens))
+    def bind(self, seq_ids: list, new_tokens: list[int], starts: list[int] | None = None) -> None:
+        """Reserve blocks for `new_tokens[i]` more tokens of each sequence and plan the next forward.
+
+        `starts` places the new tokens at other positions than each sequence's end (layers that
+        lag behind, such as the MTP module's during speculative decoding); then commit() leaves
+        the lengths alone.
+        """
+        advance = starts is None
+        starts = [self.lengths[s] for s in seq_ids] if starts is None else list(starts)
+        need = sum(self.blocks_needed(s, n, p) for s, n, p in zip(seq_ids, new_tokens, starts))
         if need > len(self.free_blocks):
             raise CacheFull(f"the KV cache needs {need} more blocks of {self.block_size} tokens but has "
                             f"{len(self.free_blocks)} free; finish or cancel sequences, or build a larger cache")
-        for s, n in zip(seq_ids, new_tokens):
-            for _ in range(self.blocks_needed(s, n)):
+        for s, n, p in zip(seq_ids, new_tokens, starts):
+            for _ in range(self.blocks_needed(s, n, p)):
                 self.tables[s].append(self.free_blocks.pop())
         T = max(new_tokens)
-        S = max(self.lengths[s] + n for s, n in zip(seq_ids, new_tokens))
+        S = max(p + n for p, n in zip(starts, new_tokens))
         write = torch.full((len(seq_ids), T), self.scratch, dtype=torch.long)
         read = torch.full((len(seq_ids), S), self.scratch, dtype=torch.long)
-        for b, (s, n) in enumerate(zip(seq_ids, new_tokens)):
-            slots = self._slots(s, self.lengths[s] + n)
+        for b, (s, n, p) in enumerate(zip(seq_ids, new_tokens, starts)):
+            slots = self._slots(s, p + n)
             read[b, : len(slots)] = slots
-            write[b, :n] = slots[self.lengths[s]:]
-        self._batch = (list(seq_ids), list(new_tokens), write.flatten(), read, T, S)
+            write[b, :n] = slots[p:]
+        self._batch = _Plan(list(seq_ids), list(new_tokens), starts, write.flatten(), read, advance)
 
     def _slots(self, seq_id, n: int) -> torch.Tensor:
         blocks = torch.tensor(self.tables[seq_id], dtype=torch.long)
@@ -85,12 +112,12 @@ class PagedLatentCache:
 
     def start_positions(self) -> torch.Tensor:
         """(B,) the position of each sequence's first new token."""
-        seq_ids = self._batch[0]
-        return torch.tensor([self.lengths[s] for s in seq_ids])
+        return torch.tensor(self._batch.starts)
 
     def mask(self) -> torch.Tensor:
         """(B, 1, T, S): new token t of sequence b sees that sequence's cached tokens and its own up to t."""
-        seq_ids, new, _, _, T, S = self._batch
+        plan = self._batch
+        new, T, S = plan.new_tokens, max(plan.new_tokens), plan.read.shape[1]
         start = self.start_positions()[:, None, None]  # (B, 1, 1)
         q = torch.arange(T)[None, :, None] + start  # (B, T, 1) absolute query positions
         k = torch.arange(S)[None, None, :]
@@ -100,7 +127,7 @@ class PagedLatentCache:
         return m[:, None]
 
     def update(self, layer_idx: int, c_kv: torch.Tensor, k_pe: torch.Tensor):
-        _, _, write, read, _, _ = self._batch
+        write, read = self._batch.write, self._batch.read
         self.c_kv[layer_idx].index_copy_(0, write, c_kv.reshape(-1, c_kv.shape[-1]).to(self.c_kv.dtype))
         self.k_pe[layer_idx].index_copy_(0, write, k_pe.reshape(-1, k_pe.shape[-1]).to(self.k_pe.dtype))
         B, S = read.shape
@@ -109,9 +136,10 @@ class PagedLatentCache:
         return c.to(c_kv.dtype), k.to(k_pe.dtype)
 
     def commit(self) -> None:
-        seq_ids, new, *_ = self._batch
-        for s, n in zip(seq_ids, new):
-            self.lengths[s] += n
+        plan = self._batch
+        if plan.advance:
+            for s, n, p in zip(plan.seq_ids, plan.new_tokens, plan.starts):
+                self.lengths[s] = p + n
         self._batch = None
 
     # ---- accounting ------------------------------------------------------------------------------

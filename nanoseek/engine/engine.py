@@ -7,15 +7,25 @@
             print(out.delta, end="")
 
 Each step admits waiting requests while there is room (max_running, and cache blocks for the
-prompt plus max_tokens, reserved up front so decoding never runs out), prefills them in one batched forward (naive MLA path), then decodes
-every running request by one token in one batched forward over the cached latents (absorbed
-MLA path). A request finishes on end-of-sentence, a stop token id, a stop string or max_tokens;
-finishing or cancelling returns its cache blocks at once.
+prompt plus max_tokens, reserved up front so decoding never runs out), prefills them in one
+batched forward (naive MLA path), then decodes every running request by one token in one batched
+forward over the cached latents (absorbed MLA path). A request finishes on end-of-sentence, a
+stop token id, a stop string or max_tokens; finishing or cancelling returns its cache blocks at
+once. Outputs also go to a request's callback, or `stream()` yields one request's outputs.
+
+Speculative (`Engine(..., speculative=True)`, models with an MTP module): after each forward the
+MTP module drafts the token after next from the main model's last hidden state; the next decode
+feeds [last token, draft] in one forward, keeps the draft when the main model agrees (greedy: the
+same argmax; sampling: speculative sampling, so the output distribution is unchanged) and gets
+the token after it for free, or rolls the rejected draft out of the cache. The MTP module's own
+layer is cached in the same blocks (cache layer num_hidden_layers) and is fed the positions the
+main model has just settled. `engine.acceptance_rate` counts drafts kept.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -23,7 +33,7 @@ import torch
 from ..model import Transformer
 from ..tokenizer import Tokenizer
 from .cache import PagedLatentCache
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams, distribution, draw, residual, sample, verify
 from .stream import TextStream
 
 
@@ -38,6 +48,9 @@ class Request:
     generator: torch.Generator | None = None
     counts: torch.Tensor | None = None
     stream: TextStream | None = None
+    callback: Callable[["Output"], None] | None = None
+    draft: int | None = None  # speculative: the MTP module's guess for the token after output[-1]
+    draft_q: torch.Tensor | None = None  # the distribution the draft was drawn from
 
 
 @dataclass
@@ -51,32 +64,49 @@ class Output:
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_running: int = 16, block_size: int = 16,
-                 num_blocks: int | None = None):
+                 num_blocks: int | None = None, speculative: bool = False):
         self.model, self.tok = model.eval(), tokenizer
         cfg = model.cfg
+        if speculative and not len(model.mtp):
+            raise ValueError("speculative: this model has no MTP module (num_nextn_predict_layers is 0) to draft "
+                             "with; decode without it, or train with --mtp-weight > 0")
+        self.speculative = speculative
         self.max_len = cfg.max_position_embeddings
         blocks = num_blocks or max_running * -(-self.max_len // block_size)
-        dtype = next(model.parameters()).dtype
-        self.cache = PagedLatentCache(cfg, blocks, block_size, dtype=dtype, device=next(model.parameters()).device)
+        param = next(model.parameters())
+        self.device = param.device
+        self.cache = PagedLatentCache(cfg, blocks, block_size, dtype=param.dtype, device=param.device)
         self.max_running = max_running
         self.waiting: list[Request] = []
         self.running: dict[int, Request] = {}
         self.ids = itertools.count()
+        self.drafted = self.accepted = 0
 
-    def add(self, prompt: str | list[int], params: SamplingParams | None = None) -> int:
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Share of MTP drafts the main model kept (None before any draft was checked)."""
+        return self.accepted / self.drafted if self.drafted else None
+
+    def add(self, prompt: str | list[int], params: SamplingParams | None = None,
+            callback: Callable[[Output], None] | None = None) -> int:
+        """Queue a request; returns its id. `callback(output)` is called for each of its outputs."""
         params = (params or SamplingParams()).validate()
         ids = self.tok.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise ValueError("prompt must not be empty")
-        if len(ids) >= self.max_len:
-            raise ValueError(f"prompt has {len(ids)} tokens; the model's context is {self.max_len}")
         vocab = self.model.cfg.vocab_size
+        if not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt: token ids must be integers in [0, {vocab})")
+        if len(ids) >= self.max_len:
+            raise ValueError(f"prompt has {len(ids)} tokens; the model's context is {self.max_len}, which must "
+                             f"also hold at least one new token")
         need = -(-min(len(ids) + params.max_tokens, self.max_len) // self.cache.block_size)
         if need > self.cache.num_blocks:
             raise ValueError(f"max_tokens: prompt ({len(ids)}) + max_tokens ({params.max_tokens}) need {need} cache "
                              f"blocks but the cache has {self.cache.num_blocks}; lower max_tokens")
         req = Request(next(self.ids), ids, params, generator=params.generator(),
-                      counts=torch.zeros(vocab, dtype=torch.long), stream=TextStream(self.tok, params.stop))
+                      counts=torch.zeros(vocab, dtype=torch.long), stream=TextStream(self.tok, params.stop),
+                      callback=callback)
         self.waiting.append(req)
         return req.id
 
@@ -85,6 +115,7 @@ class Engine:
         for req in self.waiting:
             if req.id == rid:
                 self.waiting.remove(req)
+                req.finish_reason = "cancelled"
                 return True
         if rid in self.running:
             self.cache.free(rid)
@@ -95,19 +126,69 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    @torch.no_grad()
-    def _forward(self, reqs: list[Request], new: list[list[int]], absorb: bool) -> torch.Tensor:
-        """Last-position logits (B, V) of each request after feeding it `new[i]`."""
-        T = max(len(n) for n in new)
-        x = torch.zeros(len(reqs), T, dtype=torch.long)
-        for b, n in enumerate(new):
-            x[b, : len(n)] = torch.tensor(n)
-        self.cache.bind([r.id for r in reqs], [len(n) for n in new])
-        logits = self.model(x.to(self.cache.c_kv.device), start_pos=self.cache.start_positions(),
-                            cache=self.cache, mask=self.cache.mask().to(self.cache.c_kv.device), absorb=absorb)
-        self.cache.commit()
-        return torch.stack([logits[b, len(n) - 1] for b, n in enumerate(new)])
+    # ---- forwards ------------------------------------------------------------------------------
+    def _batch(self, rows: list[list[int]]) -> torch.Tensor:
+        x = torch.zeros(len(rows), max(len(r) for r in rows), dtype=torch.long)
+        for b, r in enumerate(rows):
+            x[b, : len(r)] = torch.tensor(r)
+        return x.to(self.device)
 
+    def _trunk(self, reqs: list[Request], new: list[list[int]], absorb: bool) -> torch.Tensor:
+        """Feed `new[i]` to request i's cached context; the final hidden states (B, T, D)."""
+        self.cache.bind([r.id for r in reqs], [len(n) for n in new])
+        h, _ = self.model.trunk(self._batch(new), start_pos=self.cache.start_positions(), cache=self.cache,
+                                mask=self.cache.mask().to(self.device), absorb=absorb)
+        self.cache.commit()
+        return h
+
+    def _draft(self, reqs: list[Request], hidden: list[torch.Tensor], tokens: list[list[int]], starts: list[int],
+               absorb: bool) -> None:
+        """Run the MTP module over positions starts[i]... of request i (main hidden state there and the
+        token after it) and draft each request's next-but-one token from the last of them."""
+        mtp = self.model.mtp[0]
+        T = max(len(t) for t in tokens)
+        h = hidden[0].new_zeros(len(reqs), T, hidden[0].shape[-1])
+        for b, x in enumerate(hidden):
+            h[b, : len(x)] = x
+        self.cache.bind([r.id for r in reqs], [len(t) for t in tokens], starts=starts)
+        positions = self.cache.start_positions().to(self.device)[:, None] + torch.arange(T, device=self.device)
+        cos, sin = self.model.rope(positions, h.dtype)
+        out, _ = mtp(h, self.model.embed_tokens(self._batch(tokens)), cos, sin, self.cache,
+                     self.cache.mask().to(self.device), absorb)
+        self.cache.commit()
+        last = torch.stack([out[b, len(t) - 1] for b, t in enumerate(tokens)])
+        logits = self.model.lm_head(mtp.shared_head.norm(last))
+        for req, lg in zip(reqs, logits):
+            req.draft_q, _ = distribution(lg, req.params, req.counts)
+            req.draft = draw(req.draft_q, req.params, req.generator)
+
+    # ---- tokens ----------------------------------------------------------------------------------
+    def _emit(self, req: Request, token: int, logprob: float) -> Output:
+        req.output.append(token)
+        req.logprobs.append(logprob)
+        req.counts[token] += 1
+        p = req.params
+        if token == self.tok.eos_id or token in p.stop_token_ids:
+            req.finish_reason = "stop"
+            delta = req.stream.finish()
+        else:
+            delta = req.stream.push(token)
+            if req.stream.stopped:
+                req.finish_reason = "stop"
+            elif len(req.output) >= p.max_tokens or len(req.prompt) + len(req.output) >= self.max_len:
+                req.finish_reason = "length"
+                delta += req.stream.finish()
+        return Output(req.id, token, delta, logprob if p.logprobs else None, req.finish_reason)
+
+    def _advance(self, req: Request, logits: torch.Tensor) -> Output:
+        return self._emit(req, *sample(logits, req.params, req.generator, req.counts))
+
+    def _can_draft(self, req: Request) -> bool:
+        """Room for the draft and the token after it, within max_tokens and the context."""
+        room = min(req.params.max_tokens - len(req.output), self.max_len - len(req.prompt) - len(req.output))
+        return req.draft is not None and room >= 2
+
+    # ---- scheduling ------------------------------------------------------------------------------
     def _budget(self, req: Request) -> int:
         """Blocks a request can ever need: its prompt plus max_tokens, within the context."""
         tokens = min(len(req.prompt) + req.params.max_tokens, self.max_len)
@@ -130,41 +211,87 @@ class Engine:
             admitted.append(self.waiting.pop(0))
         return admitted
 
-    def _advance(self, req: Request, logits: torch.Tensor) -> Output:
-        token, logprob = sample(logits, req.params, req.generator, req.counts)
-        req.output.append(token)
-        req.logprobs.append(logprob)
-        req.counts[token] += 1
-        p = req.params
-        if token == self.tok.eos_id or token in p.stop_token_ids:
-            req.finish_reason = "stop"
-            delta = req.stream.finish()
-        else:
-            delta = req.stream.push(token)
-            if req.stream.stopped:
-                req.finish_reason = "stop"
-            elif len(req.output) >= p.max_tokens or len(req.prompt) + len(req.output) >= self.max_len:
-                req.finish_reason = "length"
-                delta += req.stream.finish()
-        return Output(req.id, token, delta, logprob if p.logprobs else None, req.finish_reason)
+    def _prefill(self, reqs: list[Request]) -> list[Output]:
+        h = self._trunk(reqs, [r.prompt for r in reqs], absorb=False)
+        last = torch.stack([h[b, len(r.prompt) - 1] for b, r in enumerate(reqs)])
+        outputs = [self._advance(r, lg) for r, lg in zip(reqs, self.model.lm_head(last))]
+        if self.speculative:
+            live = [(b, r) for b, r in enumerate(reqs) if not r.finish_reason]
+            if live:
+                self._draft([r for _, r in live], [h[b, : len(r.prompt)] for b, r in live],
+                            [r.prompt[1:] + r.output[-1:] for _, r in live], [0] * len(live), absorb=False)
+        return outputs
 
+    def _decode(self, reqs: list[Request]) -> list[Output]:
+        h = self._trunk(reqs, [r.output[-1:] for r in reqs], absorb=True)
+        return [self._advance(r, lg) for r, lg in zip(reqs, self.model.lm_head(h[:, 0]))]
+
+    def _decode_speculative(self, reqs: list[Request]) -> list[Output]:
+        """One forward of [last token, draft] per request; keep the draft if the main model agrees."""
+        starts = [self.cache.lengths[r.id] for r in reqs]
+        new = [r.output[-1:] + ([r.draft] if self._can_draft(r) else []) for r in reqs]
+        logits = self.model.lm_head(h := self._trunk(reqs, new, absorb=True))  # (B, T, V), T <= 2
+        outputs, follow = [], []  # follow: (request, batch row, tokens settled this step)
+        for b, (req, fed) in enumerate(zip(reqs, new)):
+            before = len(req.output)
+            if len(fed) == 1:
+                outputs.append(self._advance(req, logits[b, 0]))
+            else:
+                p, logprobs = distribution(logits[b, 0], req.params, req.counts)
+                kept = verify(req.draft, req.draft_q, p, req.params, req.generator)
+                self.drafted += 1
+                if kept is None:
+                    token = draw(residual(p, req.draft_q), req.params, req.generator)
+                    outputs.append(self._emit(req, token, float(logprobs[token])))
+                    self.cache.truncate(req.id, starts[b] + 1)
+                else:
+                    self.accepted += 1
+                    outputs.append(self._emit(req, kept, float(logprobs[kept])))
+                    if not req.finish_reason:
+                        outputs.append(self._advance(req, logits[b, 1]))
+            req.draft = req.draft_q = None
+            if not req.finish_reason:
+                follow.append((req, b, req.output[before:]))
+        if follow:
+            self._draft([r for r, _, _ in follow], [h[b, : len(t)] for _, b, t in follow], [t for _, _, t in follow],
+                        [starts[b] for _, b, _ in follow], absorb=True)
+        return outputs
+
+    @torch.no_grad()
     def step(self) -> list[Output]:
-        outputs = []
+        """Admit and prefill what fits, then one decode step for every request already running."""
         decoding = list(self.running.values())
         admitted = self._admit()
+        outputs = []
         if admitted:
-            for req in admitted:
-                self.running[req.id] = req
-            logits = self._forward(admitted, [r.prompt for r in admitted], absorb=False)
-            outputs += [self._advance(r, lg) for r, lg in zip(admitted, logits)]
+            self.running.update((r.id, r) for r in admitted)
+            outputs += self._prefill(admitted)
         if decoding:
-            logits = self._forward(decoding, [[r.output[-1]] for r in decoding], absorb=True)
-            outputs += [self._advance(r, lg) for r, lg in zip(decoding, logits)]
+            outputs += self._decode_speculative(decoding) if self.speculative else self._decode(decoding)
+        stepped = {r.id: r for r in admitted + decoding}
         for out in outputs:
             if out.finish_reason:
                 self.cache.free(out.id)
                 del self.running[out.id]
+            if stepped[out.id].callback is not None:
+                stepped[out.id].callback(out)
         return outputs
+
+    def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[Output]:
+        """Add a request and step the engine until it finishes, yielding its outputs as they come
+        (other requests keep being served, their outputs going to their callbacks)."""
+        mine: list[Output] = []
+        rid = self.add(prompt, params, callback=mine.append)
+        finished = False
+        try:
+            while not finished and (rid in self.running or any(r.id == rid for r in self.waiting)):
+                self.step()
+                yield from mine
+                finished = bool(mine) and mine[-1].finish_reason is not None
+                mine.clear()
+        finally:
+            if not finished:
+                self.cancel(rid)  # the caller stopped listening
 
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None
                  ) -> list[Request]:

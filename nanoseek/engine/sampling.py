@@ -53,16 +53,16 @@ def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, presence: float,
     return logits - presence * (counts > 0).to(logits.dtype) - frequency * counts.to(logits.dtype)
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
-           counts: torch.Tensor | None = None) -> tuple[int, float]:
-    """(token, its log-probability under the penalised model distribution) from one row of logits (V,)."""
+def distribution(logits: torch.Tensor, params: SamplingParams, counts: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probs, logprobs) of one row of logits (V,): what `params` sample from, and the penalised model's
+    log-probabilities (what is reported). Greedy is the one-hot distribution on the argmax."""
     logits = logits.float()
     if counts is not None:
         logits = apply_penalties(logits, counts, params.presence_penalty, params.frequency_penalty)
     logprobs = logits.log_softmax(-1)
     if params.temperature == 0:
-        token = int(logits.argmax())
-        return token, float(logprobs[token])
+        return torch.zeros_like(logits).scatter_(0, logits.argmax().view(1), 1.0), logprobs
     scaled = logits / params.temperature
     if params.top_k and params.top_k < scaled.numel():
         kth = scaled.topk(params.top_k).values[-1]
@@ -72,5 +72,42 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs >= params.top_p  # keep the smallest prefix reaching top_p
         scaled = scaled.scatter(0, order[drop], float("-inf"))
-    token = int(torch.multinomial(scaled.softmax(-1), 1, generator=generator))
+    return scaled.softmax(-1), logprobs
+
+
+def draw(probs: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
+    if params.temperature == 0:
+        return int(probs.argmax())
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
+           counts: torch.Tensor | None = None) -> tuple[int, float]:
+    """(token, its log-probability under the penalised model distribution) from one row of logits (V,)."""
+    probs, logprobs = distribution(logits, params, counts)
+    token = draw(probs, params, generator)
     return token, float(logprobs[token])
+
+
+def verify(draft: int, q: torch.Tensor, p: torch.Tensor, params: SamplingParams,
+           generator: torch.Generator | None = None) -> int | None:
+    """Speculative sampling (Leviathan et al. 2023): keep a draft token drawn from q with probability
+    min(1, p/q); None means rejected, and the caller draws from `residual(p, q)` instead.
+
+    The tokens that come out are distributed exactly as p; with greedy p and q (one-hot) the draft is
+    kept exactly when it is the target's argmax.
+    """
+    ratio = float(p[draft]) / max(float(q[draft]), 1e-30)
+    if ratio >= 1:
+        return draft
+    if ratio == 0:
+        return None
+    u = float(torch.rand((), generator=generator))
+    return draft if u < ratio else None
+
+
+def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """norm(max(p - q, 0)): what to draw from after a rejection."""
+    r = (p - q).clamp_(min=0)
+    total = r.sum()
+    return r / total if total > 0 else p
