@@ -26,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ConfigError, ModelConfig
-from .io import COMMIT, TMP_MARK, atomic_dir
+from .io import TMP_MARK, atomic_dir, model_dir
 from .model import Transformer
 
 WEIGHTS = "model.safetensors"
@@ -236,12 +236,8 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
 
     A training run dir whose final model is not written yet loads its newest committed checkpoint.
     """
-    path = Path(path)
-    _check_dir(path)
-    if not (path / "config.json").exists():
-        done = sorted(p for p in (path / "checkpoints").glob("step-*") if (p / COMMIT).exists())
-        if done:
-            path = done[-1]
+    _check_dir(Path(path))
+    path = model_dir(path)
     try:
         cfg = ModelConfig.from_json(path / "config.json")
     except ConfigError as e:

@@ -20,6 +20,17 @@ TMP_MARK = ".tmp-"
 COMMIT = "COMMITTED"  # written last into a training checkpoint dir
 
 
+def model_dir(path: str | os.PathLike) -> Path:
+    """The model dir a path means: itself, or for a training run dir whose final model is not
+    written yet, its newest committed checkpoint."""
+    path = Path(path)
+    if path.is_dir() and not (path / "config.json").exists():
+        done = sorted(p for p in (path / "checkpoints").glob("step-*") if (p / COMMIT).exists())
+        if done:
+            return done[-1]
+    return path
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -11,6 +11,7 @@ Shapes: B batch, T query length, S key length, H heads, D model width, C latent 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -28,6 +29,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused kernel
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -76,12 +79,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
     x: (B, T, ..., R); cos, sin: (B or 1, T, R/2).
     """
-    while cos.dim() < x.dim():
-        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
-    pairs = x.unflatten(-1, (-1, 2))  # (..., R/2, 2)
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    out = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1)
-    return out.flatten(-2).to(x.dtype)
+    rotation = torch.complex(cos, sin)  # e^{i m theta}
+    rotation = rotation.view(rotation.shape[:2] + (1,) * (x.dim() - 3) + rotation.shape[2:])
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (..., R/2) complex
+    return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,35 +141,62 @@ class MLA(nn.Module):
             attn_mask=mask, is_causal=mask is None and T == S and T > 1, scale=self.scale)
         return o.transpose(1, 2).flatten(2)  # (B, T, H*Dv)
 
-    def absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK folded into the query projection and W_UV into the output projection.
+
+        Query: (H*(C+R), q_in) giving per head [W_UK^T q_nope | q_pe], so scores against the latent
+        need no per-head keys. Output: (D, H*C), o_proj after W_UV, applied to the attention-weighted
+        latents. Built once and reused until a weight changes (training bumps their versions).
+        """
+        c = self.cfg
+        q_w = self.q_proj.weight if c.q_lora_rank is None else self.q_b_proj.weight
+        key = tuple((w.data_ptr(), w._version) for w in (q_w, self.kv_b_proj.weight, self.o_proj.weight))
+        if not torch.is_grad_enabled() and getattr(self, "_absorbed", (None,))[0] == key:
+            return self._absorbed[1]
+        H, Dn, Dv = self.n_heads, c.qk_nope_head_dim, c.v_head_dim
+        kv_b = self.kv_b_proj.weight.unflatten(0, (H, Dn + Dv))  # (H, Dn+Dv, C)
+        w_uk, w_uv = kv_b[:, :Dn], kv_b[:, Dn:]
+        q_nope, q_pe = q_w.unflatten(0, (H, c.qk_head_dim)).split([Dn, c.qk_rope_head_dim], 1)  # (H, ., q_in)
+        w_q = torch.cat((w_uk.mT @ q_nope, q_pe), 1).flatten(0, 1)  # (H*(C+R), q_in)
+        w_o = (self.o_proj.weight.unflatten(1, (H, Dv)).transpose(0, 1) @ w_uv).transpose(0, 1).flatten(1)  # (D, H*C)
+        if not torch.is_grad_enabled():
+            self._absorbed = (key, (w_q, w_o))
+        return w_q, w_o
+
+    def absorbed(self, x, cos, sin, c_kv, k_pe, mask):
         """Attend directly over the cached latents: W_UK folds into the query, W_UV into the output.
 
         Multi-query attention with (C+R)-wide keys and C-wide values; nothing is expanded per head.
         """
         c = self.cfg
-        T, S = q_nope.shape[1], c_kv.shape[1]
-        w = self.kv_b_proj.weight.unflatten(0, (self.n_heads, c.qk_nope_head_dim + c.v_head_dim))  # (H, Dn+Dv, C)
-        w_uk, w_uv = w[:, : c.qk_nope_head_dim], w[:, c.qk_nope_head_dim:]
-        q_lat = torch.einsum("bthd,hdc->bhtc", q_nope, w_uk)
-        scores = (torch.einsum("bhtc,bsc->bhts", q_lat, c_kv)
-                  + torch.einsum("bthr,bsr->bhts", q_pe, k_pe)).float() * self.scale
+        T, S = x.shape[1], c_kv.shape[1]
+        w_q, w_o = self.absorbed_weights()
+        q_in = x if c.q_lora_rank is None else self.q_a_layernorm(self.q_a_proj(x))
+        B, H = x.shape[0], self.n_heads
+        q = F.linear(q_in, w_q).unflatten(-1, (H, -1))  # (B, T, H, C+R)
+        q_lat, q_pe = q.split([c.kv_lora_rank, c.qk_rope_head_dim], -1)
+        q_pe = apply_rope(q_pe, cos, sin)
+        # heads and query positions share one key set: fold them into one axis, (B, T*H, .)
+        scores = (torch.bmm(q_lat.flatten(1, 2), c_kv.mT) + torch.bmm(q_pe.flatten(1, 2), k_pe.mT)).float()
+        scores = scores.view(B, T, H, S) * self.scale
         if mask is None and T > 1:
             mask = causal_mask(T, S, c_kv.device)
         if mask is not None:
+            mask = mask.view(-1, T, 1, S) if mask.dim() == 4 else mask[:, None]  # heads on axis 2 here
             scores = scores.masked_fill(~mask, float("-inf"))
-        p = scores.softmax(-1).to(c_kv.dtype)
-        o_lat = torch.einsum("bhts,bsc->bthc", p, c_kv)
-        return torch.einsum("bthc,hdc->bthd", o_lat, w_uv).flatten(2)  # (B, T, H*Dv)
+        o_lat = torch.bmm(scores.softmax(-1).to(c_kv.dtype).flatten(1, 2), c_kv)  # (B, T*H, C)
+        return F.linear(o_lat.view(B, T, H * c.kv_lora_rank), w_o)  # (B, T, D)
 
     def forward(self, x, cos, sin, cache=None, layer_idx: int = 0, mask=None, absorb: bool = False):
-        q_nope, q_pe = self.queries(x, cos, sin)
         c_kv, k_pe = self.latents(x, cos, sin)
         if cache is not None:
             c_kv, k_pe = cache.update(layer_idx, c_kv, k_pe)  # (B, S, C), (B, S, R)
-        if mask is None and q_nope.shape[1] != c_kv.shape[1]:
-            mask = causal_mask(q_nope.shape[1], c_kv.shape[1], x.device)
-        attend = self.absorbed if absorb else self.naive
-        return self.o_proj(attend(q_nope, q_pe, c_kv, k_pe, mask))
+        if mask is None and x.shape[1] != c_kv.shape[1]:
+            mask = causal_mask(x.shape[1], c_kv.shape[1], x.device)
+        if absorb:
+            return self.absorbed(x, cos, sin, c_kv, k_pe, mask)
+        q_nope, q_pe = self.queries(x, cos, sin)
+        return self.o_proj(self.naive(q_nope, q_pe, c_kv, k_pe, mask))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,6 +292,8 @@ class Experts(nn.Module):
         its own tokens; no expert ever sees a token not routed to it."""
         N, K = indices.shape
         D = x.shape[-1]
+        if not torch.is_grad_enabled() and N * K < len(counts):  # decoding a few tokens: visit each pair
+            return self._few_tokens(x, weights, indices)
         order = indices.flatten().argsort(stable=True)  # (N*K,) slots sorted by expert
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(N * K, device=x.device)
@@ -283,11 +313,28 @@ class Experts(nn.Module):
         y = torch.bmm(weights.unsqueeze(1).to(y.dtype), y).squeeze(1)  # sum_k g_k * FFN_k(x)
         return y.to(x.dtype)
 
+    def _few_tokens(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Inference over fewer (token, expert) pairs than experts: no sorting, only the chosen weights."""
+        xs = x.to(compute_dtype(x))
+        y = torch.zeros_like(xs)
+        for n, (row, g) in enumerate(zip(indices.tolist(), weights.to(xs.dtype))):
+            for k, e in enumerate(row):
+                gate, up = (xs[n] @ self.gate_up_proj[e].T).chunk(2, dim=-1)
+                y[n] += g[k] * ((F.silu(gate) * up) @ self.down_proj[e].T)
+        return y.to(x.dtype)
 
-@dataclass
+
 class RouterStats:
-    counts: torch.Tensor  # (E,) tokens routed to each expert in this forward
-    balance_loss: torch.Tensor  # scalar: sequence-wise sum_i f_i P_i, averaged over sequences
+    """Per-forward routing facts: counts (E,) of tokens per expert, and the sequence-wise balance
+    loss sum_i f_i P_i averaged over sequences, computed only when read (inference never does)."""
+
+    def __init__(self, moe: "MoE", counts: torch.Tensor, scores: torch.Tensor, indices: torch.Tensor):
+        self.counts = counts
+        self._moe, self._scores, self._indices = moe, scores, indices
+
+    @functools.cached_property
+    def balance_loss(self) -> torch.Tensor:
+        return self._moe.balance_loss(self._scores, self._indices)
 
 
 class MoE(nn.Module):
@@ -307,7 +354,7 @@ class MoE(nn.Module):
         y = self.experts(flat, weights, indices, counts.tolist()).view(B, T, D)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
-        return y, RouterStats(counts, self.balance_loss(scores.view(B, T, -1), indices.view(B, T, -1)))
+        return y, RouterStats(self, counts, scores.view(B, T, -1), indices.view(B, T, -1))
 
     def balance_loss(self, scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """V3 eq. 17-20: f_i = E/(K T) * #tokens of the sequence routed to i; P_i = mean_t s'_{i,t}."""

@@ -22,6 +22,8 @@ from typing import Iterable, Sequence
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from .io import model_dir
+
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
 PAD = "<｜▁pad▁｜>"
@@ -90,7 +92,8 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Tokenizer":
-        path = Path(path)
+        """From a tokenizer dir or file, a model dir, or a training run dir (its newest checkpoint)."""
+        path = model_dir(path)
         f = path / "tokenizer.json" if path.is_dir() else path
         if not f.exists():
             raise TokenizerError(f"{f}: not found (train one with `nanoseek tokenizer`)")

@@ -67,3 +67,5 @@ def test_blocks_are_returned_and_exhaustion_is_an_error(tiny_model):
     cfg = tiny_model.cfg
     assert cache.bytes_per_token() == (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4 * (
         cfg.num_hidden_layers + cfg.num_nextn_predict_layers)
+    plain = PagedLatentCache(cfg, num_blocks=4, block_size=4, dtype=torch.bfloat16, mtp=False)  # no MTP layer
+    assert plain.bytes_per_token() == (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2 * cfg.num_hidden_layers

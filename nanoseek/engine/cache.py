@@ -31,6 +31,7 @@ class _Plan:
     write: torch.Tensor  # (B*T,) slot of each new token, padding -> the scratch block
     read: torch.Tensor  # (B, S) slots of each sequence's context, right-padded with scratch
     advance: bool  # commit() moves the sequences' lengths
+    span: slice | None  # a lone sequence in consecutive blocks reads a view, no gather
 
 
 class CacheFull(RuntimeError):
@@ -39,16 +40,17 @@ class CacheFull(RuntimeError):
 
 class PagedLatentCache:
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int = 16, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", mtp: bool = True):
+        """mtp: also cache the MTP layers (cache layers num_hidden_layers...), for speculative decoding."""
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"num_blocks and block_size must be >= 1 (got {num_blocks}, {block_size})")
-        self.layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+        self.layers = cfg.num_hidden_layers + (cfg.num_nextn_predict_layers if mtp else 0)
         self.block_size, self.num_blocks = block_size, num_blocks
         slots = (num_blocks + 1) * block_size  # + one scratch block where padding writes land
         self.c_kv = torch.zeros(self.layers, slots, cfg.kv_lora_rank, dtype=dtype, device=device)
         self.k_pe = torch.zeros(self.layers, slots, cfg.qk_rope_head_dim, dtype=dtype, device=device)
         self.scratch = num_blocks * block_size
-        self.free_blocks = list(range(num_blocks))
+        self.free_blocks = list(range(num_blocks - 1, -1, -1))  # a stack: pop() hands out ascending blocks
         self.tables: dict[object, list[int]] = {}
         self.lengths: dict[object, int] = {}
         self._batch = None
@@ -61,7 +63,7 @@ class PagedLatentCache:
 
     def free(self, seq_id) -> None:
         """Give every block of a finished or cancelled sequence back to the pool, at once."""
-        self.free_blocks += self.tables.pop(seq_id)
+        self.free_blocks += reversed(self.tables.pop(seq_id))
         del self.lengths[seq_id]
 
     def blocks_needed(self, seq_id, new_tokens: int, start: int | None = None) -> int:
@@ -103,7 +105,10 @@ class PagedLatentCache:
             slots = self._slots(s, p + n)
             read[b, : len(slots)] = slots
             write[b, :n] = slots[p:]
-        self._batch = _Plan(list(seq_ids), list(new_tokens), starts, write.flatten(), read, advance)
+        first = int(read[0, 0])
+        contiguous = len(seq_ids) == 1 and bool((read[0] == torch.arange(first, first + S)).all())
+        self._batch = _Plan(list(seq_ids), list(new_tokens), starts, write.flatten(), read, advance,
+                            slice(first, first + S) if contiguous else None)
 
     def _slots(self, seq_id, n: int) -> torch.Tensor:
         blocks = torch.tensor(self.tables[seq_id], dtype=torch.long)
@@ -114,9 +119,15 @@ class PagedLatentCache:
         """(B,) the position of each sequence's first new token."""
         return torch.tensor(self._batch.starts)
 
-    def mask(self) -> torch.Tensor:
-        """(B, 1, T, S): new token t of sequence b sees that sequence's cached tokens and its own up to t."""
+    def mask(self) -> torch.Tensor | None:
+        """(B, 1, T, S): new token t of sequence b sees that sequence's cached tokens and its own up to t.
+
+        None when the plain causal rule says the same: every sequence at the same position with the
+        same number of new tokens (a lone sequence, or a decode step of equal lengths).
+        """
         plan = self._batch
+        if len(set(plan.starts)) == 1 and len(set(plan.new_tokens)) == 1:
+            return None
         new, T, S = plan.new_tokens, max(plan.new_tokens), plan.read.shape[1]
         start = self.start_positions()[:, None, None]  # (B, 1, 1)
         q = torch.arange(T)[None, :, None] + start  # (B, T, 1) absolute query positions
@@ -130,6 +141,9 @@ class PagedLatentCache:
         write, read = self._batch.write, self._batch.read
         self.c_kv[layer_idx].index_copy_(0, write, c_kv.reshape(-1, c_kv.shape[-1]).to(self.c_kv.dtype))
         self.k_pe[layer_idx].index_copy_(0, write, k_pe.reshape(-1, k_pe.shape[-1]).to(self.k_pe.dtype))
+        if self._batch.span is not None:
+            span = self._batch.span
+            return self.c_kv[layer_idx, span][None].to(c_kv.dtype), self.k_pe[layer_idx, span][None].to(k_pe.dtype)
         B, S = read.shape
         c = self.c_kv[layer_idx].index_select(0, read.flatten()).view(B, S, -1)
         k = self.k_pe[layer_idx].index_select(0, read.flatten()).view(B, S, -1)

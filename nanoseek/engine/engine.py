@@ -75,7 +75,8 @@ class Engine:
         blocks = num_blocks or max_running * -(-self.max_len // block_size)
         param = next(model.parameters())
         self.device = param.device
-        self.cache = PagedLatentCache(cfg, blocks, block_size, dtype=param.dtype, device=param.device)
+        self.cache = PagedLatentCache(cfg, blocks, block_size, dtype=param.dtype, device=param.device,
+                                      mtp=speculative)
         self.max_running = max_running
         self.waiting: list[Request] = []
         self.running: dict[int, Request] = {}
@@ -128,16 +129,18 @@ class Engine:
 
     # ---- forwards ------------------------------------------------------------------------------
     def _batch(self, rows: list[list[int]]) -> torch.Tensor:
-        x = torch.zeros(len(rows), max(len(r) for r in rows), dtype=torch.long)
-        for b, r in enumerate(rows):
-            x[b, : len(r)] = torch.tensor(r)
-        return x.to(self.device)
+        width = max(len(r) for r in rows)
+        return torch.tensor([r + [0] * (width - len(r)) for r in rows], device=self.device)
+
+    def _mask(self) -> torch.Tensor | None:
+        mask = self.cache.mask()
+        return None if mask is None else mask.to(self.device)
 
     def _trunk(self, reqs: list[Request], new: list[list[int]], absorb: bool) -> torch.Tensor:
         """Feed `new[i]` to request i's cached context; the final hidden states (B, T, D)."""
         self.cache.bind([r.id for r in reqs], [len(n) for n in new])
         h, _ = self.model.trunk(self._batch(new), start_pos=self.cache.start_positions(), cache=self.cache,
-                                mask=self.cache.mask().to(self.device), absorb=absorb)
+                                mask=self._mask(), absorb=absorb)
         self.cache.commit()
         return h
 
@@ -153,8 +156,7 @@ class Engine:
         self.cache.bind([r.id for r in reqs], [len(t) for t in tokens], starts=starts)
         positions = self.cache.start_positions().to(self.device)[:, None] + torch.arange(T, device=self.device)
         cos, sin = self.model.rope(positions, h.dtype)
-        out, _ = mtp(h, self.model.embed_tokens(self._batch(tokens)), cos, sin, self.cache,
-                     self.cache.mask().to(self.device), absorb)
+        out, _ = mtp(h, self.model.embed_tokens(self._batch(tokens)), cos, sin, self.cache, self._mask(), absorb)
         self.cache.commit()
         last = torch.stack([out[b, len(t) - 1] for b, t in enumerate(tokens)])
         logits = self.model.lm_head(mtp.shared_head.norm(last))
@@ -168,7 +170,7 @@ class Engine:
         req.logprobs.append(logprob)
         req.counts[token] += 1
         p = req.params
-        if token == self.tok.eos_id or token in p.stop_token_ids:
+        if (token == self.tok.eos_id and not p.ignore_eos) or token in p.stop_token_ids:
             req.finish_reason = "stop"
             delta = req.stream.finish()
         else:
@@ -182,6 +184,18 @@ class Engine:
 
     def _advance(self, req: Request, logits: torch.Tensor) -> Output:
         return self._emit(req, *sample(logits, req.params, req.generator, req.counts))
+
+    def _advance_all(self, reqs: list[Request], logits: torch.Tensor) -> list[Output]:
+        """One token for each request from its row of logits (B, V); plain greedy rows in one go."""
+        plain = [b for b, r in enumerate(reqs) if r.params.temperature == 0
+                 and not r.params.presence_penalty and not r.params.frequency_penalty]
+        picked = {}
+        if plain:
+            logprobs = logits[plain].float().log_softmax(-1)
+            tokens = logprobs.argmax(-1)
+            picked = dict(zip(plain, zip(tokens.tolist(), logprobs.gather(1, tokens[:, None])[:, 0].tolist())))
+        return [self._emit(r, *picked[b]) if b in picked else self._advance(r, logits[b])
+                for b, r in enumerate(reqs)]
 
     def _can_draft(self, req: Request) -> bool:
         """Room for the draft and the token after it, within max_tokens and the context."""
@@ -214,7 +228,7 @@ class Engine:
     def _prefill(self, reqs: list[Request]) -> list[Output]:
         h = self._trunk(reqs, [r.prompt for r in reqs], absorb=False)
         last = torch.stack([h[b, len(r.prompt) - 1] for b, r in enumerate(reqs)])
-        outputs = [self._advance(r, lg) for r, lg in zip(reqs, self.model.lm_head(last))]
+        outputs = self._advance_all(reqs, self.model.lm_head(last))
         if self.speculative:
             live = [(b, r) for b, r in enumerate(reqs) if not r.finish_reason]
             if live:
@@ -224,7 +238,7 @@ class Engine:
 
     def _decode(self, reqs: list[Request]) -> list[Output]:
         h = self._trunk(reqs, [r.output[-1:] for r in reqs], absorb=True)
-        return [self._advance(r, lg) for r, lg in zip(reqs, self.model.lm_head(h[:, 0]))]
+        return self._advance_all(reqs, self.model.lm_head(h[:, 0]))
 
     def _decode_speculative(self, reqs: list[Request]) -> list[Output]:
         """One forward of [last token, draft] per request; keep the draft if the main model agrees."""

@@ -23,6 +23,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logprobs: bool = False
+    ignore_eos: bool = False  # keep going past end-of-sentence (benchmarks: a fixed number of tokens)
 
     def validate(self) -> "SamplingParams":
         """Raise ValueError naming the first parameter out of range."""

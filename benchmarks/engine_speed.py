@@ -1,0 +1,146 @@
+"""Generation speed: nanoseek's latent-cache engine against transformers `generate`, same weights.
+
+    python benchmarks/engine_speed.py                             # tiny and small, fp32
+    python benchmarks/engine_speed.py --spec-model runs/base      # + speculative decoding on a trained model
+
+For each preset one random model dir is written by nanoseek and loaded by both libraries
+(transformers' DeepseekV3ForCausalLM with its own DynamicCache). Cases: decode at batch 1 and 16
+with 128-token prompts, decode at batch 1 after a 2048-token prompt, and prefill. Decode tokens/s
+count the tokens after the first (prefill makes the first): nanoseek times its engine's steps
+after the prefill step; transformers' decode time is generate(N new tokens) minus generate(1).
+Both run greedy for a fixed number of tokens (end-of-sentence ignored). Runs alternate between the
+libraries; the median of --repeats runs is reported. KV bytes per token are read off each
+library's cache after the run.
+
+With --spec-model (a model dir trained with MTP, e.g. by `nanoseek pretrain`), the engine decodes
+the synthetic tasks' prompts at batch 1 with and without MTP self-speculative decoding, and
+reports the speed-up and the share of drafts accepted.
+Needs the `dev` extra (transformers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+
+from nanoseek import Transformer, load_model, preset, save_model
+from nanoseek.engine.engine import Engine
+from nanoseek.engine.sampling import SamplingParams
+from nanoseek.tokenizer import Tokenizer
+
+CASES = [("decode", 1, 128), ("decode", 16, 128), ("decode", 1, 2048)]  # (kind, batch, prompt tokens)
+
+
+def ours(model, tok, prompts: torch.Tensor, new: int, speculative: bool = False) -> dict:
+    """Seconds of the prefill step and of the decode steps after it; cache bytes per token."""
+    B, P = prompts.shape
+    engine = Engine(model, tok, max_running=B, speculative=speculative,
+                    num_blocks=B * -(-(P + new + 2) // 16))
+    params = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
+    for row in prompts.tolist():
+        engine.add(row, params)
+    t0 = time.perf_counter()
+    engine.step()
+    t1 = time.perf_counter()
+    while engine.has_work():
+        engine.step()
+    t2 = time.perf_counter()
+    return {"prefill": t1 - t0, "decode": t2 - t1, "kv_bytes": engine.cache.bytes_per_token(),
+            "acceptance": engine.acceptance_rate}
+
+
+def theirs(hf, prompts: torch.Tensor, new: int) -> dict:
+    def generate(n):
+        t = time.perf_counter()
+        out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n, min_new_tokens=n,
+                          do_sample=False, eos_token_id=None, pad_token_id=0, return_dict_in_generate=True)
+        return time.perf_counter() - t, out
+
+    t_prefill, _ = generate(1)
+    t_all, out = generate(new)
+    cache = out.past_key_values
+    tensors = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+    tokens = prompts.shape[0] * tensors[0].shape[-2]
+    return {"prefill": t_prefill, "decode": t_all - t_prefill,
+            "kv_bytes": sum(t.numel() * t.element_size() for t in tensors) / tokens}
+
+
+def compare(name: str, new: int, repeats: int) -> list[dict]:
+    import transformers
+    cfg = preset(name, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    tok = Tokenizer.byte_level()
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        save_model(model, d, extra_files=tok.files())
+        model = load_model(d).eval()
+        hf = transformers.DeepseekV3ForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    for kind, batch, plen in CASES:
+        prompts = torch.randint(9, cfg.vocab_size, (batch, plen))
+        ours(model, tok, prompts, 4)  # warm-up
+        theirs(hf, prompts, 4)
+        a, b = {}, {}
+        for _ in range(repeats):  # alternate, so drift hits both
+            for k, v in ours(model, tok, prompts, new).items():
+                a.setdefault(k, []).append(v)
+            for k, v in theirs(hf, prompts, new).items():
+                b.setdefault(k, []).append(v)
+        a = {k: statistics.median(v) if v[0] is not None else None for k, v in a.items()}
+        b = {k: statistics.median(v) for k, v in b.items()}
+        dec_a, dec_b = batch * (new - 1) / a["decode"], batch * (new - 1) / b["decode"]
+        pre_a, pre_b = batch * plen / a["prefill"], batch * plen / b["prefill"]
+        rows.append(dict(model=name, batch=batch, prompt=plen, decode_ours=dec_a, decode_hf=dec_b,
+                         prefill_ours=pre_a, prefill_hf=pre_b, kv_ours=a["kv_bytes"], kv_hf=b["kv_bytes"]))
+        r = rows[-1]
+        print(f"{name:6} batch {batch:2} prompt {plen:4}: decode {dec_a:8.1f} vs {dec_b:8.1f} tok/s "
+              f"({dec_a / dec_b:.2f}x)  prefill {pre_a:8.0f} vs {pre_b:8.0f} tok/s ({pre_a / pre_b:.2f}x)  "
+              f"KV {r['kv_ours']:.0f} vs {r['kv_hf']:.0f} B/token", flush=True)
+    return rows
+
+
+def speculative(path: str, new: int, repeats: int) -> None:
+    from nanoseek.data.tasks import TASKS
+    model = load_model(path).eval()
+    tok = Tokenizer.load(path)
+    # the corpus writes each problem as "prompt\n<think>..."; the model continues from there
+    prompts = [p.prompt + "\n" for name in TASKS for p in TASKS[name].problems("test", 4)]
+    plain_t, spec_t, kept = [], [], []
+    ids = [tok.encode(p) for p in prompts]
+    for _ in range(repeats):
+        for row in ids:
+            x = torch.tensor([row])
+            plain_t.append(ours(model, tok, x, new)["decode"])
+            r = ours(model, tok, x, new, speculative=True)
+            spec_t.append(r["decode"])
+            kept.append(r["acceptance"])
+    plain, spec = (new - 1) * len(plain_t) / sum(plain_t), (new - 1) * len(spec_t) / sum(spec_t)
+    print(f"speculative, batch 1, {len(ids)} task prompts x {repeats}, {new} tokens: plain {plain:.1f} tok/s, "
+          f"speculative {spec:.1f} tok/s ({spec / plain:.2f}x), acceptance {statistics.mean(kept):.1%} "
+          f"(min {min(kept):.0%}, max {max(kept):.0%})")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--presets", nargs="+", default=["tiny", "small"], help="model presets to compare")
+    ap.add_argument("--new-tokens", type=int, default=64, help="tokens generated per sequence (default 64)")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per case, median reported (default 3)")
+    ap.add_argument("--spec-model", metavar="DIR", help="a trained model dir with MTP for the speculative case")
+    args = ap.parse_args()
+    import transformers
+    transformers.logging.set_verbosity_error()
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
+          f"fp32, greedy, {args.new_tokens} new tokens")
+    with torch.no_grad():
+        for name in args.presets:
+            compare(name, args.new_tokens, args.repeats)
+        if args.spec_model:
+            speculative(args.spec_model, args.new_tokens * 2, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
