@@ -33,7 +33,7 @@ import torch
 from ..model import Transformer
 from ..tokenizer import Tokenizer
 from .cache import PagedLatentCache
-from .sampling import SamplingParams, distribution, draw, residual, sample, verify
+from .sampling import SamplingParams, distribution, draw, residual, verify
 from .stream import TextStream
 
 
@@ -44,9 +44,10 @@ class Request:
     params: SamplingParams
     output: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None = None  # [None, (lp, top)...]
     finish_reason: str | None = None
     generator: torch.Generator | None = None
-    counts: torch.Tensor | None = None
+    counts: torch.Tensor | None = None  # tokens generated so far, per vocab id (with penalties only)
     stream: TextStream | None = None
     callback: Callable[["Output"], None] | None = None
     draft: int | None = None  # speculative: the MTP module's guess for the token after output[-1]
@@ -60,6 +61,7 @@ class Output:
     delta: str  # text safe to show now
     logprob: float | None
     finish_reason: str | None  # stop | length | cancelled, once finished
+    top_logprobs: list[tuple[int, float]] | None = None  # (token, logprob), likeliest first
 
 
 class Engine:
@@ -105,9 +107,10 @@ class Engine:
         if need > self.cache.num_blocks:
             raise ValueError(f"max_tokens: prompt ({len(ids)}) + max_tokens ({params.max_tokens}) need {need} cache "
                              f"blocks but the cache has {self.cache.num_blocks}; lower max_tokens")
+        penalties = params.presence_penalty or params.frequency_penalty
         req = Request(next(self.ids), ids, params, generator=params.generator(),
-                      counts=torch.zeros(vocab, dtype=torch.long), stream=TextStream(self.tok, params.stop),
-                      callback=callback)
+                      counts=torch.zeros(vocab, dtype=torch.long) if penalties else None,
+                      stream=TextStream(self.tok, params.stop), callback=callback)
         self.waiting.append(req)
         return req.id
 
@@ -165,10 +168,13 @@ class Engine:
             req.draft = draw(req.draft_q, req.params, req.generator)
 
     # ---- tokens ----------------------------------------------------------------------------------
-    def _emit(self, req: Request, token: int, logprob: float) -> Output:
+    def _emit(self, req: Request, token: int, logprobs: torch.Tensor) -> Output:
+        """Append a token chosen from a row of log-probabilities (V,) and say what changed."""
+        logprob = float(logprobs[token])
         req.output.append(token)
         req.logprobs.append(logprob)
-        req.counts[token] += 1
+        if req.counts is not None:  # only penalties need them
+            req.counts[token] += 1
         p = req.params
         if (token == self.tok.eos_id and not p.ignore_eos) or token in p.stop_token_ids:
             req.finish_reason = "stop"
@@ -180,10 +186,13 @@ class Engine:
             elif len(req.output) >= p.max_tokens or len(req.prompt) + len(req.output) >= self.max_len:
                 req.finish_reason = "length"
                 delta += req.stream.finish()
-        return Output(req.id, token, delta, logprob if p.logprobs else None, req.finish_reason)
+        top = _top(logprobs, p.top_logprobs) if p.top_logprobs else None
+        return Output(req.id, token, delta, logprob if p.logprobs or p.top_logprobs else None, req.finish_reason,
+                      top)
 
     def _advance(self, req: Request, logits: torch.Tensor) -> Output:
-        return self._emit(req, *sample(logits, req.params, req.generator, req.counts))
+        probs, logprobs = distribution(logits, req.params, req.counts)
+        return self._emit(req, draw(probs, req.params, req.generator), logprobs)
 
     def _advance_all(self, reqs: list[Request], logits: torch.Tensor) -> list[Output]:
         """One token for each request from its row of logits (B, V); plain greedy rows in one go."""
@@ -192,8 +201,7 @@ class Engine:
         picked = {}
         if plain:
             logprobs = logits[plain].float().log_softmax(-1)
-            tokens = logprobs.argmax(-1)
-            picked = dict(zip(plain, zip(tokens.tolist(), logprobs.gather(1, tokens[:, None])[:, 0].tolist())))
+            picked = {b: (token, row) for b, token, row in zip(plain, logprobs.argmax(-1).tolist(), logprobs)}
         return [self._emit(r, *picked[b]) if b in picked else self._advance(r, logits[b])
                 for b, r in enumerate(reqs)]
 
@@ -227,6 +235,11 @@ class Engine:
 
     def _prefill(self, reqs: list[Request]) -> list[Output]:
         h = self._trunk(reqs, [r.prompt for r in reqs], absorb=False)
+        for b, r in enumerate(reqs):
+            if r.params.prompt_logprobs is not None:  # each prompt token given the ones before it
+                rows = self.model.lm_head(h[b, : len(r.prompt) - 1]).float().log_softmax(-1)
+                k = r.params.prompt_logprobs
+                r.prompt_logprobs = [None] + [(float(row[t]), _top(row, k)) for t, row in zip(r.prompt[1:], rows)]
         last = torch.stack([h[b, len(r.prompt) - 1] for b, r in enumerate(reqs)])
         outputs = self._advance_all(reqs, self.model.lm_head(last))
         if self.speculative:
@@ -256,11 +269,11 @@ class Engine:
                 self.drafted += 1
                 if kept is None:
                     token = draw(residual(p, req.draft_q), req.params, req.generator)
-                    outputs.append(self._emit(req, token, float(logprobs[token])))
+                    outputs.append(self._emit(req, token, logprobs))
                     self.cache.truncate(req.id, starts[b] + 1)
                 else:
                     self.accepted += 1
-                    outputs.append(self._emit(req, kept, float(logprobs[kept])))
+                    outputs.append(self._emit(req, kept, logprobs))
                     if not req.finish_reason:
                         outputs.append(self._advance(req, logits[b, 1]))
             req.draft = req.draft_q = None
@@ -319,3 +332,10 @@ class Engine:
                 if out.finish_reason:
                     done[out.id] = requests[out.id]
         return [done[i] for i in ids]
+
+
+def _top(logprobs: torch.Tensor, k: int) -> list[tuple[int, float]]:
+    if k == 0:
+        return []
+    values, tokens = logprobs.topk(k)
+    return list(zip(tokens.tolist(), values.tolist()))

@@ -22,7 +22,9 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    logprobs: bool = False
+    logprobs: bool = False  # report each chosen token's log-probability
+    top_logprobs: int = 0  # and the k likeliest alternatives at each step (<= 20)
+    prompt_logprobs: int | None = None  # None: off; k: each prompt token's log-probability and top k
     ignore_eos: bool = False  # keep going past end-of-sentence (benchmarks: a fixed number of tokens)
 
     def validate(self) -> "SamplingParams":
@@ -35,6 +37,11 @@ class SamplingParams:
             ("presence_penalty", -2 <= self.presence_penalty <= 2, "must be in [-2, 2]"),
             ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "must be in [-2, 2]"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
+            ("top_logprobs", isinstance(self.top_logprobs, int) and 0 <= self.top_logprobs <= 20,
+             "must be an integer in [0, 20]"),
+            ("prompt_logprobs", self.prompt_logprobs is None or (isinstance(self.prompt_logprobs, int)
+                                                                 and 0 <= self.prompt_logprobs <= 20),
+             "must be None or an integer in [0, 20]"),
         ]
         for name, ok, rule in checks:
             if not ok:
