@@ -245,3 +245,30 @@ def test_cli_chat_keeps_history_resets_and_drops_reasoning(model, tmp_path, caps
     assert "> " + r2 + ("\n" if r2 and c2 else "") + c2 + "\n" in out
     assert "unknown command /bogus" in out and "\033[" not in out  # no colour codes off a terminal
     assert (tmp_path / "state" / "nanoseek" / "chat_history").exists()
+
+
+def test_penalties_and_logprobs_through_the_engine(model):
+    """A frequency penalty == a hand loop that subtracts it; logprobs and top_logprobs are the model's."""
+    prompt, pen = TOK.encode(PROMPTS[0]), 1.5
+    params = SamplingParams(temperature=0, max_tokens=10, frequency_penalty=pen, logprobs=True, top_logprobs=3,
+                            prompt_logprobs=2)
+    outs = list(Engine(model, TOK).stream(prompt, params))
+    ids, counts, want, want_lp = list(prompt), torch.zeros(512), [], []
+    with torch.no_grad():
+        full = model(torch.tensor([prompt]))[0].log_softmax(-1)
+        for _ in range(10):
+            logits = model(torch.tensor([ids]))[0, -1] - pen * counts
+            token = int(logits.argmax())
+            want.append(token)
+            want_lp.append(float(logits.log_softmax(-1)[token]))
+            counts[token] += 1
+            ids.append(token)
+    assert [o.token for o in outs] == want
+    assert [o.logprob for o in outs] == pytest.approx(want_lp, abs=1e-4)
+    assert all(len(o.top_logprobs) == 3 and o.top_logprobs[0][1] >= o.top_logprobs[2][1] for o in outs)
+    engine = Engine(model, TOK)
+    req = engine.generate([prompt], params)[0]
+    assert req.prompt_logprobs[0] is None and len(req.prompt_logprobs) == len(prompt)
+    for i, (lp, top) in enumerate(req.prompt_logprobs[1:], start=1):
+        assert lp == pytest.approx(float(full[i - 1, prompt[i]]), abs=1e-4)
+        assert [t for t, _ in top] == full[i - 1].topk(2).indices.tolist()
