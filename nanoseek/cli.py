@@ -299,6 +299,36 @@ class _ChatHistory:
             pass
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    import uvicorn
+
+    from .checkpoint import load_model
+    from .engine.engine import Engine
+    from .server.app import create_app
+    from .tokenizer import Tokenizer
+
+    if args.max_running < 1 or args.max_queue < 0 or args.max_body < 1:
+        raise UsageError("--max-running and --max-body must be >= 1, --max-queue >= 0")
+    model = load_model(args.model)
+    tok = Tokenizer.load(args.model)
+    key = args.api_key or os.environ.get("NANOSEEK_API_KEY") or None
+    name = args.served_model_name or Path(args.model).resolve().name
+    try:
+        engine = Engine(model, tok, max_running=args.max_running, speculative=args.speculative)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    app = create_app(engine, tok, name, api_key=key, max_queue=args.max_queue, max_body=args.max_body,
+                     reasoning=args.reasoning_parser == "deepseek_r1")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    print(f"nanoseek serve: model '{name}' ({model.num_parameters() / 1e6:.1f}M parameters, context "
+          f"{engine.max_len}) on http://{args.host}:{args.port}/ ; API key {'required' if key else 'off'}",
+          file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=not args.quiet)
+    return 0
+
+
 def cmd_speedrun(args: argparse.Namespace) -> int:
     print("nanoseek speedrun is not built yet: it lands with the speedrun issue, after training, GRPO and the "
           "engine. Available now: init, cost, tokenizer, curate, tokenize, tasks, pretrain, sft.", file=sys.stderr)
@@ -451,6 +481,28 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, help="sampling seed for every reply")
     sp.add_argument("--speculative", action="store_true", help="MTP self-speculative decoding")
     sp.set_defaults(func=cmd_chat)
+
+    sp = sub.add_parser("serve", help="OpenAI-compatible HTTP server with streaming and a web chat page",
+                        description="Serve a model dir over HTTP: /v1/chat/completions (reasoning_content split as "
+                                    "DeepSeek-R1 does), /v1/completions (echo + logprobs for lm-evaluation-harness), "
+                                    "/v1/models, /health, and a chat page at /. All requests share the engine's "
+                                    "continuous batching; over --max-running + --max-queue requests get 503.")
+    sp.add_argument("--model", required=True, metavar="DIR", help="a model dir (or a training run dir)")
+    sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    sp.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    sp.add_argument("--api-key", metavar="KEY",
+                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $NANOSEEK_API_KEY, else none)")
+    sp.add_argument("--served-model-name", metavar="NAME", help="the model id clients send (default: the dir's name)")
+    sp.add_argument("--max-running", type=int, default=16, help="sequences decoded together (default 16)")
+    sp.add_argument("--max-queue", type=int, default=64,
+                    help="sequences waiting beyond those running before 503 (default 64)")
+    sp.add_argument("--max-body", type=int, default=1 << 20, metavar="BYTES",
+                    help="largest request body; bigger ones get 413 (default 1 MiB)")
+    sp.add_argument("--reasoning-parser", choices=["deepseek_r1", "none"], default="deepseek_r1",
+                    help="deepseek_r1: text before </think> goes to reasoning_content (default); none: all content")
+    sp.add_argument("--speculative", action="store_true", help="MTP self-speculative decoding")
+    sp.add_argument("--quiet", action="store_true", help="no access log")
+    sp.set_defaults(func=cmd_serve)
 
     sp = sub.add_parser("plot", help="PNG plots of a training run: losses, lr, expert load",
                         description="Write RUN/plots/loss.png, lr.png and expert_load.png from RUN/metrics.jsonl.")

@@ -143,6 +143,16 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def token_bytes(self, token: int) -> bytes:
+        """The raw bytes one token stands for (part of a UTF-8 character, possibly): what the
+        OpenAI API's `bytes` fields report, where the decoded text would show U+FFFD."""
+        piece = self.tk.id_to_token(token)
+        if piece is None:
+            raise TokenizerError(f"token id {token} is not in the vocabulary")
+        if token in self.special_ids:
+            return piece.encode()
+        return bytes(_BYTE_OF_CHAR[c] for c in piece)
+
     def check_fits(self, vocab_size: int) -> None:
         """Raise TokenizerError when a model with `vocab_size` rows cannot embed every token id."""
         if self.vocab_size > vocab_size:
@@ -173,6 +183,23 @@ class Tokenizer:
             ids.append(self.assistant_id)
             mask.append(0)
         return ids, mask
+
+
+def _byte_of_char() -> dict[str, int]:
+    """Byte-level BPE's alphabet: printable bytes stand for themselves, the other bytes take the
+    characters from U+0100 on, in byte order."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
+    table, shifted = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[chr(b)] = b
+        else:
+            table[chr(0x100 + shifted)] = b
+            shifted += 1
+    return table
+
+
+_BYTE_OF_CHAR = _byte_of_char()
 
 
 def _assemble(tk: HFTokenizer) -> HFTokenizer:

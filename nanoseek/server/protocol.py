@@ -1,0 +1,166 @@
+"""The OpenAI request bodies the server accepts, their checks, and its error shape.
+
+Bodies are pydantic models, so FastAPI publishes them in /openapi.json; every rule a model cannot
+state (stop lists, top_logprobs without logprobs, ...) is checked here and raised as `APIError`
+naming the parameter. Unknown fields are accepted and ignored, as OpenAI-compatible servers do.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..engine.sampling import SamplingParams
+
+INT64 = 2 ** 63
+
+
+class APIError(Exception):
+    """An error answered as {"error": {"message", "type", "param", "code"}} with an HTTP status."""
+
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+             413: "invalid_request_error", 503: "server_busy", 500: "internal_error"}
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "error"),
+                          "param": self.param, "code": self.code}}
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    user: str | None = None
+
+    def unknown_fields(self) -> list[str]:
+        return sorted(self.model_extra or {})
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: str | list[ContentPart] | None = None
+
+
+class ChatRequest(_Body):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+
+class CompletionRequest(_Body):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool = False
+    logprobs: int | None = None  # the legacy API: how many alternatives per token (0..20)
+    suffix: str | None = None
+
+
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+def chat_messages(req: ChatRequest) -> list[dict]:
+    """The conversation as render_chat takes it; an assistant turn's reasoning is not fed back."""
+    out = []
+    for i, m in enumerate(req.messages):
+        if m.role not in ROLES:
+            raise APIError(400, f"messages[{i}].role must be one of {', '.join(ROLES)} (got {m.role!r})",
+                           f"messages[{i}].role")
+        if isinstance(m.content, list):
+            texts = []
+            for j, part in enumerate(m.content):
+                if part.type != "text" or part.text is None:
+                    raise APIError(400, f"messages[{i}].content[{j}]: only text parts are supported "
+                                        f"(got type {part.type!r})", f"messages[{i}].content")
+                texts.append(part.text)
+            content = "".join(texts)
+        else:
+            content = m.content or ""
+        out.append({"role": ROLES[m.role], "content": content})
+    return out
+
+
+def sampling(req: _Body, max_tokens: int, n: int, logprobs: bool = False, top_logprobs: int = 0,
+             prompt_logprobs: int | None = None) -> list[SamplingParams]:
+    """The engine's parameters for each of n choices (choice i seeded with seed + i); raises
+    APIError naming the first bad parameter."""
+    t = 1.0 if req.temperature is None else req.temperature
+    if not math.isfinite(t) or not 0 <= t <= 2:
+        raise APIError(400, f"temperature must be a finite number in [0, 2] (got {req.temperature})", "temperature")
+    top_p = 1.0 if req.top_p is None else req.top_p
+    if not (math.isfinite(top_p) and 0 < top_p <= 1):
+        raise APIError(400, f"top_p must be in (0, 1] (got {req.top_p})", "top_p")
+    if req.top_k is not None and req.top_k < 0:
+        raise APIError(400, f"top_k must be >= 0, 0 turning it off (got {req.top_k})", "top_k")
+    for name in ("presence_penalty", "frequency_penalty"):
+        v = getattr(req, name)
+        if v is not None and not (math.isfinite(v) and -2 <= v <= 2):
+            raise APIError(400, f"{name} must be in [-2, 2] (got {v})", name)
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stop) > 4 or not all(stop):
+        raise APIError(400, "stop must be a non-empty string or a list of at most 4 non-empty strings", "stop")
+    if req.seed is not None and not -INT64 <= req.seed < INT64:
+        raise APIError(400, f"seed must fit in a signed 64-bit integer (got {req.seed})", "seed")
+    if req.stream_options is not None and not req.stream:
+        raise APIError(400, "stream_options is only allowed when stream is true", "stream_options")
+    return [SamplingParams(temperature=t, top_p=top_p, top_k=req.top_k or 0,
+                           seed=None if req.seed is None else (req.seed + i) % INT64, max_tokens=max_tokens,
+                           stop=stop, presence_penalty=req.presence_penalty or 0.0,
+                           frequency_penalty=req.frequency_penalty or 0.0, logprobs=logprobs,
+                           top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs) for i in range(n)]
+
+
+def check_n(req: _Body) -> None:
+    if not 1 <= req.n <= 64:
+        raise APIError(400, f"n must be in [1, 64] (got {req.n})", "n")
+
+
+def token_budget(prompt_tokens: int, asked: int | None, context: int, param: str = "max_tokens") -> int:
+    """max_tokens for a prompt: what was asked, or the rest of the context; errors name both numbers."""
+    if prompt_tokens >= context:
+        raise APIError(400, f"Input length ({prompt_tokens}) exceeds the model's maximum context length "
+                            f"({context}), which must also hold at least one generated token",
+                       "messages" if param == "max_completion_tokens" else "prompt", "context_length_exceeded")
+    if asked is None:
+        return context - prompt_tokens
+    if asked < 1:
+        raise APIError(400, f"{param} must be >= 1 (got {asked})", param)
+    if prompt_tokens + asked > context:
+        raise APIError(400, f"Input length ({prompt_tokens}) plus {param} ({asked}) is {prompt_tokens + asked} "
+                            f"tokens, over the model's maximum context length ({context}); ask for at most "
+                            f"{context - prompt_tokens} new tokens", param, "context_length_exceeded")
+    return asked
+
+
+def include_usage(req: _Body) -> bool:
+    opts = req.stream_options or {}
+    value = opts.get("include_usage", False)
+    if not isinstance(value, bool):
+        raise APIError(400, "stream_options.include_usage must be a boolean", "stream_options")
+    return value
+
+
+Kind = Literal["chat", "completion"]
