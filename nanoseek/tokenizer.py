@@ -147,8 +147,8 @@ class Tokenizer:
         """The raw bytes one token stands for (part of a UTF-8 character, possibly): what the
         OpenAI API's `bytes` fields report, where the decoded text would show U+FFFD."""
         piece = self.tk.id_to_token(token)
-        if piece is None:
-            raise TokenizerError(f"token id {token} is not in the vocabulary")
+        if piece is None:  # a row of a model vocabulary padded past the tokenizer's: decodes to nothing
+            return b""
         if token in self.special_ids:
             return piece.encode()
         return bytes(_BYTE_OF_CHAR[c] for c in piece)

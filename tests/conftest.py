@@ -16,3 +16,19 @@ def tiny_model():
             if gate is not None:
                 gate.e_score_correction_bias.normal_(0, 0.05)
     return model
+
+
+def train_tiny(ids: list[int], steps: int, seed: int = 0) -> Transformer:
+    """tiny trained for a few seconds (AdamW, 8 random windows of 64 tokens a step) on one token
+    stream: enough to learn a repetitive text, its MTP module included."""
+    torch.manual_seed(seed)
+    model = Transformer(preset("tiny"))
+    ids = torch.tensor(ids)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        starts = torch.randint(0, len(ids) - 65, (8,))
+        out = model.loss(torch.stack([ids[i:i + 64] for i in starts]), torch.stack([ids[i + 1:i + 65] for i in starts]))
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    return model.eval()

@@ -8,6 +8,8 @@ from nanoseek.engine.engine import Engine
 from nanoseek.engine.sampling import SamplingParams
 from nanoseek.tokenizer import Tokenizer
 
+from conftest import train_tiny
+
 TOK = Tokenizer.byte_level()
 
 
@@ -116,17 +118,7 @@ def test_cli_generate_streams_the_engine_output(model, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def trained():
     """tiny trained for a few seconds on repetitive text: its MTP module drafts well, not perfectly."""
-    torch.manual_seed(0)
-    m = Transformer(preset("tiny"))
-    ids = torch.tensor(TOK.encode("the cat sat on the mat. a dog ran to the park! " * 20))
-    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
-    for _ in range(60):
-        s = torch.randint(0, len(ids) - 65, (8,))
-        out = m.loss(torch.stack([ids[i:i + 64] for i in s]), torch.stack([ids[i + 1:i + 65] for i in s]))
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-    return m.eval()
+    return train_tiny(TOK.encode("the cat sat on the mat. a dog ran to the park! " * 20), steps=60)
 
 
 SPEC_PROMPTS = ["the cat", "a dog ran", "xyz", "the mat. a", "park"]

@@ -79,6 +79,7 @@ def distribution(logits: torch.Tensor, params: SamplingParams, counts: torch.Ten
         sorted_logits, order = scaled.sort(descending=True)
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs >= params.top_p  # keep the smallest prefix reaching top_p
+        drop[0] = False  # and always the likeliest token (a top_p below float32's smallest is 0 here)
         scaled = scaled.scatter(0, order[drop], float("-inf"))
     return scaled.softmax(-1), logprobs
 

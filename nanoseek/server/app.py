@@ -24,6 +24,7 @@ from importlib import resources
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -55,6 +56,7 @@ class Generation:
         self.handles = handles
         self.pending = len(jobs)
         self._next: asyncio.Future | None = None
+        self._checked = time.monotonic()  # when the client's connection was last looked at
 
     def _callback(self, index: int):
         return lambda out: self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, out))
@@ -65,11 +67,13 @@ class Generation:
             self._next = asyncio.ensure_future(self.queue.get())
         while True:
             done, _ = await asyncio.wait({self._next}, timeout=0.5)
+            if request is not None and time.monotonic() - self._checked > 0.5:  # outputs may never pause
+                self._checked = time.monotonic()
+                if await request.is_disconnected():
+                    self.cancel()
+                    raise ClientGone
             if done:
                 break
-            if request is not None and await request.is_disconnected():
-                self.cancel()
-                raise ClientGone
         index, out = self._next.result()
         self._next = None
         if isinstance(out, Exception) or out.finish_reason:
@@ -108,8 +112,7 @@ def create_app(engine: Engine, tok: Tokenizer, model_name: str, api_key: str | N
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError):
         first = e.errors()[0] if e.errors() else {}
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        param = ".".join(loc) or None
+        param = _param(first.get("loc", ()))
         if first.get("type") == "json_invalid":
             message, param = f"The body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})", None
         elif first.get("type") == "missing":
@@ -128,6 +131,18 @@ def create_app(engine: Engine, tok: Tokenizer, model_name: str, api_key: str | N
         return JSONResponse(APIError(500, "internal server error").body(), status_code=500)
 
     app.add_middleware(Guard, api_key=api_key, max_body=max_body)
+
+    def openapi() -> dict:
+        """FastAPI's schema, with `model` narrowed to the one model served here."""
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            for name in ("ChatRequest", "CompletionRequest"):
+                schema["components"]["schemas"][name]["properties"]["model"] = {
+                    "type": "string", "enum": [model_name], "title": "Model"}
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
 
     # ---- small routes -------------------------------------------------------------------------
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -174,7 +189,7 @@ def create_app(engine: Engine, tok: Tokenizer, model_name: str, api_key: str | N
                 raise APIError(400, f"top_logprobs must be in [0, 20] (got {body.top_logprobs})", "top_logprobs")
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         max_tokens = token_budget(len(ids), body.max_completion_tokens if param != "max_tokens" else body.max_tokens,
-                                  context, param)
+                                  context, param, "messages")
         params = sampling(body, max_tokens, body.n, body.logprobs, body.top_logprobs or 0)
         usage_chunk = include_usage(body)
         gen = Generation(runner, [(ids, p) for p in params])
@@ -403,6 +418,20 @@ async def _send(send, error: APIError) -> None:
     await send({"type": "http.response.start", "status": error.status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
+
+
+def _param(loc) -> str | None:
+    """A validation error's location as a parameter name, e.g. messages[0].role, without the body
+    prefix and pydantic's union-member tags (str, list[...], constrained-str, ...)."""
+    out = ""
+    for part in loc[1:] if loc and loc[0] == "body" else loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("str", "int", "float", "bool") or "[" in part or "-" in part or part[:1].isupper():
+            break
+        else:
+            out += ("." if out else "") + part
+    return out or None
 
 
 def _sse(obj: dict) -> str:

@@ -8,7 +8,7 @@ naming the parameter. Unknown fields are accepted and ignored, as OpenAI-compati
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -36,17 +36,18 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     model: str
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    n: int = 1
+    max_tokens: int | None = Field(None, ge=0, description="new tokens; default: the rest of the context")
+    temperature: float | None = Field(None, ge=0, le=2, description="0 is greedy; default 1")
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0, description="0 turns it off")
+    n: int = Field(1, ge=1, le=64)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    stop: Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]], Field(
+        max_length=4)] | None = Field(None, description="up to 4 strings, never part of the output")
+    seed: int | None = Field(None, ge=-INT64, lt=INT64)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
     user: str | None = None
 
     def unknown_fields(self) -> list[str]:
@@ -61,21 +62,21 @@ class ContentPart(BaseModel):
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="allow")
-    role: str
+    role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart] | None = None
 
 
 class ChatRequest(_Body):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = None
+    max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
 class CompletionRequest(_Body):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
-    logprobs: int | None = None  # the legacy API: how many alternatives per token (0..20)
+    logprobs: int | None = Field(None, ge=0, le=20, description="alternatives per token (the legacy API)")
     suffix: str | None = None
 
 
@@ -138,12 +139,13 @@ def check_n(req: _Body) -> None:
         raise APIError(400, f"n must be in [1, 64] (got {req.n})", "n")
 
 
-def token_budget(prompt_tokens: int, asked: int | None, context: int, param: str = "max_tokens") -> int:
+def token_budget(prompt_tokens: int, asked: int | None, context: int, param: str = "max_tokens",
+                 prompt_param: str = "prompt") -> int:
     """max_tokens for a prompt: what was asked, or the rest of the context; errors name both numbers."""
     if prompt_tokens >= context:
         raise APIError(400, f"Input length ({prompt_tokens}) exceeds the model's maximum context length "
                             f"({context}), which must also hold at least one generated token",
-                       "messages" if param == "max_completion_tokens" else "prompt", "context_length_exceeded")
+                       prompt_param, "context_length_exceeded")
     if asked is None:
         return context - prompt_tokens
     if asked < 1:

@@ -37,6 +37,7 @@ class EngineRunner:
         self._wake = threading.Condition(self._lock)
         self._inbox: collections.deque = collections.deque()
         self.in_flight = 0  # accepted and not yet finished or cancelled
+        self.cancelled = 0  # sequences stopped because their client went away
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="nanoseek-engine", daemon=True)
 
@@ -75,7 +76,9 @@ class EngineRunner:
 
     def stats(self) -> dict:
         return {"running": len(self.engine.running), "waiting": len(self.engine.waiting),
-                "accepted": self.in_flight, "free_cache_tokens": self.engine.cache.free_tokens}
+                "accepted": self.in_flight, "cancelled": self.cancelled,
+                "free_cache_tokens": self.engine.cache.free_tokens,
+                "cache_tokens": self.engine.cache.num_blocks * self.engine.cache.block_size}
 
     # ---- the engine thread ----------------------------------------------------------------------
     def _finish(self, handle: Handle) -> None:
@@ -120,8 +123,10 @@ class EngineRunner:
                 handle.on_output(e)
         else:
             _, handle = command
-            if handle.rid is not None and not handle.done:
-                self.engine.cancel(handle.rid)
+            if not handle.done:
+                self.cancelled += 1
+                if handle.rid is not None:
+                    self.engine.cancel(handle.rid)
             self._finish(handle)
 
     def _fail_all(self) -> None:
