@@ -301,6 +301,8 @@ class _ChatHistory:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import logging
+    import signal
+    import threading
 
     import uvicorn
 
@@ -320,13 +322,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from None
     app = create_app(engine, tok, name, api_key=key, max_queue=args.max_queue, max_body=args.max_body,
-                     reasoning=args.reasoning_parser == "deepseek_r1")
+                     reasoning=args.reasoning_parser == "deepseek_r1", engine_thread=False)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     print(f"nanoseek serve: model '{name}' ({model.num_parameters() / 1e6:.1f}M parameters, context "
           f"{engine.max_len}) on http://{args.host}:{args.port}/ ; API key {'required' if key else 'off'}",
           file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=not args.quiet)
-    return 0
+    # HTTP on a thread, the engine on the main one (see EngineRunner.run); Ctrl-C or SIGTERM stops both
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+                                           access_log=not args.quiet))
+    http = threading.Thread(target=server.run, name="http")
+    http.start()
+    runner = app.state.runner
+    signal.signal(signal.SIGTERM, lambda *_: runner.stop())
+    try:
+        while http.is_alive() and not server.started:
+            time.sleep(0.05)
+        if http.is_alive():
+            runner.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.should_exit = True
+        http.join()
+    return 0 if server.started else 1
 
 
 def cmd_speedrun(args: argparse.Namespace) -> int:

@@ -49,7 +49,7 @@ class Generation:
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.runner = runner
-        handles = runner.submit([(ids, p, self._callback(i)) for i, (ids, p) in enumerate(jobs)])
+        handles = runner.submit(jobs, self.loop, self.queue)
         if handles is None:
             raise APIError(503, f"The server is busy ({runner.stats()['accepted']} requests running or waiting, "
                                 f"at most {runner.capacity}); retry later", code="server_busy")
@@ -58,11 +58,11 @@ class Generation:
         self._next: asyncio.Future | None = None
         self._checked = time.monotonic()  # when the client's connection was last looked at
 
-    def _callback(self, index: int):
-        return lambda out: self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, out))
-
     async def next(self, request: Request | None = None) -> tuple[int, Output]:
-        """The next output of any of the sequences; polls for a disconnect while waiting."""
+        """The next output of any of the sequences; polls for a disconnect while waiting (streams
+        learn of one from Starlette, which cancels them)."""
+        if request is None:
+            return self._take(await self.queue.get())
         if self._next is None:
             self._next = asyncio.ensure_future(self.queue.get())
         while True:
@@ -74,8 +74,11 @@ class Generation:
                     raise ClientGone
             if done:
                 break
-        index, out = self._next.result()
-        self._next = None
+        item, self._next = self._next.result(), None
+        return self._take(item)
+
+    def _take(self, item: tuple[int, Output | Exception]) -> tuple[int, Output]:
+        index, out = item
         if isinstance(out, Exception) or out.finish_reason:
             self.pending -= 1
         if isinstance(out, Exception):
@@ -91,15 +94,19 @@ class Generation:
 
 
 def create_app(engine: Engine, tok: Tokenizer, model_name: str, api_key: str | None = None, max_queue: int = 64,
-               max_body: int = 1 << 20, reasoning: bool = True) -> FastAPI:
+               max_body: int = 1 << 20, reasoning: bool = True, engine_thread: bool = True) -> FastAPI:
+    """engine_thread: start the engine on a thread with the app; False when the caller runs
+    `app.state.runner.run()` itself (on the main thread, as `nanoseek serve` does)."""
     runner = EngineRunner(engine, max_queue)
     context = engine.max_len
     created = int(time.time())
 
     async def lifespan(app):
-        runner.start()
+        if engine_thread:
+            runner.start()
         yield
-        runner.stop()
+        if engine_thread:
+            runner.stop()
 
     app = FastAPI(title="nanoseek", version="1", lifespan=lifespan,
                   description="OpenAI-compatible API over nanoseek's latent-cache engine.")

@@ -49,6 +49,7 @@ class _Body(BaseModel):
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     user: str | None = None
+    ignore_eos: bool = Field(False, description="extension (as vLLM): keep generating past end-of-sentence")
 
     def unknown_fields(self) -> list[str]:
         return sorted(self.model_extra or {})
@@ -131,7 +132,8 @@ def sampling(req: _Body, max_tokens: int, n: int, logprobs: bool = False, top_lo
                            seed=None if req.seed is None else (req.seed + i) % INT64, max_tokens=max_tokens,
                            stop=stop, presence_penalty=req.presence_penalty or 0.0,
                            frequency_penalty=req.frequency_penalty or 0.0, logprobs=logprobs,
-                           top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs) for i in range(n)]
+                           top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs, ignore_eos=req.ignore_eos)
+            for i in range(n)]
 
 
 def check_n(req: _Body) -> None:
