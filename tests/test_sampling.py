@@ -28,6 +28,7 @@ def test_top_p_keeps_the_smallest_nucleus():
     assert set(draws(SamplingParams(top_p=0.6))) == {0, 1}
     assert probs[0] < 0.6 < probs[0] + probs[1]
     assert set(draws(SamplingParams(top_p=5e-324), n=50)) == {0}  # 0 in float32: still the likeliest token
+    assert set(draws(SamplingParams(temperature=2.7e-235), n=50)) == {0}  # logits / t would overflow: greedy
 
 
 def test_temperature_sharpens_and_flattens():

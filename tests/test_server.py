@@ -299,7 +299,7 @@ def test_schema_fuzzing_finds_no_server_error(tmp_path):
     s = Server(tmp_path / "m", "--max-queue", "1000", "--quiet")
     try:
         run = subprocess.run([sys.executable, "-m", "schemathesis.cli", "run", s.url + "/openapi.json",
-                              "--checks", "not_a_server_error", "--max-examples", "40", "--seed", "1"],
+                              "--checks", "not_a_server_error", "--max-examples", "100", "--seed", "1"],
                              capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, run.stdout[-3000:]
         assert "passed" in run.stdout

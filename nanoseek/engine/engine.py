@@ -196,7 +196,7 @@ class Engine:
 
     def _advance_all(self, reqs: list[Request], logits: torch.Tensor) -> list[Output]:
         """One token for each request from its row of logits (B, V); plain greedy rows in one go."""
-        plain = [b for b, r in enumerate(reqs) if r.params.temperature == 0
+        plain = [b for b, r in enumerate(reqs) if r.params.greedy
                  and not r.params.presence_penalty and not r.params.frequency_penalty]
         picked = {}
         if plain:

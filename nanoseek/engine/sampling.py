@@ -27,6 +27,11 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # None: off; k: each prompt token's log-probability and top k
     ignore_eos: bool = False  # keep going past end-of-sentence (benchmarks: a fixed number of tokens)
 
+    @property
+    def greedy(self) -> bool:
+        """Temperatures below 1e-5 are greedy too: dividing logits by them overflows to inf."""
+        return self.temperature < 1e-5
+
     def validate(self) -> "SamplingParams":
         """Raise ValueError naming the first parameter out of range."""
         checks = [
@@ -69,7 +74,7 @@ def distribution(logits: torch.Tensor, params: SamplingParams, counts: torch.Ten
     if counts is not None:
         logits = apply_penalties(logits, counts, params.presence_penalty, params.frequency_penalty)
     logprobs = logits.log_softmax(-1)
-    if params.temperature == 0:
+    if params.greedy:
         return torch.zeros_like(logits).scatter_(0, logits.argmax().view(1), 1.0), logprobs
     scaled = logits / params.temperature
     if params.top_k and params.top_k < scaled.numel():
@@ -85,7 +90,7 @@ def distribution(logits: torch.Tensor, params: SamplingParams, counts: torch.Ten
 
 
 def draw(probs: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
-    if params.temperature == 0:
+    if params.greedy:
         return int(probs.argmax())
     return int(torch.multinomial(probs, 1, generator=generator))
 
