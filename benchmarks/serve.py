@@ -88,6 +88,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", metavar="DIR",
                     help="model dir to serve (default: a random `small` with the byte-level tokenizer's vocabulary)")
+    ap.add_argument("--url", help="benchmark a server already running there (its model must be named 'm')")
     ap.add_argument("--concurrency", type=int, default=16, help="clients at once (default 16)")
     ap.add_argument("--requests", type=int, default=64, help="requests in the concurrent run (default 64)")
     ap.add_argument("--sequential", type=int, default=16, help="requests in the one-at-a-time run (default 16)")
@@ -97,7 +98,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
-        if model is None:
+        if model is None and not args.url:
             import torch
 
             from nanoseek import Transformer, preset, save_model
@@ -107,10 +108,10 @@ def main() -> None:
             tok = Tokenizer.byte_level()  # vocab cut to the tokenizer's, so every token streams some text
             save_model(Transformer(preset("small", vocab_size=tok.vocab_size)), model, extra_files=tok.files())
         port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        server = subprocess.Popen([sys.executable, "-m", "nanoseek", "serve", "--model", model, "--port", str(port),
-                                   "--served-model-name", "m", "--max-running", str(args.concurrency), "--quiet"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        url = args.url or f"http://127.0.0.1:{port}"
+        server = None if args.url else subprocess.Popen(
+            [sys.executable, "-m", "nanoseek", "serve", "--model", model, "--port", str(port), "--served-model-name",
+             "m", "--max-running", str(args.concurrency), "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             for _ in range(600):
                 try:
@@ -128,8 +129,9 @@ def main() -> None:
             alone = summary("one at a time", asyncio.run(run(url, prompts[:args.sequential], args.new_tokens, 1)))
             print(f"ratio: {together['tokens_per_s'] / alone['tokens_per_s']:.2f}x the sequential tokens/s")
         finally:
-            server.terminate()
-            server.wait()
+            if server is not None:
+                server.terminate()
+                server.wait()
 
 
 if __name__ == "__main__":

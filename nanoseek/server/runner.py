@@ -13,6 +13,7 @@ import asyncio
 import collections
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 
 from ..engine.engine import Engine, Output
@@ -34,6 +35,7 @@ class Handle:
 
 
 class EngineRunner:
+    GATHER_S = 0.003  # how long an idle engine waits for company before prefilling a new request
     def __init__(self, engine: Engine, max_queue: int):
         self.engine, self.max_queue = engine, max_queue
         self._lock = threading.Lock()
@@ -114,11 +116,15 @@ class EngineRunner:
 
     def _run(self) -> None:
         while True:
+            idle = not self.engine.has_work()
             with self._lock:
                 while not self._inbox and not self.engine.has_work() and not self._stopping:
                     self._wake.wait()
                 if self._stopping:
                     return
+            if idle:  # woken from idle: let requests sent at about the same time share one prefill
+                time.sleep(self.GATHER_S)
+            with self._lock:
                 commands = list(self._inbox)
                 self._inbox.clear()
             for command in commands:
