@@ -1,0 +1,104 @@
+"""GRPO's pieces: rule rewards against adversarial outputs, group advantages, the loss by hand."""
+
+import math
+
+import pytest
+import torch
+
+from nanoseek.data.tasks import TASKS
+from nanoseek.rl.grpo import group_advantages, grpo_loss
+from nanoseek.rl.rewards import RewardConfig, format_reward, language_reward, score
+
+FORMAT = [
+    ("<think>12 + 30 = 42</think> <answer>42</answer>", 1.0),
+    ("  <think>\nsteps\n</think>\n<answer>42</answer>\n", 1.0),
+    ("<answer>42</answer>", 0.0),  # no reasoning
+    ("<think>x</think>", 0.0),  # no answer
+    ("<think>x</think> <answer>42</answer> <answer>41</answer>", 0.0),  # two answers
+    ("<think>a</think><think>b</think><answer>42</answer>", 0.0),  # two think blocks
+    ("<answer>42</answer><think>x</think>", 0.0),  # wrong order
+    ("so: <think>x</think> <answer>42</answer>", 0.0),  # text outside the blocks
+    ("<think>x</think> <answer>42</answer> thanks", 0.0),
+    ("<think> </think> <answer>42</answer>", 0.0),  # empty reasoning
+    ("<think>x</think> <answer> </answer>", 0.0),  # empty answer
+    ("<think>x <answer>42</answer></think>", 0.0),  # answer inside the reasoning
+    ("", 0.0),
+]
+
+
+@pytest.mark.parametrize("completion, want", FORMAT)
+def test_format_reward(completion, want):
+    assert format_reward(completion) == want
+
+
+def test_accuracy_reward_goes_through_the_verifier():
+    task = TASKS["arithmetic"]
+    p = task.problems("train", 1, level=2, seed=0)[0]
+    right = task.solution(p)
+    s = score(task, p, right)
+    assert s.correct and s.formatted and s.reward == pytest.approx(1.1)
+    wrong = right.replace(f"<answer>{p.answer}</answer>", f"<answer>{int(p.answer) + 1}</answer>")
+    assert score(task, p, wrong).reward == pytest.approx(0.1)
+    # the right number, but twice, or outside the answer tags, earns nothing
+    assert score(task, p, right + f" <answer>{p.answer}</answer>").reward == 0.0
+    assert score(task, p, f"the answer is {p.answer}").reward == 0.0
+    assert score(task, p, f"<answer>{p.answer}</answer>").reward == 1.0  # correct, not formatted
+
+
+def test_language_reward():
+    assert language_reward("<think>add the tens</think><answer>4</answer>") == 1.0
+    assert language_reward("<think>加 the</think>") == pytest.approx(3 / 4)
+    assert language_reward("no think block") == 0.0
+    task = TASKS["arithmetic"]
+    p = task.problems("train", 1, level=1, seed=0)[0]
+    mixed = task.solution(p).replace("<think>\n", "<think>\n思考 ")
+    cfg = RewardConfig(format_weight=0.0, language_weight=0.5)
+    assert 1.0 < score(task, p, mixed, cfg).reward < score(task, p, task.solution(p), cfg).reward == 1.5
+
+
+def test_group_advantages():
+    r = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 3.0]])
+    adv, flat = group_advantages(r)
+    std = math.sqrt(1 / 3)  # sample std of (1, 0, 0, 1)
+    a = 0.5 / (std + 1e-4)
+    assert adv[0].tolist() == pytest.approx([a, -a, -a, a])
+    assert flat.tolist() == [False, True, False] and adv[1].tolist() == [0, 0, 0, 0]
+    assert adv[2].sum().item() == pytest.approx(0, abs=1e-5) and adv[2, 3] > 0
+
+
+def test_grpo_loss_equals_a_hand_computation():
+    logp = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -1.2, 0.0]])
+    old = torch.tensor([[-1.5, -1.0, -0.5], [0.0, -2.0, 0.0]])
+    ref = torch.tensor([[-1.0, -1.5, -0.7], [-0.5, -1.0, 0.0]])
+    adv = torch.tensor([1.0, -2.0])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    eps, beta = 0.2, 0.1
+
+    def term(lp, o, rf, a):
+        ratio = math.exp(lp - o)
+        surr = min(ratio * a, min(max(ratio, 1 - eps), 1 + eps) * a)
+        kl = math.exp(rf - lp) - (rf - lp) - 1
+        return surr - beta * kl
+
+    rows = [[term(logp[i, t].item(), old[i, t].item(), ref[i, t].item(), adv[i].item()) for t in range(3)]
+            for i in range(2)]
+    per_seq = [sum(rows[0]) / 3, sum(rows[1][:2]) / 2]
+    loss, stats = grpo_loss(logp, old, adv, mask, ref, clip_eps=eps, beta=beta, averaging="sequence")
+    assert loss.item() == pytest.approx(-(per_seq[0] + per_seq[1]) / 2, rel=1e-6)
+    loss, _ = grpo_loss(logp, old, adv, mask, ref, clip_eps=eps, beta=beta, averaging="token")
+    assert loss.item() == pytest.approx(-(sum(rows[0]) + sum(rows[1][:2])) / 5, rel=1e-6)
+    # clipped where the min takes the clipped side: (0, 0) ratio e^0.5 > 1.2 with A > 0, and (1, 0)
+    # ratio e^-0.3 < 0.8 with A < 0; not (1, 1): ratio e^0.8 with A < 0 keeps the lower unclipped term
+    assert stats.clip_fraction == pytest.approx(2 / 5)
+    with pytest.raises(ValueError, match="averaging"):
+        grpo_loss(logp, old, adv, mask, averaging="mean")
+
+
+def test_loss_gradient_pushes_rewarded_tokens_up():
+    logits = torch.zeros(2, 4, requires_grad=True)
+    tokens = torch.tensor([[1], [2]])
+    logp = logits.log_softmax(-1).gather(1, tokens)  # (2, 1)
+    loss, stats = grpo_loss(logp, logp.detach(), torch.tensor([1.0, -1.0]), torch.ones(2, 1))
+    loss.backward()
+    assert logits.grad[0, 1] < 0 < logits.grad[1, 2]  # descent raises token 1 of row 0, lowers token 2 of row 1
+    assert stats.ratio == pytest.approx(1.0) and stats.clip_fraction == 0.0 and stats.kl == 0.0
