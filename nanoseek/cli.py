@@ -347,6 +347,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0 if server.started else 1
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .checkpoint import load_model
+    from .data.tasks import get_task
+    from .engine.engine import Engine
+    from .rl.evaluate import evaluate, format_report
+    from .tokenizer import Tokenizer
+
+    if args.n < 1 or args.k < 1 or args.max_tokens < 1:
+        raise UsageError("--n, --k and --max-tokens must be >= 1")
+    try:
+        task = get_task(args.task)
+        problems = task.problems(args.split, args.n, level=args.level)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    model = load_model(args.model)
+    tok = Tokenizer.load(args.model)
+    engine = Engine(model, tok, max_running=args.max_running)
+    start = time.perf_counter()
+    report = evaluate(engine, task, problems, k=args.k, temperature=args.temperature, max_tokens=args.max_tokens,
+                      template=args.template, seed=args.seed, split=args.split)
+    if args.json:
+        print(json.dumps({**report.to_dict(args.per_problem), "seconds": round(time.perf_counter() - start, 2)}))
+    else:
+        print(format_report(report))
+        print(f"  ({time.perf_counter() - start:.1f} s)")
+    return 0
+
+
 def cmd_speedrun(args: argparse.Namespace) -> int:
     print("nanoseek speedrun is not built yet: it lands with the speedrun issue, after training, GRPO and the "
           "engine. Available now: init, cost, tokenizer, curate, tokenize, tasks, pretrain, sft.", file=sys.stderr)
@@ -521,6 +549,27 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--speculative", action="store_true", help="MTP self-speculative decoding")
     sp.add_argument("--quiet", action="store_true", help="no access log")
     sp.set_defaults(func=cmd_serve)
+
+    sp = sub.add_parser("eval", help="accuracy on a reasoning task: pass@1 (greedy), pass@k and maj@k",
+                        description="Evaluate a model dir on a task's fixed split through the engine: greedy pass@1 "
+                                    "per problem, and with --k > 1, k samples per problem for pass@k (unbiased "
+                                    "estimator) and maj@k (majority vote on the extracted answers).")
+    sp.add_argument("--model", required=True, metavar="DIR", help="a model dir (or a training run dir)")
+    sp.add_argument("--task", required=True, choices=list(TASKS), help="which task")
+    sp.add_argument("--split", choices=list(SPLITS), default="test", help="which split (default test: fixed)")
+    sp.add_argument("--n", type=int, default=100, help="problems (default 100)")
+    sp.add_argument("--level", type=int, help="one difficulty level (default: all, cycling)")
+    sp.add_argument("--k", type=int, default=1, help="samples per problem for pass@k / maj@k (default 1: greedy only)")
+    sp.add_argument("--temperature", type=float, default=0.7, help="sampling temperature for k > 1 (default 0.7)")
+    sp.add_argument("--max-tokens", type=int, default=256, help="most tokens per answer (default 256)")
+    sp.add_argument("--template", choices=["chat", "r1-zero", "plain"], default="chat",
+                    help="chat: the chat template, as SFT teaches (default); r1-zero: R1-Zero's plain-text prompt; "
+                         "plain: the problem and a newline, as the pretraining corpus writes it (base models)")
+    sp.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    sp.add_argument("--max-running", type=int, default=32, help="sequences decoded together (default 32)")
+    sp.add_argument("--json", action="store_true", help="print one JSON object")
+    sp.add_argument("--per-problem", action="store_true", help="with --json: every problem's greedy output and result")
+    sp.set_defaults(func=cmd_eval)
 
     sp = sub.add_parser("plot", help="PNG plots of a training run: losses, lr, expert load",
                         description="Write RUN/plots/loss.png, lr.png and expert_load.png from RUN/metrics.jsonl.")

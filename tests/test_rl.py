@@ -102,3 +102,49 @@ def test_loss_gradient_pushes_rewarded_tokens_up():
     loss.backward()
     assert logits.grad[0, 1] < 0 < logits.grad[1, 2]  # descent raises token 1 of row 0, lowers token 2 of row 1
     assert stats.ratio == pytest.approx(1.0) and stats.clip_fraction == 0.0 and stats.kl == 0.0
+
+
+# ---- evaluation ---------------------------------------------------------------------------------
+
+def test_pass_at_k_estimator():
+    from nanoseek.rl.evaluate import pass_at_k
+    assert pass_at_k(10, 0, 3) == 0.0 and pass_at_k(10, 10, 1) == 1.0
+    assert pass_at_k(4, 1, 1) == pytest.approx(0.25)
+    assert pass_at_k(4, 1, 2) == pytest.approx(1 - (3 / 4) * (2 / 3))  # 1 - C(3,2)/C(4,2) = 0.5
+    assert pass_at_k(5, 3, 3) == 1.0  # fewer than k wrong ones: every k-subset has a right one
+
+
+def test_tally_counts_exactly():
+    from nanoseek.rl.evaluate import tally
+    task = TASKS["arithmetic"]
+    ps = task.problems("test", 4, level=1)
+    right = [task.solution(p) for p in ps]
+    wrong = [r.replace(f"<answer>{p.answer}</answer>", f"<answer>{int(p.answer) + 1}</answer>")
+             for r, p in zip(right, ps)]
+    greedy = [(right[0], 10), (wrong[1], 20), (f"<answer>{ps[2].answer}</answer>", 5), ("rambling", 30)]
+    sampled = [[right[0]] * 4, [wrong[1], right[1], wrong[1], wrong[1]], [right[2], wrong[2], right[2], "x"],
+               ["x"] * 4]
+    rep = tally(task, ps, greedy, sampled, k=4, split="test")
+    assert rep.n == 4 and rep.pass1 == 0.5 and rep.format_rate == 0.5 and rep.mean_tokens == 16.25
+    assert [r.samples_correct for r in rep.problems] == [4, 1, 2, 0]
+    assert rep.pass_k == pytest.approx((1 + 1 + 1 + 0) / 4)
+    # majority: problem 1 votes for the wrong answer 3 to 1; problem 2 for the right one 2 to 1
+    assert [r.majority_correct for r in rep.problems] == [True, False, True, False] and rep.maj_k == 0.5
+    assert rep.by_level == {1: 0.5}
+
+
+def test_cli_eval_json(tmp_path, capsys):
+    import json
+
+    from nanoseek import Transformer, preset, save_model
+    from nanoseek.cli import main
+    from nanoseek.tokenizer import Tokenizer
+    torch.manual_seed(0)
+    save_model(Transformer(preset("tiny")), tmp_path / "m", extra_files=Tokenizer.byte_level().files())
+    assert main(["eval", "--model", str(tmp_path / "m"), "--task", "countdown", "--n", "3", "--k", "2",
+                 "--max-tokens", "8", "--json", "--per-problem"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["n"] == 3 and out["k"] == 2 and len(out["problems"]) == 3
+    assert all(p["samples"] == 2 and 0 <= p["greedy_tokens"] <= 8 for p in out["problems"])
+    assert out["pass1"] == sum(p["greedy_correct"] for p in out["problems"]) / 3
+    assert main(["eval", "--model", str(tmp_path / "m"), "--task", "countdown", "--n", "0"]) == 2
