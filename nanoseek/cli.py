@@ -347,6 +347,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0 if server.started else 1
 
 
+def cmd_grpo(args: argparse.Namespace) -> int:
+    from .rl.train import main as grpo_main
+    return grpo_main(args)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .checkpoint import load_model
     from .data.tasks import get_task
@@ -549,6 +554,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--speculative", action="store_true", help="MTP self-speculative decoding")
     sp.add_argument("--quiet", action="store_true", help="no access log")
     sp.set_defaults(func=cmd_serve)
+
+    from .rl.train import add_arguments as add_grpo_arguments
+    sp = sub.add_parser("grpo", help="GRPO reinforcement learning with rule rewards on a reasoning task",
+                        description="R1-style RL: G completions per problem from the engine, rule rewards "
+                                    "(accuracy, format, optional language consistency), group-normalised "
+                                    "advantages, the clipped GRPO loss with a k3 KL to a frozen reference. "
+                                    "Checkpoints and --resume like pretrain. See docs/grpo.md.")
+    add_grpo_arguments(sp)
+    sp.set_defaults(func=cmd_grpo)
 
     sp = sub.add_parser("eval", help="accuracy on a reasoning task: pass@1 (greedy), pass@k and maj@k",
                         description="Evaluate a model dir on a task's fixed split through the engine: greedy pass@1 "

@@ -1,0 +1,260 @@
+"""`nanoseek grpo`: GRPO on a synthetic task with rule rewards, resumable like pretraining.
+
+    nanoseek grpo --model runs/x/sft --task arithmetic --out runs/x/rl --steps 100
+
+Each step: P train problems (a fresh seeded draw per step); G completions each from the engine
+(temperature 1, ending at </answer>); rule rewards; group-normalised advantages; the log-probs of
+the sampled tokens under the sampling policy (`old`) and the frozen reference; then
+--inner-updates passes of the clipped GRPO loss over the batch in minibatches, one optimizer
+step per pass. Groups whose completions all scored the same are counted and left out: their
+advantages are 0, so they would add only the KL term. The reference can be refreshed to the
+current policy every --ref-refresh steps.
+
+RUN/ holds metrics.jsonl (reward, accuracy, format rate, response length, KL, clip fraction,
+entropy, zero-variance groups, timings per step), checkpoints/step-N/ (committed atomically;
+--resume continues from the newest, bit for bit) and, at the end, the final model dir.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import load_model, save_model
+from ..data.tasks import get_task
+from ..engine.engine import Engine
+from ..model import Transformer
+from ..tokenizer import Tokenizer
+from ..train.args import TrainError
+from ..train.common import MetricsLog, complete_checkpoints, load_training_state, save_checkpoint, set_rng_state
+from ..train.pretrain import export_final
+from .evaluate import TEMPLATES, answer_params, completion_text, prompt_ids
+from .grpo import group_advantages, grpo_loss
+from .rewards import RewardConfig, score
+
+
+@dataclass
+class GRPOConfig:
+    task: str
+    level: int | None = None
+    prompts: int = 8  # P problems per step
+    group: int = 8  # G completions per problem
+    max_tokens: int = 256
+    temperature: float = 1.0
+    inner_updates: int = 1  # optimizer steps per batch of rollouts (mu)
+    minibatch: int = 16  # sequences per forward/backward
+    clip_eps: float = 0.2
+    beta: float = 0.04
+    averaging: str = "sequence"
+    ref_refresh: int = 0  # steps between reference refreshes; 0: never
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    format_weight: float = 0.1
+    language_weight: float = 0.0
+    template: str = "chat"
+    seed: int = 0
+
+
+class _Steps:
+    """The step counter save_checkpoint expects of a trainer."""
+
+    def __init__(self, step: int = 0):
+        self.step_num = step
+
+    def state_dict(self) -> dict:
+        return {"step": self.step_num}
+
+
+def sequence_logprobs(model: Transformer, seqs: list[list[int]], starts: list[int]) -> tuple[torch.Tensor, ...]:
+    """Log-probs (B, T) of each sequence's tokens from `starts[b]` on, their mask, and per-token entropy."""
+    T = max(len(s) for s in seqs)
+    x = torch.zeros(len(seqs), T, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        x[b, : len(s)] = torch.tensor(s)
+    logits = model(x[:, :-1]).float()  # position t predicts token t + 1
+    logp_all = logits.log_softmax(-1)
+    logp = logp_all.gather(-1, x[:, 1:, None])[..., 0]
+    mask = torch.zeros_like(logp)
+    for b, (s, start) in enumerate(zip(seqs, starts)):
+        mask[b, start - 1: len(s) - 1] = 1.0  # targets are the completion's tokens
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, mask, entropy
+
+
+def rollout(engine: Engine, task, cfg: GRPOConfig, step: int, tok: Tokenizer):
+    """P problems x G completions: prompt ids, completion ids, texts, scores (P, G)."""
+    problems = task.problems("train", cfg.prompts, level=cfg.level, seed=cfg.seed * 1_000_003 + step)
+    prompts = [prompt_ids(tok, p, cfg.template) for p in problems]
+    params = [answer_params(tok, temperature=cfg.temperature, max_tokens=cfg.max_tokens,
+                            seed=(cfg.seed * 7919 + step) * 10_007 + i) for i in range(cfg.prompts * cfg.group)]
+    reqs = engine.generate([p for p in prompts for _ in range(cfg.group)], params)
+    rewards = RewardConfig(cfg.format_weight, cfg.language_weight)
+    scores = [[score(task, problems[i], completion_text(tok, reqs[i * cfg.group + j]), rewards)
+               for j in range(cfg.group)] for i in range(cfg.prompts)]
+    return problems, prompts, reqs, scores
+
+
+def grpo_step(policy: Transformer, ref: Transformer | None, optim, engine: Engine, task, cfg: GRPOConfig, step: int,
+              tok: Tokenizer) -> dict:
+    t0 = time.perf_counter()
+    problems, prompts, reqs, scores = rollout(engine, task, cfg, step, tok)
+    t_roll = time.perf_counter() - t0
+    rewards = torch.tensor([[s.reward for s in row] for row in scores])
+    adv, flat = group_advantages(rewards)
+    keep = [(i, j) for i in range(cfg.prompts) if not flat[i] for j in range(cfg.group)]
+    lengths = [len(r.output) for r in reqs]
+    m = {"step": step + 1, "reward": rewards.mean().item(),
+         "accuracy": sum(s.correct for row in scores for s in row) / rewards.numel(),
+         "format": sum(s.formatted for row in scores for s in row) / rewards.numel(),
+         "response_length": sum(lengths) / len(lengths), "zero_variance_groups": int(flat.sum()),
+         "trained_sequences": len(keep), "rollout_seconds": t_roll}
+    kl = clip_frac = entropy = 0.0
+    if keep:
+        seqs = [prompts[i] + reqs[i * cfg.group + j].output for i, j in keep]
+        starts = [len(prompts[i]) for i, _ in keep]
+        advantages = torch.stack([adv[i, j] for i, j in keep])
+        batches = [range(k, min(k + cfg.minibatch, len(seqs))) for k in range(0, len(seqs), cfg.minibatch)]
+        with torch.no_grad():  # the sampling policy and the reference, once per batch of rollouts
+            old = [sequence_logprobs(policy, [seqs[b] for b in mb], [starts[b] for b in mb])[0] for mb in batches]
+            refs = ([sequence_logprobs(ref, [seqs[b] for b in mb], [starts[b] for b in mb])[0] for mb in batches]
+                    if ref is not None else [None] * len(batches))
+        total_tokens = sum(len(s) - st for s, st in zip(seqs, starts))
+        policy.train()
+        for _ in range(cfg.inner_updates):
+            optim.zero_grad(set_to_none=True)
+            kl = clip_frac = entropy = 0.0
+            for mb, old_lp, ref_lp in zip(batches, old, refs):
+                logp, mask, ent = sequence_logprobs(policy, [seqs[b] for b in mb], [starts[b] for b in mb])
+                loss, stats = grpo_loss(logp, old_lp, advantages[list(mb)], mask, ref_lp, cfg.clip_eps, cfg.beta,
+                                        cfg.averaging)
+                share = (len(mb) / len(seqs) if cfg.averaging == "sequence" else float(mask.sum()) / total_tokens)
+                (loss * share).backward()
+                tokens_share = float(mask.sum()) / total_tokens
+                kl += stats.kl * tokens_share
+                clip_frac += stats.clip_fraction * tokens_share
+                entropy += float((ent.detach() * mask).sum()) / total_tokens
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.clip)
+            optim.step()
+        policy.eval()
+        m["grad_norm"] = float(grad_norm)
+    m.update(kl=kl, clip_fraction=clip_frac, entropy=entropy, seconds=time.perf_counter() - t0)
+    return m
+
+
+def main(args) -> int:
+    from tqdm import tqdm
+
+    for name in ("steps", "prompts", "group", "max_tokens", "inner_updates", "minibatch", "save_every", "keep"):
+        if getattr(args, name) < 1:
+            raise TrainError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
+    if args.group < 2:
+        raise TrainError("--group must be >= 2: advantages compare completions within a group")
+    try:
+        task = get_task(args.task)
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+    cfg = GRPOConfig(**{k: getattr(args, k) for k in GRPOConfig.__dataclass_fields__})
+    run = Path(args.out)
+    done = complete_checkpoints(run)
+    if done and not args.resume:
+        raise TrainError(f"{run} already has checkpoints (newest: {done[-1].name}); pass --resume to continue it "
+                         f"or choose another --out")
+    saved = load_training_state(done[-1]) if (args.resume and done) else None
+    policy = load_model(done[-1] if saved else args.model)
+    tok = Tokenizer.load(args.model)
+    tok.check_fits(policy.cfg.vocab_size)
+    ref = None
+    if cfg.beta:  # the frozen reference: the starting policy, kept in RUN/reference for resumes
+        ref = load_model(run / "reference") if saved else copy.deepcopy(policy)
+        ref.requires_grad_(False)
+    optim = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    steps = _Steps()
+    if saved:
+        optim.load_state_dict(saved["optimizer"])
+        steps.step_num = saved["trainer"]["step"]
+        set_rng_state(saved["rng"])
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "grpo_args.json").write_text(json.dumps(vars(args), indent=2, default=str))
+    if ref is not None and not saved:
+        save_model(ref, run / "reference")
+    engine = Engine(policy, tok, max_running=args.max_running)
+    log = MetricsLog(run, True, steps.step_num)
+    files = tok.files(policy.cfg.max_position_embeddings)
+    stop = {"now": False}
+
+    def on_sigint(signum, frame):
+        if stop["now"]:
+            raise KeyboardInterrupt
+        stop["now"] = True
+        print("\nstopping: saving a checkpoint first (Ctrl-C again to abort without saving)", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    bar = tqdm(total=args.steps, initial=steps.step_num, disable=args.quiet, unit="step", dynamic_ncols=True)
+    try:
+        while steps.step_num < args.steps:
+            m = grpo_step(policy, ref, optim, engine, task, cfg, steps.step_num, tok)
+            steps.step_num += 1
+            if ref is not None and cfg.ref_refresh and steps.step_num % cfg.ref_refresh == 0:
+                ref.load_state_dict(policy.state_dict())
+                save_model(ref, run / "reference")
+            log.write(m)
+            bar.update(1)
+            bar.set_postfix(reward=f"{m['reward']:.3f}", acc=f"{m['accuracy']:.2f}", len=f"{m['response_length']:.0f}",
+                            refresh=False)
+            if steps.step_num % args.save_every == 0 or steps.step_num == args.steps or stop["now"]:
+                save_checkpoint(run, policy, optim, steps, {"config": asdict(cfg)}, files, args.keep)
+            if stop["now"]:
+                break
+    finally:
+        bar.close()
+        log.close()
+        signal.signal(signal.SIGINT, previous)
+    if steps.step_num == args.steps:
+        export_final(policy, run, files)
+    return 0
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", required=True, metavar="DIR", help="the starting policy (an SFT'd model dir)")
+    p.add_argument("--task", required=True, help="arithmetic or countdown")
+    p.add_argument("--out", required=True, metavar="RUN", help="run dir: metrics, checkpoints, the final model")
+    p.add_argument("--level", type=int, help="train on one difficulty level (default: all, cycling)")
+    p.add_argument("--steps", type=int, default=100, help="GRPO steps (default 100)")
+    p.add_argument("--prompts", type=int, default=8, help="problems per step, P (default 8)")
+    p.add_argument("--group", type=int, default=8, help="completions per problem, G (default 8)")
+    p.add_argument("--max-tokens", type=int, default=256, help="longest completion (default 256)")
+    p.add_argument("--temperature", type=float, default=1.0, help="rollout temperature (default 1, as R1-Zero)")
+    p.add_argument("--inner-updates", type=int, default=1,
+                   help="optimizer steps per batch of rollouts, mu (default 1: the ratio starts at 1)")
+    p.add_argument("--minibatch", type=int, default=16, help="sequences per forward/backward (default 16)")
+    p.add_argument("--clip-eps", type=float, default=0.2, help="PPO clip range epsilon (default 0.2)")
+    p.add_argument("--beta", type=float, default=0.04,
+                   help="KL weight to the reference (default 0.04 as DeepSeekMath; R1-Zero used 0.001; 0: no "
+                        "reference model)")
+    p.add_argument("--averaging", choices=["sequence", "token"], default="sequence",
+                   help="sequence: mean over each completion's tokens, then over completions (GRPO as published); "
+                        "token: mean over all tokens of the batch (default sequence)")
+    p.add_argument("--ref-refresh", type=int, default=0, help="copy the policy into the reference every N steps "
+                                                              "(default 0: never)")
+    p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (default 1e-5)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (default 1.0)")
+    p.add_argument("--format-weight", type=float, default=0.1, help="format reward weight (default 0.1)")
+    p.add_argument("--language-weight", type=float, default=0.0,
+                   help="language-consistency reward weight (default 0: off)")
+    p.add_argument("--template", choices=list(TEMPLATES), default="chat",
+                   help="prompt template: chat (default), r1-zero (R1-Zero's plain text), plain (problem + newline)")
+    p.add_argument("--seed", type=int, default=0, help="seed for problems and sampling (default 0)")
+    p.add_argument("--max-running", type=int, default=64, help="sequences the engine decodes together (default 64)")
+    p.add_argument("--save-every", type=int, default=20, help="checkpoint every N steps (default 20)")
+    p.add_argument("--keep", type=int, default=2, help="checkpoints to keep (default 2)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in RUN")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
