@@ -352,6 +352,11 @@ def cmd_grpo(args: argparse.Namespace) -> int:
     return grpo_main(args)
 
 
+def cmd_distill(args: argparse.Namespace) -> int:
+    from .rl.distill import main as distill_main
+    return distill_main(args)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .checkpoint import load_model
     from .data.tasks import get_task
@@ -563,6 +568,14 @@ def build_parser() -> argparse.ArgumentParser:
                                     "Checkpoints and --resume like pretrain. See docs/grpo.md.")
     add_grpo_arguments(sp)
     sp.set_defaults(func=cmd_grpo)
+
+    from .rl.distill import add_arguments as add_distill_arguments
+    sp = sub.add_parser("distill", help="rejection-sample a teacher's verified answers and SFT a smaller student",
+                        description="R1-style distillation: k teacher samples per train problem, keep those the "
+                                    "task verifies, fine-tune the student on them, report teacher and student "
+                                    "test accuracy (RUN/report.json).")
+    add_distill_arguments(sp)
+    sp.set_defaults(func=cmd_distill)
 
     sp = sub.add_parser("eval", help="accuracy on a reasoning task: pass@1 (greedy), pass@k and maj@k",
                         description="Evaluate a model dir on a task's fixed split through the engine: greedy pass@1 "

@@ -224,3 +224,30 @@ def test_cli_grpo_logs_checkpoints_and_resumes_exactly(sft_tiny, tmp_path):
         [{k: v for k, v in m.items() if k not in drop} for m in lines]
     a, b = load_model(tmp_path / "a").state_dict(), load_model(tmp_path / "b").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cli_distill_keeps_only_verified_samples(sft_tiny, tmp_path, capsys):
+    import json
+
+    from nanoseek import Transformer, preset, save_model
+    from nanoseek.cli import main
+    from nanoseek.tokenizer import Tokenizer
+    torch.manual_seed(1)
+    student = tmp_path / "student-base"
+    save_model(Transformer(preset("tiny", num_hidden_layers=1)), student, extra_files=Tokenizer.byte_level().files())
+    out = tmp_path / "distill"
+    assert main(["distill", "--teacher", str(sft_tiny), "--student", str(student), "--task", "arithmetic",
+                 "--problems", "40", "--k", "8", "--temperature", "1.0", "--max-tokens", "64", "--steps", "5",
+                 "--eval-n", "8", "--quiet", "--out", str(out)]) == 0
+    task = TASKS["arithmetic"]
+    by_prompt = {p.prompt: p for p in task.problems("train", 40, seed=0)}
+    lines = [json.loads(x) for x in (out / "distill.jsonl").read_text().splitlines()]
+    assert lines, "the teacher solved nothing"
+    for ex in lines:  # every kept answer passes the verifier, and is the teacher's own
+        user, assistant = ex["messages"]
+        assert task.verify(by_prompt[user["content"]], assistant["content"])
+    report = json.loads((out / "report.json").read_text())
+    assert report["examples"] == len(lines) and report["test_problems"] == 8
+    assert report["student_parameters"] < report["teacher_parameters"]
+    assert (out / "student" / "config.json").exists()
+    assert "teacher" in capsys.readouterr().out

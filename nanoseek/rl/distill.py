@@ -1,0 +1,125 @@
+"""`nanoseek distill`: R1's distillation in miniature — rejection-sample a teacher, SFT a student.
+
+    nanoseek distill --teacher runs/x/rl --student runs/x/small-base --task arithmetic --out runs/x/distill
+
+1. The teacher answers --problems train problems --k times each (temperature --temperature,
+   through the engine); only completions the task's verifier accepts are kept, at most
+   --keep-per-problem per problem, duplicates dropped (DeepSeek-R1 kept ~600K verified samples
+   this way). They are written to RUN/distill.jsonl in the chat format.
+2. The student is fine-tuned on them with `nanoseek sft` (RUN/student is that SFT run; its
+   final model dir is the distilled student).
+3. Teacher and student are evaluated greedily on the same fixed test problems; RUN/report.json
+   holds both accuracies and the data statistics.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from ..checkpoint import load_model
+from ..data.tasks import get_task
+from ..engine.engine import Engine
+from ..tokenizer import Tokenizer
+from ..train.args import TrainError
+from .evaluate import answer_params, completion_text, evaluate, prompt_ids
+
+
+def rejection_sample(engine: Engine, task, problems, k: int, temperature: float, max_tokens: int,
+                     keep_per_problem: int, seed: int) -> tuple[list[dict], dict]:
+    """Verified-correct teacher completions as chat examples, and counts."""
+    tok = engine.tok
+    ids = [prompt_ids(tok, p, "chat") for p in problems]
+    params = [answer_params(tok, temperature=temperature, max_tokens=max_tokens, seed=seed * 1_000_003 + i)
+              for i in range(len(problems) * k)]
+    reqs = engine.generate([x for x in ids for _ in range(k)], params)
+    examples, correct, solved = [], 0, 0
+    for i, p in enumerate(problems):
+        kept: list[str] = []
+        for r in reqs[i * k:(i + 1) * k]:
+            text = completion_text(tok, r).strip()
+            if task.verify(p, text):
+                correct += 1
+                if text not in kept and len(kept) < keep_per_problem:
+                    kept.append(text)
+        solved += bool(kept)
+        examples += [{"messages": [{"role": "user", "content": p.prompt}, {"role": "assistant", "content": t}]}
+                     for t in kept]
+    return examples, {"samples": len(reqs), "correct_samples": correct, "problems_solved": solved,
+                      "examples": len(examples)}
+
+
+def main(args) -> int:
+    from ..cli import build_parser
+    from ..train.sft import main as sft_main
+
+    for name in ("problems", "k", "keep_per_problem", "max_tokens", "eval_n", "steps"):
+        if getattr(args, name) < 1:
+            raise TrainError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
+    try:
+        task = get_task(args.task)
+        problems = task.problems("train", args.problems, seed=args.seed)
+        test = task.problems("test", args.eval_n)
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+    run = Path(args.out)
+    run.mkdir(parents=True, exist_ok=True)
+    data = run / "distill.jsonl"
+    tok = Tokenizer.load(args.teacher)
+    teacher = Engine(load_model(args.teacher), tok, max_running=args.max_running)
+    t0 = time.perf_counter()
+    if data.exists() and (run / "samples.json").exists():  # a rerun reuses the sampled data
+        stats = json.loads((run / "samples.json").read_text())
+        print(f"reusing {data} ({stats['examples']} examples)")
+    else:
+        examples, stats = rejection_sample(teacher, task, problems, args.k, args.temperature, args.max_tokens,
+                                           args.keep_per_problem, args.seed)
+        if not examples:
+            raise TrainError(f"the teacher solved none of the {len(problems)} problems in {args.k} tries each; "
+                             f"nothing to distil (train the teacher more, or raise --k)")
+        tmp = data.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples))
+        tmp.replace(data)
+        (run / "samples.json").write_text(json.dumps(stats, indent=2))
+        print(f"rejection sampling: {stats['correct_samples']} of {stats['samples']} samples correct, "
+              f"{stats['problems_solved']} of {len(problems)} problems solved, {stats['examples']} examples "
+              f"({time.perf_counter() - t0:.0f} s)")
+    student_run = run / "student"
+    sft_args = build_parser().parse_args(
+        ["sft", "--model", args.student, "--data", str(data), "--out", str(student_run), "--steps", str(args.steps),
+         "--lr", str(args.lr), "--seed", str(args.seed)] + (["--resume"] if (student_run / "checkpoints").exists()
+                                                            else []) + (["--quiet"] if args.quiet else []))
+    sft_main(sft_args)
+    student = Engine(load_model(student_run), Tokenizer.load(student_run), max_running=args.max_running)
+    before = evaluate(Engine(load_model(args.student), Tokenizer.load(args.student), max_running=args.max_running),
+                      task, test, max_tokens=args.max_tokens)
+    t_rep = evaluate(teacher, task, test, max_tokens=args.max_tokens)
+    s_rep = evaluate(student, task, test, max_tokens=args.max_tokens)
+    report = {"task": task.name, "test_problems": len(test), "teacher_pass1": t_rep.pass1,
+              "student_before_pass1": before.pass1, "student_after_pass1": s_rep.pass1, **stats,
+              "teacher_parameters": teacher.model.num_parameters(),
+              "student_parameters": student.model.num_parameters()}
+    (run / "report.json").write_text(json.dumps(report, indent=2))
+    print(f"{task.name} test pass@1 (greedy, {len(test)} problems): teacher {t_rep.pass1:.1%}; student "
+          f"{before.pass1:.1%} before, {s_rep.pass1:.1%} after distillation")
+    return 0
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--teacher", required=True, metavar="DIR", help="the model to learn from (e.g. a GRPO run)")
+    p.add_argument("--student", required=True, metavar="DIR",
+                   help="the model to train (a smaller model dir with the same tokenizer)")
+    p.add_argument("--task", required=True, help="arithmetic or countdown")
+    p.add_argument("--out", required=True, metavar="RUN", help="run dir: data, the student's SFT run, report.json")
+    p.add_argument("--problems", type=int, default=500, help="train problems to sample (default 500)")
+    p.add_argument("--k", type=int, default=4, help="teacher samples per problem (default 4)")
+    p.add_argument("--keep-per-problem", type=int, default=2, help="distinct correct samples kept (default 2)")
+    p.add_argument("--temperature", type=float, default=0.7, help="teacher sampling temperature (default 0.7)")
+    p.add_argument("--max-tokens", type=int, default=256, help="longest completion (default 256)")
+    p.add_argument("--steps", type=int, default=300, help="student SFT steps (default 300)")
+    p.add_argument("--lr", type=float, default=5e-4, help="student SFT learning rate (default 5e-4)")
+    p.add_argument("--eval-n", type=int, default=100, help="test problems for the report (default 100)")
+    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    p.add_argument("--max-running", type=int, default=64, help="sequences decoded together (default 64)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
