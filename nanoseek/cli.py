@@ -560,22 +560,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--quiet", action="store_true", help="no access log")
     sp.set_defaults(func=cmd_serve)
 
-    from .rl.train import add_arguments as add_grpo_arguments
-    sp = sub.add_parser("grpo", help="GRPO reinforcement learning with rule rewards on a reasoning task",
-                        description="R1-style RL: G completions per problem from the engine, rule rewards "
-                                    "(accuracy, format, optional language consistency), group-normalised "
-                                    "advantages, the clipped GRPO loss with a k3 KL to a frozen reference. "
-                                    "Checkpoints and --resume like pretrain. See docs/grpo.md.")
-    add_grpo_arguments(sp)
-    sp.set_defaults(func=cmd_grpo)
-
-    from .rl.distill import add_arguments as add_distill_arguments
-    sp = sub.add_parser("distill", help="rejection-sample a teacher's verified answers and SFT a smaller student",
-                        description="R1-style distillation: k teacher samples per train problem, keep those the "
-                                    "task verifies, fine-tune the student on them, report teacher and student "
-                                    "test accuracy (RUN/report.json).")
-    add_distill_arguments(sp)
-    sp.set_defaults(func=cmd_distill)
+    from .rl.args import add_distill_arguments, add_grpo_arguments
+    for name, add_args, func, summary, description in (
+            ("grpo", add_grpo_arguments, cmd_grpo, "GRPO reinforcement learning with rule rewards on a reasoning task",
+             "R1-style RL: G completions per problem from the engine, rule rewards (accuracy, format, optional "
+             "language consistency), group-normalised advantages, the clipped GRPO loss with a k3 KL to a frozen "
+             "reference. Checkpoints and --resume like pretrain. See docs/grpo.md."),
+            ("distill", add_distill_arguments, cmd_distill, "rejection-sample a teacher's verified answers and SFT a smaller student",
+             "R1-style distillation: k teacher samples per train problem, keep those the task verifies, fine-tune "
+             "the student on them, report teacher and student test accuracy (RUN/report.json).")):
+        sp = sub.add_parser(name, help=summary, description=description)
+        add_args(sp)
+        sp.set_defaults(func=func)
 
     sp = sub.add_parser("eval", help="accuracy on a reasoning task: pass@1 (greedy), pass@k and maj@k",
                         description="Evaluate a model dir on a task's fixed split through the engine: greedy pass@1 "

@@ -104,22 +104,3 @@ def main(args) -> int:
     print(f"{task.name} test pass@1 (greedy, {len(test)} problems): teacher {t_rep.pass1:.1%}; student "
           f"{before.pass1:.1%} before, {s_rep.pass1:.1%} after distillation")
     return 0
-
-
-def add_arguments(p) -> None:
-    p.add_argument("--teacher", required=True, metavar="DIR", help="the model to learn from (e.g. a GRPO run)")
-    p.add_argument("--student", required=True, metavar="DIR",
-                   help="the model to train (a smaller model dir with the same tokenizer)")
-    p.add_argument("--task", required=True, help="arithmetic or countdown")
-    p.add_argument("--out", required=True, metavar="RUN", help="run dir: data, the student's SFT run, report.json")
-    p.add_argument("--problems", type=int, default=500, help="train problems to sample (default 500)")
-    p.add_argument("--k", type=int, default=4, help="teacher samples per problem (default 4)")
-    p.add_argument("--keep-per-problem", type=int, default=2, help="distinct correct samples kept (default 2)")
-    p.add_argument("--temperature", type=float, default=0.7, help="teacher sampling temperature (default 0.7)")
-    p.add_argument("--max-tokens", type=int, default=256, help="longest completion (default 256)")
-    p.add_argument("--steps", type=int, default=300, help="student SFT steps (default 300)")
-    p.add_argument("--lr", type=float, default=5e-4, help="student SFT learning rate (default 5e-4)")
-    p.add_argument("--eval-n", type=int, default=100, help="test problems for the report (default 100)")
-    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
-    p.add_argument("--max-running", type=int, default=64, help="sequences decoded together (default 64)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -18,6 +18,7 @@ from ..data.tasks import Problem, Task, extract_answer
 from ..engine.engine import Engine
 from ..engine.sampling import SamplingParams
 from ..tokenizer import Tokenizer
+from .args import TEMPLATES
 from .rewards import format_reward
 
 R1_ZERO = ("A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
@@ -25,7 +26,6 @@ R1_ZERO = ("A conversation between User and Assistant. The user asks a question,
            "answer. The reasoning process and answer are enclosed within <think> </think> and <answer> </answer> "
            "tags, respectively, i.e., <think> reasoning process here </think> <answer> answer here </answer>. "
            "User: {prompt}. Assistant:")
-TEMPLATES = ("chat", "r1-zero", "plain")  # plain: the problem then a newline, as the pretraining corpus writes it
 
 
 def prompt_ids(tok: Tokenizer, problem: Problem, template: str = "chat") -> list[int]:

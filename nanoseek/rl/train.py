@@ -35,7 +35,7 @@ from ..tokenizer import Tokenizer
 from ..train.args import TrainError
 from ..train.common import MetricsLog, complete_checkpoints, load_training_state, save_checkpoint, set_rng_state
 from ..train.pretrain import export_final
-from .evaluate import TEMPLATES, answer_params, completion_text, prompt_ids
+from .evaluate import answer_params, completion_text, prompt_ids
 from .grpo import group_advantages, grpo_loss
 from .rewards import RewardConfig, score
 
@@ -220,41 +220,3 @@ def main(args) -> int:
     if steps.step_num == args.steps:
         export_final(policy, run, files)
     return 0
-
-
-def add_arguments(p) -> None:
-    p.add_argument("--model", required=True, metavar="DIR", help="the starting policy (an SFT'd model dir)")
-    p.add_argument("--task", required=True, help="arithmetic or countdown")
-    p.add_argument("--out", required=True, metavar="RUN", help="run dir: metrics, checkpoints, the final model")
-    p.add_argument("--level", type=int, help="train on one difficulty level (default: all, cycling)")
-    p.add_argument("--steps", type=int, default=100, help="GRPO steps (default 100)")
-    p.add_argument("--prompts", type=int, default=8, help="problems per step, P (default 8)")
-    p.add_argument("--group", type=int, default=8, help="completions per problem, G (default 8)")
-    p.add_argument("--max-tokens", type=int, default=256, help="longest completion (default 256)")
-    p.add_argument("--temperature", type=float, default=1.0, help="rollout temperature (default 1, as R1-Zero)")
-    p.add_argument("--inner-updates", type=int, default=1,
-                   help="optimizer steps per batch of rollouts, mu (default 1: the ratio starts at 1)")
-    p.add_argument("--minibatch", type=int, default=16, help="sequences per forward/backward (default 16)")
-    p.add_argument("--clip-eps", type=float, default=0.2, help="PPO clip range epsilon (default 0.2)")
-    p.add_argument("--beta", type=float, default=0.04,
-                   help="KL weight to the reference (default 0.04 as DeepSeekMath; R1-Zero used 0.001; 0: no "
-                        "reference model)")
-    p.add_argument("--averaging", choices=["sequence", "token"], default="sequence",
-                   help="sequence: mean over each completion's tokens, then over completions (GRPO as published); "
-                        "token: mean over all tokens of the batch (default sequence)")
-    p.add_argument("--ref-refresh", type=int, default=0, help="copy the policy into the reference every N steps "
-                                                              "(default 0: never)")
-    p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (default 1e-5)")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
-    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (default 1.0)")
-    p.add_argument("--format-weight", type=float, default=0.1, help="format reward weight (default 0.1)")
-    p.add_argument("--language-weight", type=float, default=0.0,
-                   help="language-consistency reward weight (default 0: off)")
-    p.add_argument("--template", choices=list(TEMPLATES), default="chat",
-                   help="prompt template: chat (default), r1-zero (R1-Zero's plain text), plain (problem + newline)")
-    p.add_argument("--seed", type=int, default=0, help="seed for problems and sampling (default 0)")
-    p.add_argument("--max-running", type=int, default=64, help="sequences the engine decodes together (default 64)")
-    p.add_argument("--save-every", type=int, default=20, help="checkpoint every N steps (default 20)")
-    p.add_argument("--keep", type=int, default=2, help="checkpoints to keep (default 2)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in RUN")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
