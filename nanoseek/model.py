@@ -79,7 +79,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
     x: (B, T, ..., R); cos, sin: (B or 1, T, R/2).
     """
-    rotation = torch.complex(cos, sin)  # e^{i m theta}
+    rotation = torch.complex(cos.float(), sin.float())  # e^{i m theta}; complex32 does not exist for bf16
     rotation = rotation.view(rotation.shape[:2] + (1,) * (x.dim() - 3) + rotation.shape[2:])
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (..., R/2) complex
     return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)

@@ -226,3 +226,18 @@ def test_padded_batch_equals_one_by_one(tiny_model, absorb):
         for b, p in enumerate(prompts):
             alone = tiny_model(p[None])
             assert torch.allclose(batched[b, pad[b]:], alone[0], atol=1e-5), b
+
+
+def test_a_bf16_model_runs_and_stays_close_to_fp32(tiny_model):
+    """Weights in bf16 (not autocast): every path, the latent-cache decode too, runs in bf16."""
+    import copy
+    x = torch.randint(0, tiny_model.cfg.vocab_size, (2, 12))
+    half = copy.deepcopy(tiny_model).to(torch.bfloat16)
+    with torch.no_grad():
+        want = tiny_model(x).log_softmax(-1)
+        got = half(x).float().log_softmax(-1)
+        cache = LatentCache(half.cfg, 2, 12, dtype=torch.bfloat16)
+        half(x[:, :11], cache=cache)
+        step = half(x[:, 11:], start_pos=11, cache=cache, absorb=True).float().log_softmax(-1)
+    assert got.dtype == torch.float32 and (got - want).abs().max() < 0.15
+    assert (step[:, 0] - want[:, 11]).abs().max() < 0.15

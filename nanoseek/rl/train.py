@@ -73,20 +73,27 @@ class _Steps:
         return {"step": self.step_num}
 
 
-def sequence_logprobs(model: Transformer, seqs: list[list[int]], starts: list[int]) -> tuple[torch.Tensor, ...]:
-    """Log-probs (B, T) of each sequence's tokens from `starts[b]` on, their mask, and per-token entropy."""
+def sequence_logprobs(model: Transformer, seqs: list[list[int]], starts: list[int], entropy: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Log-probs (B, W) of the sampled tokens over the window where completions are (from the
+    earliest completion start on: the head never runs on prompt-only positions), their mask, and
+    with `entropy` the policy's per-token entropy there (for logging, no gradient)."""
     T = max(len(s) for s in seqs)
     x = torch.zeros(len(seqs), T, dtype=torch.long)
     for b, s in enumerate(seqs):
         x[b, : len(s)] = torch.tensor(s)
-    logits = model(x[:, :-1]).float()  # position t predicts token t + 1
-    logp_all = logits.log_softmax(-1)
-    logp = logp_all.gather(-1, x[:, 1:, None])[..., 0]
+    first = min(starts) - 1  # position t predicts token t + 1
+    h, _ = model.trunk(x[:, :-1])
+    logp_all = model.lm_head(h[:, first:]).float().log_softmax(-1)
+    logp = logp_all.gather(-1, x[:, first + 1:, None])[..., 0]
     mask = torch.zeros_like(logp)
     for b, (s, start) in enumerate(zip(seqs, starts)):
-        mask[b, start - 1: len(s) - 1] = 1.0  # targets are the completion's tokens
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logp, mask, entropy
+        mask[b, start - 1 - first: len(s) - 1 - first] = 1.0  # targets are the completion's tokens
+    ent = None
+    if entropy:
+        with torch.no_grad():
+            ent = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, mask, ent
 
 
 def rollout(engine: Engine, task, cfg: GRPOConfig, step: int, tok: Tokenizer):
@@ -122,8 +129,9 @@ def grpo_step(policy: Transformer, ref: Transformer | None, optim, engine: Engin
         starts = [len(prompts[i]) for i, _ in keep]
         advantages = torch.stack([adv[i, j] for i, j in keep])
         batches = [range(k, min(k + cfg.minibatch, len(seqs))) for k in range(0, len(seqs), cfg.minibatch)]
-        with torch.no_grad():  # the sampling policy and the reference, once per batch of rollouts
-            old = [sequence_logprobs(policy, [seqs[b] for b in mb], [starts[b] for b in mb])[0] for mb in batches]
+        with torch.no_grad():  # the sampling policy (needed from the second update on) and the reference
+            old = ([sequence_logprobs(policy, [seqs[b] for b in mb], [starts[b] for b in mb])[0] for mb in batches]
+                   if cfg.inner_updates > 1 else [None] * len(batches))
             refs = ([sequence_logprobs(ref, [seqs[b] for b in mb], [starts[b] for b in mb])[0] for mb in batches]
                     if ref is not None else [None] * len(batches))
         total_tokens = sum(len(s) - st for s, st in zip(seqs, starts))
@@ -132,7 +140,10 @@ def grpo_step(policy: Transformer, ref: Transformer | None, optim, engine: Engin
             optim.zero_grad(set_to_none=True)
             kl = clip_frac = entropy = 0.0
             for mb, old_lp, ref_lp in zip(batches, old, refs):
-                logp, mask, ent = sequence_logprobs(policy, [seqs[b] for b in mb], [starts[b] for b in mb])
+                logp, mask, ent = sequence_logprobs(policy, [seqs[b] for b in mb], [starts[b] for b in mb],
+                                                    entropy=True)
+                if old_lp is None:  # one update per rollout: the policy is still the sampling policy
+                    old_lp = logp.detach()
                 loss, stats = grpo_loss(logp, old_lp, advantages[list(mb)], mask, ref_lp, cfg.clip_eps, cfg.beta,
                                         cfg.averaging)
                 share = (len(mb) / len(seqs) if cfg.averaging == "sequence" else float(mask.sum()) / total_tokens)
@@ -140,7 +151,7 @@ def grpo_step(policy: Transformer, ref: Transformer | None, optim, engine: Engin
                 tokens_share = float(mask.sum()) / total_tokens
                 kl += stats.kl * tokens_share
                 clip_frac += stats.clip_fraction * tokens_share
-                entropy += float((ent.detach() * mask).sum()) / total_tokens
+                entropy += float((ent * mask).sum()) / total_tokens
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.clip)
             optim.step()
         policy.eval()
