@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from tokenizers import Regex
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -52,7 +53,11 @@ class TokenizerError(ValueError):
 
 
 def _pre_tokenizer():
-    return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    """Every digit is a piece of its own (with the space before a number kept on its first digit),
+    as DeepSeek LLM and LLaMA split numbers: column arithmetic then sees digits, never "95" as one
+    opaque token. Then GPT-2-style byte-level pieces."""
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r" ?\p{N}"), behavior="isolated"),
+                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
 
 
 class Tokenizer:

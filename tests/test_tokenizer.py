@@ -40,6 +40,16 @@ def test_training_learns_merges(trained):
     assert len(trained.encode(CORPUS[0])) < len(Tokenizer.byte_level().encode(CORPUS[0]))
 
 
+def test_numbers_are_split_into_digits():
+    """However often a number occurs, no token holds two digits; a leading space rides on the first."""
+    tok = Tokenizer.train(["What is 95 + 80? so 95 + 80 = 175\n" * 200, "year 2024, 3.14159 ١٢٣\n" * 200], 400)
+    digit_tokens = [t for t in tok.tk.get_vocab() if sum(c.isdigit() for c in tok.tk.decoder.decode([t])) > 1]
+    assert digit_tokens == []
+    pieces = [tok.decode([i]) for i in tok.encode("What is 95 + 80?")]
+    assert pieces[pieces.index(" 9"):pieces.index(" 9") + 2] == [" 9", "5"]
+    assert tok.decode(tok.encode("95 + 80 = 175")) == "95 + 80 = 175"
+
+
 def test_vocab_size_floor():
     with pytest.raises(TokenizerError, match="vocab_size must be >= 265"):
         Tokenizer.train(CORPUS, vocab_size=100)
