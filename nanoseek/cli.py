@@ -364,8 +364,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .rl.evaluate import evaluate, format_report
     from .tokenizer import Tokenizer
 
-    if args.n < 1 or args.k < 1 or args.max_tokens < 1:
-        raise UsageError("--n, --k and --max-tokens must be >= 1")
+    if args.n < 1 or args.k < 1 or args.max_tokens < 1 or args.max_running < 1:
+        raise UsageError("--n, --k, --max-tokens and --max-running must be >= 1")
+    if not args.temperature >= 0:
+        raise UsageError(f"--temperature must be >= 0 (got {args.temperature})")
     try:
         task = get_task(args.task)
         problems = task.problems(args.split, args.n, level=args.level)

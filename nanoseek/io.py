@@ -31,6 +31,17 @@ def model_dir(path: str | os.PathLike) -> Path:
     return path
 
 
+def write_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write a text file through a temporary sibling and a rename: readers see the old or the new."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}{TMP_MARK}{uuid.uuid4().hex[:8]}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

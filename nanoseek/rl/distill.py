@@ -21,6 +21,7 @@ from pathlib import Path
 from ..checkpoint import load_model
 from ..data.tasks import get_task
 from ..engine.engine import Engine
+from ..io import write_atomic
 from ..tokenizer import Tokenizer
 from ..train.args import TrainError
 from .evaluate import answer_params, completion_text, evaluate, prompt_ids
@@ -57,6 +58,8 @@ def main(args) -> int:
     for name in ("problems", "k", "keep_per_problem", "max_tokens", "eval_n", "steps"):
         if getattr(args, name) < 1:
             raise TrainError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
+    if not args.temperature >= 0 or not args.lr > 0:
+        raise TrainError(f"--temperature must be >= 0 and --lr > 0 (got {args.temperature}, {args.lr})")
     try:
         task = get_task(args.task)
         problems = task.problems("train", args.problems, seed=args.seed)
@@ -78,10 +81,8 @@ def main(args) -> int:
         if not examples:
             raise TrainError(f"the teacher solved none of the {len(problems)} problems in {args.k} tries each; "
                              f"nothing to distil (train the teacher more, or raise --k)")
-        tmp = data.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples))
-        tmp.replace(data)
-        (run / "samples.json").write_text(json.dumps(stats, indent=2))
+        write_atomic(data, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples))
+        write_atomic(run / "samples.json", json.dumps(stats, indent=2))  # last: marks the data complete
         print(f"rejection sampling: {stats['correct_samples']} of {stats['samples']} samples correct, "
               f"{stats['problems_solved']} of {len(problems)} problems solved, {stats['examples']} examples "
               f"({time.perf_counter() - t0:.0f} s)")
@@ -100,7 +101,7 @@ def main(args) -> int:
               "student_before_pass1": before.pass1, "student_after_pass1": s_rep.pass1, **stats,
               "teacher_parameters": teacher.model.num_parameters(),
               "student_parameters": student.model.num_parameters()}
-    (run / "report.json").write_text(json.dumps(report, indent=2))
+    write_atomic(run / "report.json", json.dumps(report, indent=2))
     print(f"{task.name} test pass@1 (greedy, {len(test)} problems): teacher {t_rep.pass1:.1%}; student "
           f"{before.pass1:.1%} before, {s_rep.pass1:.1%} after distillation")
     return 0

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import copy
 import json
-import signal
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,10 +28,12 @@ import torch
 from ..checkpoint import load_model, save_model
 from ..data.tasks import get_task
 from ..engine.engine import Engine
+from ..io import write_atomic
 from ..model import Transformer
 from ..tokenizer import Tokenizer
 from ..train.args import TrainError
-from ..train.common import MetricsLog, complete_checkpoints, load_training_state, save_checkpoint, set_rng_state
+from ..train.common import (MetricsLog, complete_checkpoints, graceful_sigint, load_training_state,
+                            save_checkpoint, set_rng_state)
 from ..train.pretrain import export_final
 from .evaluate import answer_params, completion_text, prompt_ids
 from .grpo import group_advantages, grpo_loss
@@ -166,6 +166,10 @@ def main(args) -> int:
     for name in ("steps", "prompts", "group", "max_tokens", "inner_updates", "minibatch", "save_every", "keep"):
         if getattr(args, name) < 1:
             raise TrainError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
+    for name in ("temperature", "beta", "lr", "clip_eps", "clip"):
+        if not getattr(args, name) >= 0 or (name in ("lr", "clip_eps") and getattr(args, name) == 0):
+            raise TrainError(f"--{name.replace('_', '-')} must be {'> 0' if name in ('lr', 'clip_eps') else '>= 0'} "
+                             f"(got {getattr(args, name)})")
     if args.group < 2:
         raise TrainError("--group must be >= 2: advantages compare completions within a group")
     try:
@@ -193,41 +197,32 @@ def main(args) -> int:
         steps.step_num = saved["trainer"]["step"]
         set_rng_state(saved["rng"])
     run.mkdir(parents=True, exist_ok=True)
-    (run / "grpo_args.json").write_text(json.dumps(vars(args), indent=2, default=str))
+    write_atomic(run / "grpo_args.json", json.dumps(vars(args), indent=2, default=str))
     if ref is not None and not saved:
         save_model(ref, run / "reference")
     engine = Engine(policy, tok, max_running=args.max_running)
     log = MetricsLog(run, True, steps.step_num)
     files = tok.files(policy.cfg.max_position_embeddings)
-    stop = {"now": False}
-
-    def on_sigint(signum, frame):
-        if stop["now"]:
-            raise KeyboardInterrupt
-        stop["now"] = True
-        print("\nstopping: saving a checkpoint first (Ctrl-C again to abort without saving)", file=sys.stderr)
-
-    previous = signal.signal(signal.SIGINT, on_sigint)
     bar = tqdm(total=args.steps, initial=steps.step_num, disable=args.quiet, unit="step", dynamic_ncols=True)
-    try:
-        while steps.step_num < args.steps:
-            m = grpo_step(policy, ref, optim, engine, task, cfg, steps.step_num, tok)
-            steps.step_num += 1
-            if ref is not None and cfg.ref_refresh and steps.step_num % cfg.ref_refresh == 0:
-                ref.load_state_dict(policy.state_dict())
-                save_model(ref, run / "reference")
-            log.write(m)
-            bar.update(1)
-            bar.set_postfix(reward=f"{m['reward']:.3f}", acc=f"{m['accuracy']:.2f}", len=f"{m['response_length']:.0f}",
-                            refresh=False)
-            if steps.step_num % args.save_every == 0 or steps.step_num == args.steps or stop["now"]:
-                save_checkpoint(run, policy, optim, steps, {"config": asdict(cfg)}, files, args.keep)
-            if stop["now"]:
-                break
-    finally:
-        bar.close()
-        log.close()
-        signal.signal(signal.SIGINT, previous)
+    with graceful_sigint() as stop:
+        try:
+            while steps.step_num < args.steps:
+                m = grpo_step(policy, ref, optim, engine, task, cfg, steps.step_num, tok)
+                steps.step_num += 1
+                if ref is not None and cfg.ref_refresh and steps.step_num % cfg.ref_refresh == 0:
+                    ref.load_state_dict(policy.state_dict())
+                    save_model(ref, run / "reference")
+                log.write(m)
+                bar.update(1)
+                bar.set_postfix(reward=f"{m['reward']:.3f}", acc=f"{m['accuracy']:.2f}",
+                                len=f"{m['response_length']:.0f}", refresh=False)
+                if steps.step_num % args.save_every == 0 or steps.step_num == args.steps or stop["now"]:
+                    save_checkpoint(run, policy, optim, steps, {"config": asdict(cfg)}, files, args.keep)
+                if stop["now"]:
+                    break
+        finally:
+            bar.close()
+            log.close()
     if steps.step_num == args.steps:
         export_final(policy, run, files)
     return 0

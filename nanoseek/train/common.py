@@ -12,10 +12,13 @@ of every MoE layer moves by gamma toward balance, from the step's expert loads s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
 import shutil
+import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -267,6 +270,26 @@ def set_rng_state(s: dict) -> None:
     torch.set_rng_state(s["torch"])
     if torch.cuda.is_available() and s["cuda"]:
         torch.cuda.set_rng_state_all(s["cuda"])
+
+
+# ---- stopping ------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def graceful_sigint():
+    """Ctrl-C sets stop["now"] so the loop saves a checkpoint and leaves; a second Ctrl-C aborts."""
+    stop = {"now": False}
+
+    def on_sigint(signum, frame):
+        if stop["now"]:
+            raise KeyboardInterrupt
+        stop["now"] = True
+        print("\nstopping: saving a checkpoint first (Ctrl-C again to abort without saving)", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 # ---- checkpoints --------------------------------------------------------------------------------------

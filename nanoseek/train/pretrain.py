@@ -14,7 +14,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Callable
@@ -29,7 +28,7 @@ from ..perf import matmul_peak
 from ..tokenizer import Tokenizer
 from . import dist
 from .common import (LossConfig, MetricsLog, OptimConfig, Trainer, build_optimizer, complete_checkpoints,
-                     load_training_state, save_checkpoint, set_rng_state)
+                     graceful_sigint, load_training_state, save_checkpoint, set_rng_state)
 
 
 from .args import TrainError
@@ -111,49 +110,40 @@ def train_loop(args, model: Transformer, saved: dict | None, next_micro_batch, d
     log = MetricsLog(run, world.main, trainer.step_num, args.tensorboard, args.wandb, vars(args))
     peak = matmul_peak(trainer.amp or torch.float32, seconds=0.3, device=world.device)
     flops_per_token = estimate(model.cfg, seq_len=args.seq_len).flops_per_token_train
-    stop = {"now": False}
-
-    def on_sigint(signum, frame):
-        if stop["now"]:
-            raise KeyboardInterrupt
-        stop["now"] = True
-        print("\nstopping: saving a checkpoint first (Ctrl-C again to abort without saving)", file=sys.stderr)
-
-    previous = signal.signal(signal.SIGINT, on_sigint)
     tokenizer_files = tok.files(model.cfg.max_position_embeddings)
     bar = tqdm(total=args.steps, initial=trainer.step_num, disable=args.quiet or not world.main, unit="step",
                dynamic_ncols=True)
-    try:
-        while trainer.step_num < args.steps:
-            m = trainer.step([next_micro_batch() for _ in range(args.grad_accum)])
-            if "seconds" in m:
-                m["tokens_per_s"] = m["tokens"] / m["seconds"]
-                m["mfu"] = flops_per_token * m["tokens_per_s"] / peak
-            log.write(m)
-            if m.get("skipped") and world.main:
-                tqdm.write(f"warning: step {m['step']} skipped: non-finite loss ({m['loss']}) or gradient norm "
-                           f"({m['grad_norm']}); {trainer.skipped} skipped so far", file=sys.stderr)
-            bar.update(1)
-            bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{m['lr']:.2e}",
-                            tok_s=f"{m.get('tokens_per_s', 0):.0f}", refresh=False)
-            last = trainer.step_num == args.steps
-            if trainer.step_num % args.save_every == 0 or last or stop["now"]:
-                if world.main:
-                    try:
-                        save_checkpoint(run, model, optim, trainer,
-                                        {"data": data_state.state_dict(), **(extra_state_fn() if extra_state_fn else {})},
-                                        tokenizer_files, args.keep)
-                    except OSError as e:
-                        done = complete_checkpoints(run)
-                        raise TrainError(f"could not save a checkpoint in {run}: {e.strerror or e}; "
-                                         f"the previous one ({done[-1] if done else 'none'}) is intact") from None
-                dist.barrier(world)
-            if stop["now"]:
-                break
-    finally:
-        bar.close()
-        log.close()
-        signal.signal(signal.SIGINT, previous)
+    with graceful_sigint() as stop:
+        try:
+            while trainer.step_num < args.steps:
+                m = trainer.step([next_micro_batch() for _ in range(args.grad_accum)])
+                if "seconds" in m:
+                    m["tokens_per_s"] = m["tokens"] / m["seconds"]
+                    m["mfu"] = flops_per_token * m["tokens_per_s"] / peak
+                log.write(m)
+                if m.get("skipped") and world.main:
+                    tqdm.write(f"warning: step {m['step']} skipped: non-finite loss ({m['loss']}) or gradient norm "
+                               f"({m['grad_norm']}); {trainer.skipped} skipped so far", file=sys.stderr)
+                bar.update(1)
+                bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{m['lr']:.2e}",
+                                tok_s=f"{m.get('tokens_per_s', 0):.0f}", refresh=False)
+                last = trainer.step_num == args.steps
+                if trainer.step_num % args.save_every == 0 or last or stop["now"]:
+                    if world.main:
+                        try:
+                            save_checkpoint(run, model, optim, trainer,
+                                            {"data": data_state.state_dict(), **(extra_state_fn() if extra_state_fn else {})},
+                                            tokenizer_files, args.keep)
+                        except OSError as e:
+                            done = complete_checkpoints(run)
+                            raise TrainError(f"could not save a checkpoint in {run}: {e.strerror or e}; "
+                                             f"the previous one ({done[-1] if done else 'none'}) is intact") from None
+                    dist.barrier(world)
+                if stop["now"]:
+                    break
+        finally:
+            bar.close()
+            log.close()
     if trainer.step_num == args.steps and world.main:
         export_final(model, run, tokenizer_files)
     return model
