@@ -80,3 +80,61 @@ def plot_run(run: str | Path) -> list[Path]:
         written.append(out / "expert_load.png")
     plt.close("all")
     return written
+
+
+def plot_grpo(run: str | Path) -> list[Path]:
+    """RUN/plots/reward.png (mean reward, accuracy and format rate per step) and response_length.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(run)
+    out = Path(run) / "plots"
+    out.mkdir(exist_ok=True)
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("reward", "mean reward"), ("accuracy", "accuracy"), ("format", "format rate")):
+        ax.plot(steps, [r[key] for r in rows], label=label, lw=1)
+    ax.set_xlabel("GRPO step")
+    ax.set_ylim(-0.02, 1.1)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "reward.png", dpi=120)
+    fig, ax = plt.subplots(figsize=(7, 3))
+    ax.plot(steps, [r["response_length"] for r in rows], lw=1)
+    ax.set_xlabel("GRPO step")
+    ax.set_ylabel("mean response length (tokens)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "response_length.png", dpi=120)
+    plt.close("all")
+    return [out / "reward.png", out / "response_length.png"]
+
+
+def plot_accuracy(accuracy: dict[str, dict[str, float]], path: str | Path) -> Path:
+    """Grouped bars: greedy test accuracy of each task ({stage: {task: pass@1}}) after each stage."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = list(accuracy)
+    tasks = sorted({t for v in accuracy.values() for t in v})
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    width = 0.8 / max(1, len(tasks))
+    for i, task in enumerate(tasks):
+        xs = [s + i * width for s in range(len(stages))]
+        vals = [100 * accuracy[st].get(task, 0.0) for st in stages]
+        bars = ax.bar(xs, vals, width, label=task)
+        ax.bar_label(bars, fmt="%.0f", fontsize=8)
+    ax.set_xticks([s + width * (len(tasks) - 1) / 2 for s in range(len(stages))], stages)
+    ax.set_ylabel("test pass@1 (%)")
+    ax.set_ylim(0, 105)
+    ax.legend()
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close("all")
+    return Path(path)

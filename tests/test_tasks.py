@@ -115,3 +115,28 @@ def test_exhausted_split_is_a_clear_error():
 def test_unknown_task():
     with pytest.raises(ValueError, match="unknown task 'chess'"):
         get_task("chess")
+
+
+def test_the_generated_corpus_holds_no_test_or_validation_problem(tmp_path):
+    import json
+
+    from nanoseek.data.corpus import write_corpus
+    from nanoseek.data.tasks import split_of
+
+    files = write_corpus(tmp_path, 0.5, seed=3)
+    records = [json.loads(line) for f in files for line in f.read_text().splitlines()]
+    prompts = [r["text"].split("\n", 1)[0] for r in records if r.get("task")]
+    assert len(prompts) > 300
+    by_prompt = {p.prompt: p for t in TASKS.values() for split in ("test", "validation")
+                 for p in t.problems(split, 100 if t.name == "countdown" else 400)}
+    assert not [p for p in prompts if p in by_prompt]
+    arithmetic = [p for p in prompts if p.startswith("What is")]
+    keys = [p[len("What is "):-1].replace(" ", "") for p in arithmetic]
+    assert all(split_of(k) == "train" for k in keys)
+
+
+def test_a_small_level_gives_what_it_has_when_not_strict():
+    with pytest.raises(ValueError, match="only 16 distinct test problems exist at level 1"):
+        arith.problems("test", 100, level=1)
+    got = arith.problems("test", 100, level=1, strict=False)
+    assert got == arith.problems("test", 16, level=1) and len({p.key for p in got}) == 16

@@ -14,7 +14,7 @@ import json
 import random
 from pathlib import Path
 
-from .tasks import TASKS
+from .tasks import TASKS, split_of
 
 _EN = ("the of and to in is was for on that with as by at from his her they this which were had are "
        "river mountain city bright night story people open read write garden letter window morning friend "
@@ -49,8 +49,10 @@ def _chinese(rng: random.Random) -> str:
 
 
 def _task(rng: random.Random) -> dict:
+    """A worked solution of a train-split problem: test and validation problems never leak into pretraining."""
     task = TASKS[rng.choice(list(TASKS))]
-    p = task.make(rng, rng.choice(task.levels))
+    while split_of((p := task.make(rng, rng.choice(task.levels))).key) != "train":
+        pass
     return {"text": f"{p.prompt}\n{task.solution(p)}", "difficulty": p.level, "task": task.name}
 
 

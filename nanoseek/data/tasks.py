@@ -68,8 +68,11 @@ class Task:
         answer = extract_answer(completion)
         return answer is not None and self.check(problem, answer)
 
-    def problems(self, split: str, n: int, level: int | None = None, seed: int | None = None) -> list[Problem]:
-        """n distinct problems of one split; levels cycle through `self.levels` unless one is given."""
+    def problems(self, split: str, n: int, level: int | None = None, seed: int | None = None,
+                 strict: bool = True) -> list[Problem]:
+        """n distinct problems of one split; levels cycle through `self.levels` unless one is given.
+        A level that runs out of fresh problems is dropped; with none left, raise (or, not `strict`,
+        return the fewer found)."""
         if split not in SPLITS:
             raise ValueError(f"split must be one of {', '.join(SPLITS)} (got {split!r})")
         if level is not None and level not in self.levels:
@@ -85,6 +88,8 @@ class Task:
                 if misses > 2000:  # this level has no fresh problems left in this split
                     active.remove(lvl)
                     misses = 0
+                    if not active and not strict:
+                        break
                     if not active:
                         raise ValueError(f"{self.name}: only {len(out)} distinct {split} problems exist"
                                          f"{'' if level is None else f' at level {level}'}; ask for fewer")

@@ -82,6 +82,7 @@ def sequence_logprobs(model: Transformer, seqs: list[list[int]], starts: list[in
     x = torch.zeros(len(seqs), T, dtype=torch.long)
     for b, s in enumerate(seqs):
         x[b, : len(s)] = torch.tensor(s)
+    x = x.to(next(model.parameters()).device)
     first = min(starts) - 1  # position t predicts token t + 1
     h, _ = model.trunk(x[:, :-1])
     logp_all = model.lm_head(h[:, first:]).float().log_softmax(-1)
@@ -127,7 +128,7 @@ def grpo_step(policy: Transformer, ref: Transformer | None, optim, engine: Engin
     if keep:
         seqs = [prompts[i] + reqs[i * cfg.group + j].output for i, j in keep]
         starts = [len(prompts[i]) for i, _ in keep]
-        advantages = torch.stack([adv[i, j] for i, j in keep])
+        advantages = torch.stack([adv[i, j] for i, j in keep]).to(next(policy.parameters()).device)
         batches = [range(k, min(k + cfg.minibatch, len(seqs))) for k in range(0, len(seqs), cfg.minibatch)]
         with torch.no_grad():  # the sampling policy (needed from the second update on) and the reference
             old = ([sequence_logprobs(policy, [seqs[b] for b in mb], [starts[b] for b in mb])[0] for mb in batches]
@@ -183,12 +184,13 @@ def main(args) -> int:
         raise TrainError(f"{run} already has checkpoints (newest: {done[-1].name}); pass --resume to continue it "
                          f"or choose another --out")
     saved = load_training_state(done[-1]) if (args.resume and done) else None
-    policy = load_model(done[-1] if saved else args.model)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # rollouts and updates on a GPU if any
+    policy = load_model(done[-1] if saved else args.model).to(device)
     tok = Tokenizer.load(args.model)
     tok.check_fits(policy.cfg.vocab_size)
     ref = None
     if cfg.beta:  # the frozen reference: the starting policy, kept in RUN/reference for resumes
-        ref = load_model(run / "reference") if saved else copy.deepcopy(policy)
+        ref = load_model(run / "reference").to(device) if saved else copy.deepcopy(policy)
         ref.requires_grad_(False)
     optim = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     steps = _Steps()

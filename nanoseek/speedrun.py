@@ -1,0 +1,379 @@
+"""`nanoseek speedrun`: DeepSeek's whole system, end to end, on one machine, with a report card.
+
+    nanoseek speedrun --out runs/first          # about 45 minutes on 2 CPU cores
+    nanoseek speedrun --out runs/try --quick    # a few minutes, a tiny model
+
+Stages, each in its own dir under OUT, each skipped when a rerun finds it done:
+
+    data       generate a raw corpus (task solutions, prose, code, Chinese, junk, duplicates),
+               curate it (clean, filter, de-duplicate, classify), and write the SFT set:
+               at most 500 labeled train-split problems with worked solutions
+    tokenizer  train the byte-level BPE tokenizer on the curated text
+    tokens     tokenize the curated shards
+    pretrain   MoE + MLA with MTP and auxiliary-loss-free balancing, then evaluate
+    sft        supervised fine-tuning on the labeled set, then evaluate
+    more_sft   the control: continue SFT on the same labeled set (as many steps again), evaluate
+    rl         GRPO with rule rewards on the task, then evaluate
+    distill    (--distill) rejection-sample the RL model, SFT a smaller student, evaluate
+    report     report/report.md with tables and PNG plots
+
+Each stage records what it measured in OUT/stages/NAME.json once it has finished; the training
+stages checkpoint as they go, so a rerun after a crash or Ctrl-C continues mid-stage. The
+settings are kept in OUT/speedrun.json and a rerun with different ones is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from .io import write_atomic
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything a speedrun does, sized for a budget."""
+    preset: str
+    corpus_mb: float
+    vocab_size: int
+    mix: str
+    pretrain_steps: int
+    pretrain_lr: float
+    batch_size: int
+    seq_len: int
+    sft_examples: int
+    sft_steps: int
+    sft_lr: float
+    task: str
+    levels: tuple[int, ...]  # difficulty levels trained and evaluated on
+    grpo_steps: int
+    grpo_prompts: int
+    grpo_group: int
+    grpo_lr: float
+    grpo_beta: float
+    max_tokens: int  # longest completion in GRPO and evaluation
+    eval_n: int  # test problems per task and stage
+    distill_preset: str
+    distill_problems: int
+    distill_steps: int
+    seed: int = 0
+
+
+PLANS = {
+    "full": Plan(preset="small", corpus_mb=24, vocab_size=4096, mix="math=4,prose=1,code=1,chinese=1",
+                 pretrain_steps=1400, pretrain_lr=3e-3, batch_size=8, seq_len=256,
+                 sft_examples=500, sft_steps=150, sft_lr=5e-4, task="arithmetic", levels=(1, 2, 3),
+                 grpo_steps=120, grpo_prompts=8, grpo_group=8, grpo_lr=1e-5, grpo_beta=0.04, max_tokens=160,
+                 eval_n=150, distill_preset="tiny", distill_problems=300, distill_steps=200),
+    "quick": Plan(preset="tiny", corpus_mb=1.5, vocab_size=512, mix="math=2,prose=1,code=1",
+                  pretrain_steps=60, pretrain_lr=3e-3, batch_size=8, seq_len=128,
+                  sft_examples=100, sft_steps=20, sft_lr=1e-3, task="arithmetic", levels=(1, 2),
+                  grpo_steps=3, grpo_prompts=4, grpo_group=4, grpo_lr=1e-5, grpo_beta=0.04, max_tokens=48,
+                  eval_n=16, distill_preset="tiny", distill_problems=16, distill_steps=10),
+}
+
+STAGES = ("data", "tokenizer", "tokens", "pretrain", "sft", "more_sft", "rl", "distill", "report")
+
+
+class SpeedrunError(Exception):
+    """A speedrun that cannot start or continue; printed without a traceback."""
+
+
+class Stopped(Exception):
+    """A training stage left early (Ctrl-C) after saving a checkpoint."""
+
+
+def _finished(run: Path) -> None:
+    """Training commands export the final model at the top of RUN, weights last, only when every step ran."""
+    if not any(run.glob("*.safetensors")):
+        raise Stopped(run)
+
+
+def _cli(*argv) -> None:
+    """Run a nanoseek subcommand in this process, as the user would type it."""
+    from .cli import build_parser
+
+    args = build_parser().parse_args([str(a) for a in argv])
+    rc = args.func(args)
+    if rc:
+        raise SpeedrunError(f"`nanoseek {' '.join(map(str, argv))}` failed (exit status {rc})")
+
+
+def _mean(rows: list[dict], key: str) -> float | None:
+    vals = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+    return sum(vals) / len(vals) if vals else None
+
+
+class Speedrun:
+    def __init__(self, out: str | Path, plan: Plan, distill: bool = False, quiet: bool = False):
+        self.out, self.plan, self.distill, self.quiet = Path(out), plan, distill, quiet
+        self.records: dict[str, dict] = {}
+
+    # ---- bookkeeping -------------------------------------------------------------------------
+
+    def _check_settings(self) -> None:
+        settings = self.out / "speedrun.json"
+        mine = {"plan": asdict(self.plan), "distill": self.distill}
+        mine["plan"]["levels"] = list(self.plan.levels)
+        if settings.exists():
+            theirs = json.loads(settings.read_text())
+            if theirs["plan"] != mine["plan"]:
+                diff = [f"{k}: {theirs['plan'].get(k)!r} there, {v!r} now" for k, v in mine["plan"].items()
+                        if theirs["plan"].get(k) != v]
+                raise SpeedrunError(f"{self.out} holds a speedrun with other settings ({'; '.join(diff)}); rerun "
+                                    f"it with the same flags to continue, or pick a new --out")
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_atomic(settings, json.dumps(mine, indent=2))
+
+    def _say(self, text: str) -> None:
+        if not self.quiet:
+            print(text, flush=True)
+
+    def run(self) -> Path:
+        self._check_settings()
+        start = time.perf_counter()
+        stages = [s for s in STAGES if s != "distill" or self.distill]
+        for i, name in enumerate(stages, 1):
+            marker = self.out / "stages" / f"{name}.json"
+            if marker.exists():
+                self.records[name] = json.loads(marker.read_text())
+                self._say(f"[{i}/{len(stages)}] {name}: done already ({self.records[name]['seconds']:.0f} s), skipped")
+                continue
+            self._say(f"[{i}/{len(stages)}] {name} ...")
+            t0 = time.perf_counter()
+            record = getattr(self, f"stage_{name}")()
+            record["seconds"] = time.perf_counter() - t0
+            self.records[name] = record
+            marker.parent.mkdir(exist_ok=True)
+            write_atomic(marker, json.dumps(record, indent=2))
+            self._say(f"[{i}/{len(stages)}] {name}: {record['seconds']:.0f} s")
+        report = self.out / "report" / "report.md"
+        self._say(f"speedrun finished in {time.perf_counter() - start:.0f} s (this invocation): {report}")
+        return report
+
+    # ---- stages ------------------------------------------------------------------------------
+
+    def _tasks(self):
+        from .data.tasks import TASKS
+        return [TASKS[self.plan.task]] + [t for name, t in TASKS.items() if name != self.plan.task]
+
+    def _problems(self, task, split: str, n: int, seed: int | None = None):
+        """n problems spread over the plan's levels (the task's own levels for the other tasks)."""
+        levels = [lv for lv in self.plan.levels if lv in task.levels] if task.name == self.plan.task else []
+        if not levels:
+            return task.problems(split, n, seed=seed)
+        out = []
+        for i, lv in enumerate(levels):
+            share = n // len(levels) + (i < n % len(levels))
+            out += task.problems(split, share, level=lv, seed=seed, strict=False)  # small levels give what they have
+        return out
+
+    def stage_data(self) -> dict:
+        from .data.corpus import write_corpus
+        from .data.curate import CurateConfig, curate
+
+        p = self.plan
+        raw = self.out / "data" / "raw"
+        if raw.exists():
+            shutil.rmtree(raw)
+        files = write_corpus(raw, p.corpus_mb, seed=p.seed)
+        raw_mb = sum(f.stat().st_size for f in files) / 1e6
+        report = curate([str(raw)], self.out / "data" / "curated", CurateConfig(), workers=os.cpu_count() or 1,
+                        progress=not self.quiet)
+        if not self.quiet:
+            print(report.table())
+        shutil.rmtree(raw)  # the curated shards are what the next stages read
+        tasks = self._tasks()
+        examples, counts = [], {}
+        for i, task in enumerate(tasks):  # most of the labeled budget for the RL task, the rest shared
+            n = p.sft_examples - (len(tasks) - 1) * (p.sft_examples // 5) if i == 0 else p.sft_examples // 5
+            problems = self._problems(task, "train", n, seed=p.seed + 1)
+            counts[task.name] = len(problems)
+            examples += [{"messages": [{"role": "user", "content": q.prompt},
+                                       {"role": "assistant", "content": task.solution(q)}]} for q in problems]
+        write_atomic(self.out / "data" / "sft.jsonl", "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples))
+        curated = report.as_dict()
+        curated.pop("shards")
+        return {"raw_megabytes": raw_mb, "curate": curated, "sft_examples": counts}
+
+    def stage_tokenizer(self) -> dict:
+        out = self.out / "tokenizer"
+        _cli("tokenizer", "--input", self.out / "data" / "curated", "--vocab-size", self.plan.vocab_size,
+             "--out", out, *(["--quiet"] if self.quiet else []))
+        from .tokenizer import Tokenizer
+        return {"vocab_size": Tokenizer.load(out).vocab_size}
+
+    def stage_tokens(self) -> dict:
+        out = self.out / "data" / "tokens"
+        _cli("tokenize", "--input", self.out / "data" / "curated", "--tokenizer", self.out / "tokenizer",
+             "--out", out, *(["--quiet"] if self.quiet else []))
+        index = json.loads((out / "index.json").read_text())
+        return {"tokens": index["num_tokens"], "documents": index["num_docs"]}
+
+    def _train_record(self, run: Path) -> dict:
+        from .plot import read_metrics
+
+        rows = [r for r in read_metrics(run) if not r.get("skipped")]
+        seconds = sum(r["seconds"] for r in rows)
+        tokens = sum(r["tokens"] for r in rows)
+        return {"steps": len(rows), "tokens": tokens, "train_seconds": seconds,
+                "tokens_per_s": tokens / seconds if seconds else None, "mfu": _mean(rows, "mfu"),
+                "final_loss": _mean(rows[-20:], "lm_loss")}
+
+    def stage_pretrain(self) -> dict:
+        p, run = self.plan, self.out / "pretrain"
+        _cli("pretrain", "--preset", p.preset, "--data", self.out / "data" / "tokens", "--tokenizer",
+             self.out / "tokenizer", "--out", run, "--steps", p.pretrain_steps, "--lr", p.pretrain_lr,
+             "--batch-size", p.batch_size, "--seq-len", p.seq_len, "--mix", p.mix, "--curriculum",
+             "--seed", p.seed, "--save-every", max(10, p.pretrain_steps // 8), "--resume",
+             *(["--quiet"] if self.quiet else []))
+        _finished(run)
+        return {**self._train_record(run), "eval": self._evaluate(run, "plain")}
+
+    def stage_sft(self) -> dict:
+        p, run = self.plan, self.out / "sft"
+        _cli("sft", "--model", self.out / "pretrain", "--data", self.out / "data" / "sft.jsonl", "--out", run,
+             "--steps", p.sft_steps, "--lr", p.sft_lr, "--warmup", max(1, p.sft_steps // 10), "--seed", p.seed,
+             "--save-every", max(10, p.sft_steps // 3), "--resume", *(["--quiet"] if self.quiet else []))
+        _finished(run)
+        return {**self._train_record(run), "eval": self._evaluate(run, "chat")}
+
+    def stage_more_sft(self) -> dict:
+        """The control for GRPO: more supervised training on the same labeled examples."""
+        p, run = self.plan, self.out / "more_sft"
+        _cli("sft", "--model", self.out / "sft", "--data", self.out / "data" / "sft.jsonl", "--out", run,
+             "--steps", p.sft_steps, "--lr", p.sft_lr, "--warmup", max(1, p.sft_steps // 10), "--seed", p.seed + 1,
+             "--save-every", max(10, p.sft_steps // 3), "--resume", *(["--quiet"] if self.quiet else []))
+        _finished(run)
+        return {**self._train_record(run), "eval": self._evaluate(run, "chat")}
+
+    def stage_rl(self) -> dict:
+        from .plot import read_metrics
+
+        p, run = self.plan, self.out / "rl"
+        level = ["--level", p.levels[0]] if len(p.levels) == 1 else []
+        _cli("grpo", "--model", self.out / "sft", "--task", p.task, "--out", run, "--steps", p.grpo_steps,
+             "--prompts", p.grpo_prompts, "--group", p.grpo_group, "--max-tokens", p.max_tokens, "--lr", p.grpo_lr,
+             "--beta", p.grpo_beta, "--seed", p.seed, "--save-every", max(5, p.grpo_steps // 6), "--resume", *level,
+             *(["--quiet"] if self.quiet else []))
+        _finished(run)
+        rows = read_metrics(run)
+        seconds = sum(r["seconds"] for r in rows)
+        generated = sum(r["response_length"] * p.grpo_prompts * p.grpo_group for r in rows)
+        return {"steps": len(rows), "train_seconds": seconds, "generated_tokens": int(generated),
+                "tokens_per_s": generated / seconds if seconds else None,
+                "rollout_share": sum(r["rollout_seconds"] for r in rows) / seconds if seconds else None,
+                "first_reward": _mean(rows[:10], "reward"), "last_reward": _mean(rows[-10:], "reward"),
+                "first_length": _mean(rows[:10], "response_length"),
+                "last_length": _mean(rows[-10:], "response_length"),
+                "eval": self._evaluate(run, "chat"), "speculative": self._speculative(run)}
+
+    def stage_distill(self) -> dict:
+        p, run = self.plan, self.out / "distill"
+        student = self.out / "distill-student-init"
+        if not (student / "config.json").exists():
+            _cli("init", "--config", self._student_config(), "--out", student, "--tokenizer", self.out / "tokenizer",
+                 "--seed", p.seed)
+        if not (run / "report.json").exists():  # distill reuses its samples and resumes its SFT on a rerun
+            from .train.args import TrainError
+            try:
+                    _cli("distill", "--teacher", self.out / "rl", "--student", student, "--task", p.task, "--out", run,
+                     "--problems", p.distill_problems, "--steps", p.distill_steps, "--max-tokens", p.max_tokens,
+                     "--eval-n", p.eval_n, "--seed", p.seed, *(["--quiet"] if self.quiet else []))
+            except TrainError as e:  # e.g. a teacher that solved nothing: the report says so
+                self._say(f"  distillation skipped: {e}")
+                return {"skipped": str(e)}
+        return {"report": json.loads((run / "report.json").read_text()),
+                "eval": self._evaluate(run / "student", "chat")}
+
+    def _student_config(self) -> Path:
+        from .config import preset
+        from .tokenizer import Tokenizer
+
+        cfg = preset(self.plan.distill_preset)
+        vocab = Tokenizer.load(self.out / "tokenizer").vocab_size
+        cfg = cfg.replace(vocab_size=max(cfg.vocab_size, vocab))
+        path = self.out / "distill-student.json"
+        write_atomic(path, json.dumps(cfg.to_hf_dict(), indent=2))
+        return path
+
+    # ---- measurements ------------------------------------------------------------------------
+
+    def _engine(self, model_dir: Path, **kw):
+        from .checkpoint import load_model
+        from .engine.engine import Engine
+        from .tokenizer import Tokenizer
+
+        import torch
+
+        model = load_model(model_dir).to("cuda" if torch.cuda.is_available() else "cpu")
+        return Engine(model, Tokenizer.load(model_dir), **kw)
+
+    def _evaluate(self, model_dir: Path, template: str) -> dict:
+        """Greedy pass@1 on the fixed test problems of every task."""
+        from .rl.evaluate import evaluate
+
+        engine = self._engine(model_dir, max_running=64)
+        results = {}
+        for task in self._tasks():
+            problems = self._problems(task, "test", self.plan.eval_n)
+            report = evaluate(engine, task, problems, max_tokens=self.plan.max_tokens, template=template)
+            results[task.name] = {"pass1": report.pass1, "format": report.format_rate, "n": report.n,
+                                  "mean_tokens": report.mean_tokens,
+                                  "by_level": {str(k): v for k, v in report.by_level.items()}}
+            self._say(f"  {task.name}: pass@1 {report.pass1:.1%}, format {report.format_rate:.1%} "
+                      f"({report.n} test problems, {template} template)")
+        return results
+
+    def _speculative(self, model_dir: Path) -> dict:
+        """Greedy decode of test prompts one at a time, plain and with MTP drafts: acceptance and speed-up."""
+        from .rl.evaluate import answer_params, prompt_ids
+        from .tokenizer import Tokenizer
+
+        task = self._tasks()[0]
+        tok = Tokenizer.load(model_dir)
+        prompts = [prompt_ids(tok, q, "chat") for q in self._problems(task, "test", min(8, self.plan.eval_n))]
+        out = {}
+        for name, spec in (("plain", False), ("speculative", True)):
+            engine = self._engine(model_dir, max_running=1, speculative=spec)
+            params = answer_params(engine.tok, temperature=0, max_tokens=self.plan.max_tokens)
+            t0 = time.perf_counter()
+            done = engine.generate(prompts, params)
+            seconds = time.perf_counter() - t0
+            out[name] = {"tokens": sum(len(r.output) for r in done), "seconds": seconds,
+                         "outputs": [r.output for r in done]}
+            if spec:
+                out["acceptance_rate"] = engine.acceptance_rate
+        same = out["plain"].pop("outputs") == out["speculative"].pop("outputs")
+        return {**out, "identical_outputs": same,
+                "speedup": (out["speculative"]["tokens"] / out["speculative"]["seconds"])
+                / (out["plain"]["tokens"] / out["plain"]["seconds"])}
+
+    # ---- the report --------------------------------------------------------------------------
+
+    def stage_report(self) -> dict:
+        from .report import write_report
+        path = write_report(self.out, self.plan, self.records)
+        return {"path": str(path)}
+
+
+def main(args) -> int:
+    plan = PLANS["quick" if args.quick else "full"]
+    overrides = {k: getattr(args, k) for k in ("pretrain_steps", "sft_steps", "grpo_steps", "eval_n", "seed", "task")
+                 if getattr(args, k) is not None}
+    plan = replace(plan, **overrides)
+    try:
+        Speedrun(args.out, plan, distill=args.distill, quiet=args.quiet).run()
+    except SpeedrunError as e:
+        print(f"nanoseek speedrun: error: {e}", file=sys.stderr)
+        return 2
+    except (Stopped, KeyboardInterrupt):
+        print("nanoseek speedrun: stopped; run the same command again to continue from the last checkpoint",
+              file=sys.stderr)
+        return 130
+    return 0
