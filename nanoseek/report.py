@@ -105,8 +105,9 @@ def write_report(out: str | Path, plan, records: dict[str, dict]) -> Path:
               f"Greedy pass@1 on {n} fixed held-out test problems per task (the test split never appears in "
               f"the corpus or the SFT set); the pretrained model sees the problem as the corpus writes it, the "
               f"others in the chat template. Format: the share of answers in `<think>…</think> "
-              f"<answer>…</answer>` form. GRPO trained on `{plan.task}` (levels "
-              f"{', '.join(map(str, plan.levels))}).", ""]
+              f"<answer>…</answer>` form. The labeled set held `{plan.task}` levels "
+              f"{', '.join(map(str, plan.levels))}; GRPO practised on unlabeled level-{plan.grpo_level} "
+              f"`{plan.task}` problems (rewarded by the verifier only).", ""]
     rows = []
     for task in tasks:
         rows.append([task] + [f"{_pct(records[s]['eval'][task]['pass1'])} (format {_pct(records[s]['eval'][task]['format'])})"

@@ -50,7 +50,8 @@ class Plan:
     sft_steps: int
     sft_lr: float
     task: str
-    levels: tuple[int, ...]  # difficulty levels trained and evaluated on
+    levels: tuple[int, ...]  # difficulty levels of the task's SFT examples and evaluations
+    grpo_level: int  # the level GRPO practises on (its prompts only: no labels)
     grpo_steps: int
     grpo_prompts: int
     grpo_group: int
@@ -64,15 +65,20 @@ class Plan:
     seed: int = 0
 
 
+# The corpus is mostly worked solutions of the tasks (the levels GRPO trains on weighted up), with
+# prose, code and Chinese kept for the curation, classification and tokenizer to work on.
+CORPUS_KINDS = {"math": 0.9, "prose": 0.06, "code": 0.02, "chinese": 0.02}
+CORPUS_TASKS = {"arithmetic": (1, 2, 2, 3, 3), "countdown": (3,)}
+
 PLANS = {
-    "full": Plan(preset="small", corpus_mb=24, vocab_size=4096, mix="math=4,prose=1,code=1,chinese=1",
+    "full": Plan(preset="small", corpus_mb=12, vocab_size=4096, mix="math=30,prose=3,code=1",
                  pretrain_steps=1400, pretrain_lr=3e-3, batch_size=8, seq_len=256,
-                 sft_examples=500, sft_steps=150, sft_lr=5e-4, task="arithmetic", levels=(1, 2, 3),
-                 grpo_steps=120, grpo_prompts=8, grpo_group=8, grpo_lr=1e-5, grpo_beta=0.04, max_tokens=160,
+                 sft_examples=500, sft_steps=150, sft_lr=5e-4, task="arithmetic", levels=(1, 2, 3), grpo_level=3,
+                 grpo_steps=100, grpo_prompts=8, grpo_group=8, grpo_lr=5e-5, grpo_beta=0.04, max_tokens=200,
                  eval_n=150, distill_preset="tiny", distill_problems=300, distill_steps=200),
-    "quick": Plan(preset="tiny", corpus_mb=1.5, vocab_size=512, mix="math=2,prose=1,code=1",
+    "quick": Plan(preset="tiny", corpus_mb=1.5, vocab_size=512, mix="math=30,prose=3,code=1",
                   pretrain_steps=60, pretrain_lr=3e-3, batch_size=8, seq_len=128,
-                  sft_examples=100, sft_steps=20, sft_lr=1e-3, task="arithmetic", levels=(1, 2),
+                  sft_examples=100, sft_steps=20, sft_lr=1e-3, task="arithmetic", levels=(1, 2), grpo_level=2,
                   grpo_steps=3, grpo_prompts=4, grpo_group=4, grpo_lr=1e-5, grpo_beta=0.04, max_tokens=48,
                   eval_n=16, distill_preset="tiny", distill_problems=16, distill_steps=10),
 }
@@ -181,7 +187,7 @@ class Speedrun:
         raw = self.out / "data" / "raw"
         if raw.exists():
             shutil.rmtree(raw)
-        files = write_corpus(raw, p.corpus_mb, seed=p.seed)
+        files = write_corpus(raw, p.corpus_mb, seed=p.seed, kinds=CORPUS_KINDS, tasks=CORPUS_TASKS)
         raw_mb = sum(f.stat().st_size for f in files) / 1e6
         report = curate([str(raw)], self.out / "data" / "curated", CurateConfig(), workers=os.cpu_count() or 1,
                         progress=not self.quiet)
@@ -229,7 +235,7 @@ class Speedrun:
         p, run = self.plan, self.out / "pretrain"
         _cli("pretrain", "--preset", p.preset, "--data", self.out / "data" / "tokens", "--tokenizer",
              self.out / "tokenizer", "--out", run, "--steps", p.pretrain_steps, "--lr", p.pretrain_lr,
-             "--batch-size", p.batch_size, "--seq-len", p.seq_len, "--mix", p.mix, "--curriculum",
+             "--batch-size", p.batch_size, "--seq-len", p.seq_len, "--mix", p.mix, "--warmup", max(1, min(50, p.pretrain_steps // 10)),
              "--seed", p.seed, "--save-every", max(10, p.pretrain_steps // 8), "--resume",
              *(["--quiet"] if self.quiet else []))
         _finished(run)
@@ -256,10 +262,9 @@ class Speedrun:
         from .plot import read_metrics
 
         p, run = self.plan, self.out / "rl"
-        level = ["--level", p.levels[0]] if len(p.levels) == 1 else []
         _cli("grpo", "--model", self.out / "sft", "--task", p.task, "--out", run, "--steps", p.grpo_steps,
              "--prompts", p.grpo_prompts, "--group", p.grpo_group, "--max-tokens", p.max_tokens, "--lr", p.grpo_lr,
-             "--beta", p.grpo_beta, "--seed", p.seed, "--save-every", max(5, p.grpo_steps // 6), "--resume", *level,
+             "--beta", p.grpo_beta, "--seed", p.seed, "--save-every", max(5, p.grpo_steps // 6), "--resume", "--level", p.grpo_level,
              *(["--quiet"] if self.quiet else []))
         _finished(run)
         rows = read_metrics(run)

@@ -140,3 +140,25 @@ def test_a_small_level_gives_what_it_has_when_not_strict():
         arith.problems("test", 100, level=1)
     got = arith.problems("test", 100, level=1, strict=False)
     assert got == arith.problems("test", 16, level=1) and len({p.key for p in got}) == 16
+
+
+def test_corpus_mix_and_levels_are_honoured_and_checked(tmp_path):
+    import json
+
+    from nanoseek.data.corpus import write_corpus
+
+    files = write_corpus(tmp_path / "a", 0.3, seed=1, kinds={"math": 1.0, "prose": 0.0},
+                         tasks={"arithmetic": (2, 2, 3), "countdown": (3,)})
+    records = [json.loads(line) for f in files for line in f.read_text().splitlines()]
+    tasks = [r for r in records if r.get("task")]
+    assert len(tasks) / len(records) > 0.9  # the rest: planted copies and junk
+    levels = [(r["task"], r["difficulty"]) for r in tasks]
+    assert set(levels) == {("arithmetic", 2), ("arithmetic", 3), ("countdown", 3)}
+    share2 = levels.count(("arithmetic", 2)) / len(levels)
+    assert 0.4 < share2 < 0.6  # two of the four entries
+    with pytest.raises(ValueError, match="levels must be among"):
+        write_corpus(tmp_path / "b", 0.01, tasks={"arithmetic": (9,)})
+    with pytest.raises(ValueError, match="unknown task 'chess'"):
+        write_corpus(tmp_path / "c", 0.01, tasks={"chess": ()})
+    with pytest.raises(ValueError, match="corpus kinds"):
+        write_corpus(tmp_path / "d", 0.01, kinds={"poetry": 1.0})

@@ -3,9 +3,16 @@
     write_corpus("raw/", megabytes=200, seed=0)
 
 The project's own stand-in for a web crawl: it lets curation, tokenizer training and pretraining
-run with nothing downloaded. Mix by bytes: about 40% worked task solutions (math), 30% English
-prose, 15% code, 10% Chinese, the rest junk; about 3% of documents are exact copies (some with
-case or spacing changed) and 2% near copies (one word changed) of earlier ones.
+run with nothing downloaded. By default, by documents: 55% worked task solutions (math), 25%
+English prose, 12% code, 8% Chinese (by bytes about 40 / 30 / 15 / 10, the rest junk); about 3%
+of documents are exact copies (some with case or spacing changed), 2% near copies (one word
+changed) of earlier ones, 1% junk. `kinds` changes the document mix and `tasks` which tasks and
+levels the solutions come from, each (task, level) entry equally likely (repeat one to weight it):
+
+    write_corpus("raw/", 30, kinds={"math": 0.85, "prose": 0.1, "code": 0.05},
+                 tasks={"arithmetic": (1, 2, 2, 3), "countdown": (3,)})
+
+Task problems always come from the train split, so test and validation problems never leak in.
 """
 
 from __future__ import annotations
@@ -48,16 +55,28 @@ def _chinese(rng: random.Random) -> str:
                     for _ in range(rng.randint(3, 15))) + "。"
 
 
-def _task(rng: random.Random) -> dict:
-    """A worked solution of a train-split problem: test and validation problems never leak into pretraining."""
-    task = TASKS[rng.choice(list(TASKS))]
-    while split_of((p := task.make(rng, rng.choice(task.levels))).key) != "train":
+KINDS = {"math": 0.55, "prose": 0.25, "code": 0.12, "chinese": 0.08}
+
+
+def _task(rng: random.Random, tasks: dict[str, tuple[int, ...]]) -> dict:
+    """A worked solution of a train-split problem: test and validation problems never leak into pretraining.
+    Every (task, level) entry is equally likely; an empty tuple means all of the task's levels once."""
+    entries = [(name, lv) for name, levels in tasks.items() for lv in (levels or TASKS[name].levels)]
+    name, level = rng.choice(entries)
+    task = TASKS[name]
+    while split_of((p := task.make(rng, level)).key) != "train":
         pass
     return {"text": f"{p.prompt}\n{task.solution(p)}", "difficulty": p.level, "task": task.name}
 
 
-def documents(rng: random.Random):
+def documents(rng: random.Random, kinds: dict[str, float] | None = None,
+              tasks: dict[str, tuple[int, ...]] | None = None):
     """An endless stream of raw records ({"text": ...} plus task metadata)."""
+    kinds = _check_kinds(kinds or KINDS)
+    tasks = _check_tasks(tasks or {name: () for name in TASKS})
+    names, weights = list(kinds), list(kinds.values())
+    makers = {"math": lambda: _task(rng, tasks), "prose": lambda: {"text": _prose(rng)},
+              "code": lambda: {"text": _code(rng)}, "chinese": lambda: {"text": _chinese(rng)}}
     recent: list[str] = []
     while True:
         r = rng.random()
@@ -74,26 +93,38 @@ def documents(rng: random.Random):
         if r < 0.06:
             yield {"text": "".join(rng.choice("#$%&@|~{}[]^_") for _ in range(rng.randint(5, 200)))}
             continue
-        kind = rng.random()
-        if kind < 0.55:
-            record = _task(rng)
-        elif kind < 0.80:
-            record = {"text": _prose(rng)}
-        elif kind < 0.92:
-            record = {"text": _code(rng)}
-        else:
-            record = {"text": _chinese(rng)}
+        record = makers[rng.choices(names, weights)[0]]()
         if len(record["text"]) > 400:
             recent = (recent + [record["text"]])[-200:]
         yield record
 
 
-def write_corpus(out: str | Path, megabytes: float, seed: int = 0, file_megabytes: float = 32) -> list[Path]:
+def _check_kinds(kinds: dict[str, float]) -> dict[str, float]:
+    bad = [k for k in kinds if k not in KINDS]
+    if bad or not kinds or any(not w >= 0 for w in kinds.values()) or not sum(kinds.values()) > 0:
+        raise ValueError(f"corpus kinds must be weights >= 0 (not all 0) for some of {', '.join(KINDS)} "
+                         f"(got {kinds})")
+    return kinds
+
+
+def _check_tasks(tasks: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    for name, levels in tasks.items():
+        if name not in TASKS:
+            raise ValueError(f"unknown task {name!r} in the corpus mix; choose from {', '.join(TASKS)}")
+        if any(lv not in TASKS[name].levels for lv in levels):
+            raise ValueError(f"{name}: levels must be among {list(TASKS[name].levels)} (got {list(levels)})")
+    if not tasks:
+        raise ValueError("the corpus mix needs at least one task")
+    return tasks
+
+
+def write_corpus(out: str | Path, megabytes: float, seed: int = 0, file_megabytes: float = 32,
+                 kinds: dict[str, float] | None = None, tasks: dict[str, tuple[int, ...]] | None = None) -> list[Path]:
     """Write about `megabytes` of jsonl into `out`, in files of about `file_megabytes`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    stream = documents(rng)
+    stream = documents(rng, kinds, tasks)
     files, total = [], 0
     limit = int(megabytes * 1e6)
     while total < limit:
