@@ -115,6 +115,8 @@ def plot_grpo(run: str | Path) -> list[Path]:
 
 def plot_accuracy(accuracy: dict[str, dict[str, float]], path: str | Path) -> Path:
     """Grouped bars: greedy test accuracy of each task ({stage: {task: pass@1}}) after each stage."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -129,7 +131,8 @@ def plot_accuracy(accuracy: dict[str, dict[str, float]], path: str | Path) -> Pa
         vals = [100 * accuracy[st].get(task, 0.0) for st in stages]
         bars = ax.bar(xs, vals, width, label=task)
         ax.bar_label(bars, fmt="%.0f", fontsize=8)
-    ax.set_xticks([s + width * (len(tasks) - 1) / 2 for s in range(len(stages))], stages)
+    ax.set_xticks([s + width * (len(tasks) - 1) / 2 for s in range(len(stages))],
+                  [textwrap.fill(st, 16) for st in stages], fontsize=8)
     ax.set_ylabel("test pass@1 (%)")
     ax.set_ylim(0, 105)
     ax.legend()

@@ -100,9 +100,8 @@ def write_report(out: str | Path, plan, records: dict[str, dict]) -> Path:
 
     evaluated = [s for s in ("pretrain", "sft", "more_sft", "rl", "distill") if s in records and "eval" in records[s]]
     tasks = list(records[evaluated[0]]["eval"])
-    n = records[evaluated[0]]["eval"][tasks[0]]["n"]
     lines += ["## Accuracy", "",
-              f"Greedy pass@1 on {n} fixed held-out test problems per task (the test split never appears in "
+              "Greedy pass@1 on fixed held-out test problems (how many in brackets; the test split never appears in "
               f"the corpus or the SFT set); the pretrained model sees the problem as the corpus writes it, the "
               f"others in the chat template. Format: the share of answers in `<think>…</think> "
               f"<answer>…</answer>` form. The labeled set held `{plan.task}` levels "
@@ -110,7 +109,7 @@ def write_report(out: str | Path, plan, records: dict[str, dict]) -> Path:
               f"`{plan.task}` problems (rewarded by the verifier only).", ""]
     rows = []
     for task in tasks:
-        rows.append([task] + [f"{_pct(records[s]['eval'][task]['pass1'])} (format {_pct(records[s]['eval'][task]['format'])})"
+        rows.append([f"{task} ({records[evaluated[0]]['eval'][task]['n']})"] + [f"{_pct(records[s]['eval'][task]['pass1'])} (format {_pct(records[s]['eval'][task]['format'])})"
                               for s in evaluated])
     main = records[evaluated[0]]["eval"][tasks[0]]["by_level"]
     for level in main:

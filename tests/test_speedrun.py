@@ -61,7 +61,7 @@ def test_report_has_every_table_and_plot(interrupted_then_finished):
     for heading in ("## Model", "## Stages", "## Accuracy", "## MTP self-speculative decoding", "## Plots"):
         assert heading in report
     for needle in ("parameters, total", "parameters, activated per token", "KV cache per token (bf16), MLA",
-                   "standard MHA", "drafts accepted", "| pretrain |", "| sft |", "| rl (GRPO) |", "| arithmetic |"):
+                   "standard MHA", "drafts accepted", "| pretrain |", "| sft |", "| rl (GRPO) |", "| arithmetic (16) |"):
         assert needle in report, needle
     images = [line.split("(")[1].rstrip(")") for line in report.splitlines() if line.startswith("![")]
     assert {"pretrain_loss.png", "pretrain_expert_load.png", "rl_reward.png", "rl_response_length.png",
@@ -91,6 +91,18 @@ def test_a_finished_speedrun_reruns_nothing(interrupted_then_finished):
     proc.communicate(timeout=120)
     assert proc.returncode == 0
     assert {p: p.stat().st_mtime_ns for p in (out / "stages").iterdir()} == before
+
+
+def test_adding_distill_later_runs_it_and_rewrites_the_report(interrupted_then_finished):
+    out = interrupted_then_finished[0]
+    before = (out / "stages" / "sft.json").stat().st_mtime_ns
+    proc = _speedrun(out, "--distill")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    record = json.loads((out / "stages" / "distill.json").read_text())
+    assert "report" in record or "skipped" in record  # a quick teacher may solve nothing: then it says so
+    assert "| distill |" in (out / "report" / "report.md").read_text()
+    assert (out / "stages" / "sft.json").stat().st_mtime_ns == before
 
 
 def test_other_settings_on_the_same_dir_are_refused(interrupted_then_finished, capsys):
