@@ -91,8 +91,12 @@ def write_report(out: str | Path, plan, records: dict[str, dict]) -> Path:
         d = records["distill"]
         rows.append(["distill", _num(d["seconds"]), "–", "–", "–",
                      f"skipped: {d['skipped']}" if "skipped" in d else
-                     f"student `{plan.distill_preset}` ({d['report']['student_parameters'] / 1e6:.2f} M parameters) "
-                     f"SFT'd on {d['report']['examples']} verified samples of the GRPO model"])
+                     f"student: `{plan.preset}` at {plan.distill_layers} layer(s) "
+                     f"({d['report']['student_parameters'] / 1e6:.2f} M parameters) pretrained "
+                     f"{plan.distill_pretrain_steps} steps, then "
+                     f"SFT'd on {d['report']['examples']} verified samples of the GRPO model; {plan.task} "
+                     f"pass@1 {_pct(d['student_pretrained_eval'][plan.task]['pass1'])} pretrained → "
+                     f"{_pct(d['eval'][plan.task]['pass1'])} distilled"])
     rows.append(["report", _num(records.get("report", {}).get("seconds", 0)), "–", "–", "–", ""])
     lines += ["Wall time includes the evaluation after each training stage. Tokens: trained on (pretrain, "
               "SFT) or generated in rollouts (GRPO). MFU against this machine's measured matmul peak.", ""]

@@ -14,7 +14,8 @@ Stages, each in its own dir under OUT, each skipped when a rerun finds it done:
     sft        supervised fine-tuning on the labeled set, then evaluate
     more_sft   the control: continue SFT on the same labeled set (as many steps again), evaluate
     rl         GRPO with rule rewards on the task, then evaluate
-    distill    (--distill) rejection-sample the RL model, SFT a smaller student, evaluate
+    distill    (--distill) pretrain a shallower student on the same tokens, rejection-sample the
+               RL model's verified answers, SFT the student on them, evaluate
     report     report/report.md with tables and PNG plots
 
 Each stage records what it measured in OUT/stages/NAME.json once it has finished; the training
@@ -59,7 +60,8 @@ class Plan:
     grpo_beta: float
     max_tokens: int  # longest completion in GRPO and evaluation
     eval_n: int  # test problems per task and stage
-    distill_preset: str
+    distill_layers: int  # the student: the same width as the teacher, this many layers, pretrained
+    distill_pretrain_steps: int  # on the same tokens, before it learns from the teacher
     distill_problems: int
     distill_steps: int
     seed: int = 0
@@ -77,12 +79,14 @@ PLANS = {
                  pretrain_steps=1400, pretrain_lr=3e-3, batch_size=8, seq_len=256,
                  sft_examples=500, sft_steps=150, sft_lr=5e-4, task="arithmetic", levels=(1, 2, 3), grpo_level=3,
                  grpo_steps=100, grpo_prompts=8, grpo_group=8, grpo_lr=5e-5, grpo_beta=0.04, max_tokens=200,
-                 eval_n=150, distill_preset="tiny", distill_problems=300, distill_steps=200),
+                 eval_n=150, distill_layers=2, distill_pretrain_steps=700, distill_problems=300,
+                 distill_steps=200),
     "quick": Plan(preset="tiny", corpus_mb=1.5, vocab_size=512, mix="math=130,prose=2,code=1",
                   pretrain_steps=60, pretrain_lr=3e-3, batch_size=8, seq_len=128,
                   sft_examples=100, sft_steps=20, sft_lr=1e-3, task="arithmetic", levels=(1, 2), grpo_level=2,
                   grpo_steps=3, grpo_prompts=4, grpo_group=4, grpo_lr=1e-5, grpo_beta=0.04, max_tokens=48,
-                  eval_n=16, distill_preset="tiny", distill_problems=16, distill_steps=10),
+                  eval_n=16, distill_layers=1, distill_pretrain_steps=20, distill_problems=16,
+                  distill_steps=10),
 }
 
 STAGES = ("data", "tokenizer", "tokens", "pretrain", "sft", "more_sft", "rl", "distill", "report")
@@ -283,30 +287,35 @@ class Speedrun:
                 "eval": self._evaluate(run, "chat"), "speculative": self._speculative(run)}
 
     def stage_distill(self) -> dict:
-        p, run = self.plan, self.out / "distill"
-        student = self.out / "distill-student-init"
-        if not (student / "config.json").exists():
-            _cli("init", "--config", self._student_config(), "--out", student, "--tokenizer", self.out / "tokenizer",
-                 "--seed", p.seed)
+        """R1's distillation in miniature: a smaller pretrained student SFT'd on the RL model's verified answers."""
+        p, run, student = self.plan, self.out / "distill", self.out / "distill-student"
+        _cli("pretrain", "--config", self._student_config(), "--data", self.out / "data" / "tokens", "--tokenizer",
+             self.out / "tokenizer", "--out", student, "--steps", p.distill_pretrain_steps, "--lr", p.pretrain_lr,
+             "--batch-size", p.batch_size, "--seq-len", p.seq_len, "--mix", p.mix,
+             "--warmup", max(1, min(50, p.distill_pretrain_steps // 10)), "--seed", p.seed,
+             "--save-every", max(10, p.distill_pretrain_steps // 4), "--resume", *(["--quiet"] if self.quiet else []))
+        _finished(student)
         if not (run / "report.json").exists():  # distill reuses its samples and resumes its SFT on a rerun
             from .train.args import TrainError
             try:
-                    _cli("distill", "--teacher", self.out / "rl", "--student", student, "--task", p.task, "--out", run,
+                _cli("distill", "--teacher", self.out / "rl", "--student", student, "--task", p.task, "--out", run,
                      "--problems", p.distill_problems, "--steps", p.distill_steps, "--max-tokens", p.max_tokens,
                      "--eval-n", p.eval_n, "--seed", p.seed, *(["--quiet"] if self.quiet else []))
             except TrainError as e:  # e.g. a teacher that solved nothing: the report says so
                 self._say(f"  distillation skipped: {e}")
                 return {"skipped": str(e)}
+        _finished(run / "student")
         return {"report": json.loads((run / "report.json").read_text()),
+                "student_pretrained_eval": self._evaluate(student, "plain"),
                 "eval": self._evaluate(run / "student", "chat")}
 
     def _student_config(self) -> Path:
+        """The teacher's shape at `distill_layers` layers (the first stays dense, as in the teacher)."""
         from .config import preset
-        from .tokenizer import Tokenizer
 
-        cfg = preset(self.plan.distill_preset)
-        vocab = Tokenizer.load(self.out / "tokenizer").vocab_size
-        cfg = cfg.replace(vocab_size=max(cfg.vocab_size, vocab))
+        cfg = preset(self.plan.preset)
+        layers = self.plan.distill_layers
+        cfg = cfg.replace(num_hidden_layers=layers, first_k_dense_replace=min(cfg.first_k_dense_replace, layers))
         path = self.out / "distill-student.json"
         write_atomic(path, json.dumps(cfg.to_hf_dict(), indent=2))
         return path
