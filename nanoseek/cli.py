@@ -494,21 +494,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="print JSON instead of a table")
     sp.set_defaults(func=cmd_cost)
 
-    from .train.args import add_arguments as add_pretrain_arguments
-    sp = sub.add_parser("pretrain", help="pretrain a model on token shards (CE + MTP, bias balancing)",
-                        description="Pretrain from a preset or config.json on token shards: next-token + MTP loss, "
-                                    "auxiliary-loss-free balancing, AdamW or Muon, WSD or cosine schedule, "
-                                    "atomic checkpoints with exact resume. Runs under torchrun for data parallel.")
-    add_pretrain_arguments(sp)
-    sp.set_defaults(func=cmd_pretrain)
+    def add_command(name, func, add_arguments, summary: str, description: str) -> None:
+        """A subcommand whose flags live beside its implementation (add_arguments fills the parser)."""
+        cmd = sub.add_parser(name, help=summary, description=description)
+        add_arguments(cmd)
+        cmd.set_defaults(func=func)
 
+    from .train.args import add_arguments as add_pretrain_arguments
     from .train.args import add_sft_arguments
-    sp = sub.add_parser("sft", help="supervised fine-tuning on chat examples (assistant tokens only)",
-                        description="Fine-tune a model dir on jsonl chat examples with the loss on the assistant's "
-                                    "tokens only; packing or padding; the same loop, checkpoints and resume as "
-                                    "pretrain.")
-    add_sft_arguments(sp)
-    sp.set_defaults(func=cmd_sft)
+    add_command("pretrain", cmd_pretrain, add_pretrain_arguments,
+                "pretrain a model on token shards (CE + MTP, bias balancing)",
+                "Pretrain from a preset or config.json on token shards: next-token + MTP loss, auxiliary-loss-free "
+                "balancing, AdamW or Muon, WSD or cosine schedule, atomic checkpoints with exact resume. Runs under "
+                "torchrun for data parallel.")
+    add_command("sft", cmd_sft, add_sft_arguments, "supervised fine-tuning on chat examples (assistant tokens only)",
+                "Fine-tune a model dir on jsonl chat examples with the loss on the assistant's tokens only; packing "
+                "or padding; the same loop, checkpoints and resume as pretrain.")
 
     sp = sub.add_parser("generate", help="continue a prompt with a model dir, streaming to the terminal",
                         description="Generate from a model dir (its own tokenizer) through the latent-cache engine, "
@@ -566,17 +567,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_serve)
 
     from .rl.args import add_distill_arguments, add_grpo_arguments
-    for name, add_args, func, summary, description in (
-            ("grpo", add_grpo_arguments, cmd_grpo, "GRPO reinforcement learning with rule rewards on a reasoning task",
-             "R1-style RL: G completions per problem from the engine, rule rewards (accuracy, format, optional "
-             "language consistency), group-normalised advantages, the clipped GRPO loss with a k3 KL to a frozen "
-             "reference. Checkpoints and --resume like pretrain. See docs/grpo.md."),
-            ("distill", add_distill_arguments, cmd_distill, "rejection-sample a teacher's verified answers and SFT a smaller student",
-             "R1-style distillation: k teacher samples per train problem, keep those the task verifies, fine-tune "
-             "the student on them, report teacher and student test accuracy (RUN/report.json).")):
-        sp = sub.add_parser(name, help=summary, description=description)
-        add_args(sp)
-        sp.set_defaults(func=func)
+    add_command("grpo", cmd_grpo, add_grpo_arguments, "GRPO reinforcement learning with rule rewards on a reasoning task",
+                "R1-style RL: G completions per problem from the engine, rule rewards (accuracy, format, optional "
+                "language consistency), group-normalised advantages, the clipped GRPO loss with a k3 KL to a frozen "
+                "reference. Checkpoints and --resume like pretrain. See docs/grpo.md.")
+    add_command("distill", cmd_distill, add_distill_arguments,
+                "rejection-sample a teacher's verified answers and SFT a smaller student",
+                "R1-style distillation: k teacher samples per train problem, keep those the task verifies, fine-tune "
+                "the student on them, report teacher and student test accuracy (RUN/report.json).")
 
     sp = sub.add_parser("eval", help="accuracy on a reasoning task: pass@1 (greedy), pass@k and maj@k",
                         description="Evaluate a model dir on a task's fixed split through the engine: greedy pass@1 "
@@ -626,6 +624,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--quiet", action="store_true", help="no progress bars or per-stage output")
     sp.set_defaults(func=cmd_speedrun)
     return p
+
+
+def run_command(*argv) -> int:
+    """Run a nanoseek subcommand in this process as typed on a command line: the same flags, defaults and
+    checks (what `speedrun` and `distill` use to drive the other commands)."""
+    args = build_parser().parse_args([str(a) for a in argv])
+    return args.func(args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,39 +29,47 @@ def read_metrics(run: str | Path) -> list[dict]:
     return rows
 
 
-def plot_run(run: str | Path) -> list[Path]:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def _lines(path: Path, x: list, series: dict[str, list], xlabel: str, ylabel: str | None = None,
+           height: float = 4.0, ylim: tuple[float, float] | None = None) -> Path:
+    """One PNG of line plots sharing an x axis; a legend when there is more than one line."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, height))
+    for label, ys in series.items():
+        ax.plot(x, ys, label=label, lw=1)
+    ax.set_xlabel(xlabel)
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    if ylim:
+        ax.set_ylim(*ylim)
+    if len(series) > 1:
+        ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_run(run: str | Path) -> list[Path]:
     import numpy as np
 
+    plt = _pyplot()
     rows = [r for r in read_metrics(run) if not r.get("skipped")]
     out = Path(run) / "plots"
     out.mkdir(exist_ok=True)
     steps = [r["step"] for r in rows]
-    written = []
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label in (("loss", "total"), ("lm_loss", "next token"), ("mtp_loss", "MTP")):
-        if any(r.get(key) for r in rows):
-            ax.plot(steps, [r[key] for r in rows], label=label, lw=1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "loss.png", dpi=120)
-    written.append(out / "loss.png")
-
-    fig, ax = plt.subplots(figsize=(7, 3))
-    ax.plot(steps, [r["lr"] for r in rows], lw=1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("learning rate")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "lr.png", dpi=120)
-    written.append(out / "lr.png")
+    losses = {label: [r[key] for r in rows] for key, label in (("loss", "total"), ("lm_loss", "next token"),
+                                                               ("mtp_loss", "MTP")) if any(r.get(key) for r in rows)}
+    written = [_lines(out / "loss.png", steps, losses, "step", "loss"),
+               _lines(out / "lr.png", steps, {"lr": [r["lr"] for r in rows]}, "step", "learning rate", height=3)]
 
     counts = [r["expert_counts"] for r in rows if r.get("expert_counts")]
     if counts:
@@ -84,44 +92,22 @@ def plot_run(run: str | Path) -> list[Path]:
 
 def plot_grpo(run: str | Path) -> list[Path]:
     """RUN/plots/reward.png (mean reward, accuracy and format rate per step) and response_length.png."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = read_metrics(run)
     out = Path(run) / "plots"
     out.mkdir(exist_ok=True)
     steps = [r["step"] for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label in (("reward", "mean reward"), ("accuracy", "accuracy"), ("format", "format rate")):
-        ax.plot(steps, [r[key] for r in rows], label=label, lw=1)
-    ax.set_xlabel("GRPO step")
-    ax.set_ylim(-0.02, 1.1)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "reward.png", dpi=120)
-    fig, ax = plt.subplots(figsize=(7, 3))
-    ax.plot(steps, [r["response_length"] for r in rows], lw=1)
-    ax.set_xlabel("GRPO step")
-    ax.set_ylabel("mean response length (tokens)")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "response_length.png", dpi=120)
-    plt.close("all")
-    return [out / "reward.png", out / "response_length.png"]
+    rewards = {label: [r[key] for r in rows]
+               for key, label in (("reward", "mean reward"), ("accuracy", "accuracy"), ("format", "format rate"))}
+    return [_lines(out / "reward.png", steps, rewards, "GRPO step", ylim=(-0.02, 1.1)),
+            _lines(out / "response_length.png", steps, {"length": [r["response_length"] for r in rows]}, "GRPO step",
+                   "mean response length (tokens)", height=3)]
 
 
 def plot_accuracy(accuracy: dict[str, dict[str, float]], path: str | Path) -> Path:
     """Grouped bars: greedy test accuracy of each task ({stage: {task: pass@1}}) after each stage."""
     import textwrap
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     stages = list(accuracy)
     tasks = sorted({t for v in accuracy.values() for t in v})
     fig, ax = plt.subplots(figsize=(7, 3.5))

@@ -13,6 +13,8 @@ import shutil
 import time
 from pathlib import Path
 
+from .io import write_atomic
+
 STAGE_NAMES = {"pretrain": "pretrained", "sft": "SFT", "more_sft": "SFT, twice as long (control)", "rl": "GRPO",
                "distill": "distilled student"}
 
@@ -159,6 +161,5 @@ def write_report(out: str | Path, plan, records: dict[str, dict]) -> Path:
     for name in plots:
         lines += [f"### {titles.get(name, name)}", "", f"![{name}]({name})", ""]
     path = rep / "report.md"
-    from .io import write_atomic
     write_atomic(path, "\n".join(lines))
     return path

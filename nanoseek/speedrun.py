@@ -108,10 +108,9 @@ def _finished(run: Path) -> None:
 
 def _cli(*argv) -> None:
     """Run a nanoseek subcommand in this process, as the user would type it."""
-    from .cli import build_parser
+    from .cli import run_command
 
-    args = build_parser().parse_args([str(a) for a in argv])
-    rc = args.func(args)
+    rc = run_command(*argv)
     if rc:
         raise SpeedrunError(f"`nanoseek {' '.join(map(str, argv))}` failed (exit status {rc})")
 
@@ -215,17 +214,37 @@ class Speedrun:
         curated.pop("shards")
         return {"raw_megabytes": raw_mb, "curate": curated, "sft_examples": counts}
 
+    def _run(self, *argv, trains: Path | None = None) -> None:
+        """A nanoseek command (quiet when the speedrun is); for a training command, `trains` is its run dir
+        and it must have finished every step (Ctrl-C leaves it stopped at a checkpoint)."""
+        _cli(*argv, *(["--quiet"] if self.quiet else []))
+        if trains is not None:
+            _finished(trains)
+
+    def _pretrain(self, run: Path, shape: list, steps: int) -> None:
+        p = self.plan
+        self._run("pretrain", *shape, "--data", self.out / "data" / "tokens", "--tokenizer", self.out / "tokenizer",
+                  "--out", run, "--steps", steps, "--lr", p.pretrain_lr, "--batch-size", p.batch_size,
+                  "--seq-len", p.seq_len, "--mix", p.mix, "--warmup", max(1, min(50, steps // 10)), "--seed", p.seed,
+                  "--save-every", max(10, steps // 8), "--resume", trains=run)
+
+    def _sft(self, start: Path, run: Path, seed: int) -> None:
+        p = self.plan
+        self._run("sft", "--model", start, "--data", self.out / "data" / "sft.jsonl", "--out", run,
+                  "--steps", p.sft_steps, "--lr", p.sft_lr, "--warmup", max(1, p.sft_steps // 10), "--seed", seed,
+                  "--save-every", max(10, p.sft_steps // 3), "--resume", trains=run)
+
     def stage_tokenizer(self) -> dict:
         out = self.out / "tokenizer"
-        _cli("tokenizer", "--input", self.out / "data" / "curated", "--vocab-size", self.plan.vocab_size,
-             "--out", out, *(["--quiet"] if self.quiet else []))
+        self._run("tokenizer", "--input", self.out / "data" / "curated", "--vocab-size", self.plan.vocab_size,
+                  "--out", out)
         from .tokenizer import Tokenizer
         return {"vocab_size": Tokenizer.load(out).vocab_size}
 
     def stage_tokens(self) -> dict:
         out = self.out / "data" / "tokens"
-        _cli("tokenize", "--input", self.out / "data" / "curated", "--tokenizer", self.out / "tokenizer",
-             "--out", out, *(["--quiet"] if self.quiet else []))
+        self._run("tokenize", "--input", self.out / "data" / "curated", "--tokenizer", self.out / "tokenizer",
+                  "--out", out)
         index = json.loads((out / "index.json").read_text())
         return {"tokens": index["num_tokens"], "documents": index["num_docs"]}
 
@@ -240,42 +259,30 @@ class Speedrun:
                 "final_loss": _mean(rows[-20:], "lm_loss")}
 
     def stage_pretrain(self) -> dict:
-        p, run = self.plan, self.out / "pretrain"
-        _cli("pretrain", "--preset", p.preset, "--data", self.out / "data" / "tokens", "--tokenizer",
-             self.out / "tokenizer", "--out", run, "--steps", p.pretrain_steps, "--lr", p.pretrain_lr,
-             "--batch-size", p.batch_size, "--seq-len", p.seq_len, "--mix", p.mix, "--warmup", max(1, min(50, p.pretrain_steps // 10)),
-             "--seed", p.seed, "--save-every", max(10, p.pretrain_steps // 8), "--resume",
-             *(["--quiet"] if self.quiet else []))
-        _finished(run)
-        return {**self._train_record(run), "eval": self._evaluate(run, "plain")}
+        run = self.out / "pretrain"
+        self._pretrain(run, ["--preset", self.plan.preset], self.plan.pretrain_steps)
+        return {**self._train_record(run), "eval": self._evaluate(self._load(run), "plain")}
 
     def stage_sft(self) -> dict:
-        p, run = self.plan, self.out / "sft"
-        _cli("sft", "--model", self.out / "pretrain", "--data", self.out / "data" / "sft.jsonl", "--out", run,
-             "--steps", p.sft_steps, "--lr", p.sft_lr, "--warmup", max(1, p.sft_steps // 10), "--seed", p.seed,
-             "--save-every", max(10, p.sft_steps // 3), "--resume", *(["--quiet"] if self.quiet else []))
-        _finished(run)
-        return {**self._train_record(run), "eval": self._evaluate(run, "chat")}
+        run = self.out / "sft"
+        self._sft(self.out / "pretrain", run, self.plan.seed)
+        return {**self._train_record(run), "eval": self._evaluate(self._load(run), "chat")}
 
     def stage_more_sft(self) -> dict:
         """The control for GRPO: more supervised training on the same labeled examples."""
-        p, run = self.plan, self.out / "more_sft"
-        _cli("sft", "--model", self.out / "sft", "--data", self.out / "data" / "sft.jsonl", "--out", run,
-             "--steps", p.sft_steps, "--lr", p.sft_lr, "--warmup", max(1, p.sft_steps // 10), "--seed", p.seed + 1,
-             "--save-every", max(10, p.sft_steps // 3), "--resume", *(["--quiet"] if self.quiet else []))
-        _finished(run)
-        return {**self._train_record(run), "eval": self._evaluate(run, "chat")}
+        run = self.out / "more_sft"
+        self._sft(self.out / "sft", run, self.plan.seed + 1)
+        return {**self._train_record(run), "eval": self._evaluate(self._load(run), "chat")}
 
     def stage_rl(self) -> dict:
         from .plot import read_metrics
 
         p, run = self.plan, self.out / "rl"
-        _cli("grpo", "--model", self.out / "sft", "--task", p.task, "--out", run, "--steps", p.grpo_steps,
-             "--prompts", p.grpo_prompts, "--group", p.grpo_group, "--max-tokens", p.max_tokens, "--lr", p.grpo_lr,
-             "--beta", p.grpo_beta, "--seed", p.seed, "--save-every", max(5, p.grpo_steps // 6), "--resume", "--level", p.grpo_level,
-             *(["--quiet"] if self.quiet else []))
-        _finished(run)
-        rows = read_metrics(run)
+        self._run("grpo", "--model", self.out / "sft", "--task", p.task, "--out", run, "--steps", p.grpo_steps,
+                  "--prompts", p.grpo_prompts, "--group", p.grpo_group, "--max-tokens", p.max_tokens,
+                  "--lr", p.grpo_lr, "--beta", p.grpo_beta, "--level", p.grpo_level, "--seed", p.seed,
+                  "--save-every", max(5, p.grpo_steps // 6), "--resume", trains=run)
+        rows, loaded = read_metrics(run), self._load(run)
         seconds = sum(r["seconds"] for r in rows)
         generated = sum(r["response_length"] * p.grpo_prompts * p.grpo_group for r in rows)
         return {"steps": len(rows), "train_seconds": seconds, "generated_tokens": int(generated),
@@ -284,30 +291,25 @@ class Speedrun:
                 "first_reward": _mean(rows[:10], "reward"), "last_reward": _mean(rows[-10:], "reward"),
                 "first_length": _mean(rows[:10], "response_length"),
                 "last_length": _mean(rows[-10:], "response_length"),
-                "eval": self._evaluate(run, "chat"), "speculative": self._speculative(run)}
+                "eval": self._evaluate(loaded, "chat"), "speculative": self._speculative(loaded)}
 
     def stage_distill(self) -> dict:
         """R1's distillation in miniature: a smaller pretrained student SFT'd on the RL model's verified answers."""
         p, run, student = self.plan, self.out / "distill", self.out / "distill-student"
-        _cli("pretrain", "--config", self._student_config(), "--data", self.out / "data" / "tokens", "--tokenizer",
-             self.out / "tokenizer", "--out", student, "--steps", p.distill_pretrain_steps, "--lr", p.pretrain_lr,
-             "--batch-size", p.batch_size, "--seq-len", p.seq_len, "--mix", p.mix,
-             "--warmup", max(1, min(50, p.distill_pretrain_steps // 10)), "--seed", p.seed,
-             "--save-every", max(10, p.distill_pretrain_steps // 4), "--resume", *(["--quiet"] if self.quiet else []))
-        _finished(student)
+        self._pretrain(student, ["--config", self._student_config()], p.distill_pretrain_steps)
         if not (run / "report.json").exists():  # distill reuses its samples and resumes its SFT on a rerun
             from .train.args import TrainError
             try:
-                _cli("distill", "--teacher", self.out / "rl", "--student", student, "--task", p.task, "--out", run,
-                     "--problems", p.distill_problems, "--steps", p.distill_steps, "--max-tokens", p.max_tokens,
-                     "--eval-n", p.eval_n, "--seed", p.seed, *(["--quiet"] if self.quiet else []))
+                self._run("distill", "--teacher", self.out / "rl", "--student", student, "--task", p.task,
+                          "--out", run, "--problems", p.distill_problems, "--steps", p.distill_steps,
+                          "--max-tokens", p.max_tokens, "--eval-n", p.eval_n, "--seed", p.seed)
             except TrainError as e:  # e.g. a teacher that solved nothing: the report says so
                 self._say(f"  distillation skipped: {e}")
                 return {"skipped": str(e)}
         _finished(run / "student")
         return {"report": json.loads((run / "report.json").read_text()),
-                "student_pretrained_eval": self._evaluate(student, "plain"),
-                "eval": self._evaluate(run / "student", "chat")}
+                "student_pretrained_eval": self._evaluate(self._load(student), "plain"),
+                "eval": self._evaluate(self._load(run / "student"), "chat")}
 
     def _student_config(self) -> Path:
         """The teacher's shape at `distill_layers` layers (the first stays dense, as in the teacher)."""
@@ -322,21 +324,22 @@ class Speedrun:
 
     # ---- measurements ------------------------------------------------------------------------
 
-    def _engine(self, model_dir: Path, **kw):
-        from .checkpoint import load_model
-        from .engine.engine import Engine
-        from .tokenizer import Tokenizer
-
+    @staticmethod
+    def _load(model_dir: Path):
+        """(model on the GPU if there is one, its tokenizer): what the measurements below take."""
         import torch
 
-        model = load_model(model_dir).to("cuda" if torch.cuda.is_available() else "cpu")
-        return Engine(model, Tokenizer.load(model_dir), **kw)
+        from .checkpoint import load_model
+        from .tokenizer import Tokenizer
 
-    def _evaluate(self, model_dir: Path, template: str) -> dict:
+        return load_model(model_dir).to("cuda" if torch.cuda.is_available() else "cpu"), Tokenizer.load(model_dir)
+
+    def _evaluate(self, loaded, template: str) -> dict:
         """Greedy pass@1 on the fixed test problems of every task."""
+        from .engine.engine import Engine
         from .rl.evaluate import evaluate
 
-        engine = self._engine(model_dir, max_running=64)
+        engine = Engine(*loaded, max_running=64)
         results = {}
         for task in self._tasks():
             problems = self._problems(task, "test", self.plan.eval_n)
@@ -348,18 +351,17 @@ class Speedrun:
                       f"({report.n} test problems, {template} template)")
         return results
 
-    def _speculative(self, model_dir: Path) -> dict:
+    def _speculative(self, loaded) -> dict:
         """Greedy decode of test prompts one at a time, plain and with MTP drafts: acceptance and speed-up."""
+        from .engine.engine import Engine
         from .rl.evaluate import answer_params, prompt_ids
-        from .tokenizer import Tokenizer
 
-        task = self._tasks()[0]
-        tok = Tokenizer.load(model_dir)
+        task, tok = self._tasks()[0], loaded[1]
         prompts = [prompt_ids(tok, q, "chat") for q in self._problems(task, "test", min(8, self.plan.eval_n))]
         out = {}
         for name, spec in (("plain", False), ("speculative", True)):
-            engine = self._engine(model_dir, max_running=1, speculative=spec)
-            params = answer_params(engine.tok, temperature=0, max_tokens=self.plan.max_tokens)
+            engine = Engine(*loaded, max_running=1, speculative=spec)
+            params = answer_params(tok, temperature=0, max_tokens=self.plan.max_tokens)
             t0 = time.perf_counter()
             done = engine.generate(prompts, params)
             seconds = time.perf_counter() - t0

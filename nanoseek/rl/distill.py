@@ -52,8 +52,7 @@ def rejection_sample(engine: Engine, task, problems, k: int, temperature: float,
 
 
 def main(args) -> int:
-    from ..cli import build_parser
-    from ..train.sft import main as sft_main
+    from ..cli import run_command
 
     for name in ("problems", "k", "keep_per_problem", "max_tokens", "eval_n", "steps"):
         if getattr(args, name) < 1:
@@ -87,11 +86,9 @@ def main(args) -> int:
               f"{stats['problems_solved']} of {len(problems)} problems solved, {stats['examples']} examples "
               f"({time.perf_counter() - t0:.0f} s)")
     student_run = run / "student"
-    sft_args = build_parser().parse_args(
-        ["sft", "--model", args.student, "--data", str(data), "--out", str(student_run), "--steps", str(args.steps),
-         "--lr", str(args.lr), "--seed", str(args.seed)] + (["--resume"] if (student_run / "checkpoints").exists()
-                                                            else []) + (["--quiet"] if args.quiet else []))
-    sft_main(sft_args)
+    run_command("sft", "--model", args.student, "--data", data, "--out", student_run, "--steps", args.steps,
+                "--lr", args.lr, "--seed", args.seed, *(["--resume"] if (student_run / "checkpoints").exists() else []),
+                *(["--quiet"] if args.quiet else []))
     student = Engine(load_model(student_run), Tokenizer.load(student_run), max_running=args.max_running)
     before = evaluate(Engine(load_model(args.student), Tokenizer.load(args.student), max_running=args.max_running),
                       task, test, max_tokens=args.max_tokens)
