@@ -8,7 +8,9 @@ Starts `nanoseek serve` on a free port, then sends streaming /v1/completions req
 number of tokens). Reports, as vLLM's and SGLang's serving benchmarks do: TTFT (time to the first
 token), TPOT ((end-to-end - TTFT) / (tokens - 1)), ITL (time between streamed chunks), requests/s
 and output tokens/s, with mean, median and p99; first with --concurrency clients at once, then
-the same kind of requests one at a time, and the ratio of their tokens/s.
+the same kind of requests one at a time, and the ratio of their tokens/s. The two runs alternate
+for --rounds rounds (each round's ratio is printed) and the table sums them, because this
+machine's speed drifts by 10-20% from minute to minute.
 """
 
 from __future__ import annotations
@@ -67,8 +69,8 @@ async def run(url: str, prompts: list[list[int]], new: int, concurrency: int) ->
     return {"results": results, "wall": wall}
 
 
-def summary(name: str, out: dict) -> dict:
-    rs, wall = out["results"], out["wall"]
+def summary(name: str, outs: list[dict]) -> dict:
+    rs, wall = [r for o in outs for r in o["results"]], sum(o["wall"] for o in outs)
     tokens = sum(r["tokens"] for r in rs)
 
     def stats(xs):
@@ -78,7 +80,7 @@ def summary(name: str, out: dict) -> dict:
     row = {"name": name, "requests_per_s": len(rs) / wall, "tokens_per_s": tokens / wall,
            "ttft": stats([r["ttft"] for r in rs]), "tpot": stats([r["tpot"] for r in rs]),
            "itl": stats([x for r in rs for x in r["itl"]])}
-    print(f"{name:>14}: {row['requests_per_s']:6.2f} req/s  {row['tokens_per_s']:8.1f} tok/s  "
+    print(f"{name:>18}: {row['requests_per_s']:6.2f} req/s  {row['tokens_per_s']:8.1f} tok/s  "
           + "  ".join(f"{k.upper()} mean/median/p99 {'/'.join(f'{v:.1f}' for v in row[k])} ms"
                       for k in ("ttft", "tpot", "itl")), flush=True)
     return row
@@ -94,6 +96,10 @@ def main() -> None:
     ap.add_argument("--sequential", type=int, default=16, help="requests in the one-at-a-time run (default 16)")
     ap.add_argument("--prompt-tokens", type=int, default=128, help="prompt length (default 128)")
     ap.add_argument("--new-tokens", type=int, default=64, help="tokens per request (default 64)")
+    ap.add_argument("--prefill-hold", type=int, help="the server's --prefill-hold (default: the server's default)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="alternate the concurrent and the one-at-a-time run this many times, so that drift in the "
+                         "machine's speed hits both alike; the table sums the rounds (default 3)")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -111,7 +117,8 @@ def main() -> None:
         url = args.url or f"http://127.0.0.1:{port}"
         server = None if args.url else subprocess.Popen(
             [sys.executable, "-m", "nanoseek", "serve", "--model", model, "--port", str(port), "--served-model-name",
-             "m", "--max-running", str(args.concurrency), "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             "m", "--max-running", str(args.concurrency), "--quiet"]
+            + ([] if args.prefill_hold is None else ["--prefill-hold", str(args.prefill_hold)]), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             for _ in range(600):
                 try:
@@ -124,10 +131,17 @@ def main() -> None:
             print(f"nanoseek serve, {args.prompt_tokens}-token prompts, {args.new_tokens} new tokens, greedy, "
                   f"streaming /v1/completions", flush=True)
             asyncio.run(run(url, prompts[:2], 4, 1))  # warm-up
-            together = summary(f"{args.concurrency} concurrent", asyncio.run(run(url, prompts, args.new_tokens,
-                                                                                 args.concurrency)))
-            alone = summary("one at a time", asyncio.run(run(url, prompts[:args.sequential], args.new_tokens, 1)))
-            print(f"ratio: {together['tokens_per_s'] / alone['tokens_per_s']:.2f}x the sequential tokens/s")
+            together, alone = [], []
+            for i in range(args.rounds):
+                together.append(asyncio.run(run(url, prompts, args.new_tokens, args.concurrency)))
+                alone.append(asyncio.run(run(url, prompts[:args.sequential], args.new_tokens, 1)))
+                ratio = (summary(f"{i + 1}: {args.concurrency} at once", together[-1:])["tokens_per_s"]
+                         / summary(f"{i + 1}: one at a time", alone[-1:])["tokens_per_s"])
+                print(f"round {i + 1}: {ratio:.2f}x", flush=True)
+            print(f"all {args.rounds} rounds:")
+            ratio = (summary(f"{args.concurrency} concurrent", together)["tokens_per_s"]
+                     / summary("one at a time", alone)["tokens_per_s"])
+            print(f"ratio: {ratio:.2f}x the sequential tokens/s")
         finally:
             if server is not None:
                 server.terminate()

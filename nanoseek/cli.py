@@ -311,14 +311,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .server.app import create_app
     from .tokenizer import Tokenizer
 
-    if args.max_running < 1 or args.max_queue < 0 or args.max_body < 1:
-        raise UsageError("--max-running and --max-body must be >= 1, --max-queue >= 0")
+    if args.max_running < 1 or args.max_queue < 0 or args.max_body < 1 or args.prefill_hold < 0:
+        raise UsageError("--max-running and --max-body must be >= 1, --max-queue and --prefill-hold >= 0")
     model = load_model(args.model)
     tok = Tokenizer.load(args.model)
     key = args.api_key or os.environ.get("NANOSEEK_API_KEY") or None
     name = args.served_model_name or Path(args.model).resolve().name
     try:
-        engine = Engine(model, tok, max_running=args.max_running, speculative=args.speculative)
+        engine = Engine(model, tok, max_running=args.max_running, speculative=args.speculative,
+                        prefill_hold=args.prefill_hold)
     except ValueError as e:
         raise UsageError(str(e)) from None
     app = create_app(engine, tok, name, api_key=key, max_queue=args.max_queue, max_body=args.max_body,
@@ -558,6 +559,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-running", type=int, default=16, help="sequences decoded together (default 16)")
     sp.add_argument("--max-queue", type=int, default=64,
                     help="sequences waiting beyond those running before 503 (default 64)")
+    sp.add_argument("--prefill-hold", type=int, default=4, metavar="STEPS",
+                    help="hold requests that arrive while others decode for up to STEPS decode steps (less once "
+                         "enough gather to fill every free slot), so they share one prefill instead of each "
+                         "stalling the batch; trades a little time-to-first-token for throughput; 0 admits at "
+                         "once (default 4)")
     sp.add_argument("--max-body", type=int, default=1 << 20, metavar="BYTES",
                     help="largest request body; bigger ones get 413 (default 1 MiB)")
     sp.add_argument("--reasoning-parser", choices=["deepseek_r1", "none"], default="deepseek_r1",

@@ -64,6 +64,7 @@ def test_cli_init_seed_is_deterministic(tmp_path):
     (["cost"], "give exactly one of --preset NAME or --config PATH"),
     (["cost", "--config", "/nonexistent/dir"], "not found"),
     (["cost", "--preset", "tiny", "--seq-len", "0"], "seq_len must be >= 1"),
+    (["serve", "--model", "x", "--prefill-hold", "-1"], "--prefill-hold >= 0"),
 ])
 def test_cli_errors_are_clear(argv, message, capsys):
     assert main(argv) == 2

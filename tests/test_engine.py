@@ -46,6 +46,29 @@ def test_continuous_batching_equals_one_by_one_and_plain_greedy(model):
         assert req.finish_reason in ("length", "stop")
 
 
+def test_prefill_hold_gathers_arrivals_into_one_prefill(model):
+    """Requests arriving while another decodes wait up to prefill_hold steps, or until they can fill
+    every free slot, then share one prefill; the outputs are the same as without holding."""
+    with pytest.raises(ValueError, match="prefill_hold"):
+        Engine(model, TOK, prefill_hold=-1)
+    long = SamplingParams(temperature=0, max_tokens=12)
+    eng = Engine(model, TOK, max_running=4, prefill_hold=3)
+    eng.add(PROMPTS[0], long)
+    eng.step()  # admitted at once: nothing else was running
+    assert len(eng.running) == 1
+    eng.add(PROMPTS[1], GREEDY[1])
+    eng.step(), eng.step(), eng.step()
+    assert len(eng.running) == 1 and len(eng.waiting) == 1  # held three steps
+    eng.step()
+    assert len(eng.running) == 2 and not eng.waiting  # then admitted alone
+    eng.add(PROMPTS[2], GREEDY[2]), eng.add(PROMPTS[3], GREEDY[3])
+    eng.step()
+    assert len(eng.running) == 4  # two arrivals fill the two free slots: no wait
+    held = Engine(model, TOK, max_running=2, prefill_hold=2).generate(PROMPTS, GREEDY)
+    plain = Engine(model, TOK, max_running=2).generate(PROMPTS, GREEDY)
+    assert [r.output for r in held] == [r.output for r in plain]
+
+
 def test_greedy_matches_transformers_generate(model, tmp_path):
     transformers = pytest.importorskip("transformers")
     from nanoseek import save_model

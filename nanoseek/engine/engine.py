@@ -7,7 +7,8 @@
             print(out.delta, end="")
 
 Each step admits waiting requests while there is room (max_running, and cache blocks for the
-prompt plus max_tokens, reserved up front so decoding never runs out), prefills them in one
+prompt plus max_tokens, reserved up front so decoding never runs out; `prefill_hold` lets
+arrivals gather for a few decode steps so they share one prefill), prefills them in one
 batched forward (naive MLA path), then decodes every running request by one token in one batched
 forward over the cached latents (absorbed MLA path). A request finishes on end-of-sentence, a
 stop token id, a stop string or max_tokens; finishing or cancelling returns its cache blocks at
@@ -52,6 +53,7 @@ class Request:
     callback: Callable[["Output"], None] | None = None
     draft: int | None = None  # speculative: the MTP module's guess for the token after output[-1]
     draft_q: torch.Tensor | None = None  # the distribution the draft was drawn from
+    held: int = 0  # decode steps this request has waited while others decoded (see Engine.prefill_hold)
 
 
 @dataclass
@@ -66,8 +68,11 @@ class Output:
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_running: int = 16, block_size: int = 16,
-                 num_blocks: int | None = None, speculative: bool = False):
+                 num_blocks: int | None = None, speculative: bool = False, prefill_hold: int = 0):
         self.model, self.tok = model.eval(), tokenizer
+        if prefill_hold < 0:
+            raise ValueError(f"prefill_hold must be >= 0 decode steps (got {prefill_hold})")
+        self.prefill_hold = prefill_hold
         cfg = model.cfg
         if speculative and not len(model.mtp):
             raise ValueError("speculative: this model has no MTP module (num_nextn_predict_layers is 0) to draft "
@@ -221,7 +226,16 @@ class Engine:
 
         Reserving the budget up front means a running request never finds the cache full (no
         preemption needed); a request waits until finished ones give their blocks back.
+
+        With `prefill_hold` > 0, requests that arrive while others decode are held for up to that
+        many decode steps unless enough have gathered to fill every free slot: a prefill stalls the
+        whole decode batch, so one prefill of many prompts costs far less than many of one each.
         """
+        free = self.max_running - len(self.running)
+        if self.running and self.waiting and len(self.waiting) < free and self.waiting[0].held < self.prefill_hold:
+            for req in self.waiting:
+                req.held += 1
+            return []
         admitted = []
         reserved = sum(self._budget(r) for r in self.running.values())
         while self.waiting and len(self.running) + len(admitted) < self.max_running:
