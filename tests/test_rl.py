@@ -217,6 +217,7 @@ def test_cli_grpo_logs_checkpoints_and_resumes_exactly(sft_tiny, tmp_path):
     # 2 steps, then --resume to 4: the same metrics and weights as 4 straight
     assert main(["grpo", *flags, "--out", str(tmp_path / "b"), "--steps", "2"]) == 0
     assert main(["grpo", *flags, "--out", str(tmp_path / "b"), "--steps", "4"]) == 2  # exists: needs --resume
+    assert main(["grpo", *flags, "--out", str(tmp_path / "c"), "--max-running", "0"]) == 2
     assert main(["grpo", *flags, "--out", str(tmp_path / "b"), "--steps", "4", "--resume"]) == 0
     resumed = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     drop = ("seconds", "rollout_seconds")

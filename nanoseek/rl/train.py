@@ -173,6 +173,8 @@ def main(args) -> int:
                              f"(got {getattr(args, name)})")
     if args.group < 2:
         raise TrainError("--group must be >= 2: advantages compare completions within a group")
+    if args.max_running is not None and args.max_running < 1:
+        raise TrainError(f"--max-running must be >= 1 (got {args.max_running})")
     try:
         task = get_task(args.task)
     except ValueError as e:
@@ -202,7 +204,7 @@ def main(args) -> int:
     write_atomic(run / "grpo_args.json", json.dumps(vars(args), indent=2, default=str))
     if ref is not None and not saved:
         save_model(ref, run / "reference")
-    engine = Engine(policy, tok, max_running=args.max_running)
+    engine = Engine(policy, tok, max_running=args.max_running or args.prompts * args.group)
     log = MetricsLog(run, True, steps.step_num)
     files = tok.files(policy.cfg.max_position_embeddings)
     bar = tqdm(total=args.steps, initial=steps.step_num, disable=args.quiet, unit="step", dynamic_ncols=True)
