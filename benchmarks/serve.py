@@ -101,6 +101,8 @@ def main() -> None:
                     help="alternate the concurrent and the one-at-a-time run this many times, so that drift in the "
                          "machine's speed hits both alike; the table sums the rounds (default 3)")
     args = ap.parse_args()
+    if args.rounds < 1 or args.concurrency < 1 or args.requests < 1 or args.sequential < 1:
+        ap.error("--rounds, --concurrency, --requests and --sequential must be >= 1")
 
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
@@ -115,10 +117,11 @@ def main() -> None:
             save_model(Transformer(preset("small", vocab_size=tok.vocab_size)), model, extra_files=tok.files())
         port = free_port()
         url = args.url or f"http://127.0.0.1:{port}"
-        server = None if args.url else subprocess.Popen(
-            [sys.executable, "-m", "nanoseek", "serve", "--model", model, "--port", str(port), "--served-model-name",
-             "m", "--max-running", str(args.concurrency), "--quiet"]
-            + ([] if args.prefill_hold is None else ["--prefill-hold", str(args.prefill_hold)]), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cmd = [sys.executable, "-m", "nanoseek", "serve", "--model", model, "--port", str(port),
+               "--served-model-name", "m", "--max-running", str(args.concurrency), "--quiet"]
+        if args.prefill_hold is not None:
+            cmd += ["--prefill-hold", str(args.prefill_hold)]
+        server = None if args.url else subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             for _ in range(600):
                 try:
