@@ -10,7 +10,9 @@ count the tokens after the first (prefill makes the first): nanoseek times its e
 after the prefill step; transformers' decode time is generate(N new tokens) minus generate(1).
 Both run greedy for a fixed number of tokens (end-of-sentence ignored). Runs alternate between the
 libraries; the median of --repeats runs is reported. KV bytes per token are read off each
-library's cache after the run.
+library's cache after the run. nanoseek runs twice: eager, and with `compile=True` (its decode step
+through torch.compile, compiled during the warm-up run, not timed); transformers runs eagerly, as
+`generate` does by default.
 
 With --spec-model (a model dir trained with MTP, e.g. by `nanoseek pretrain`), the engine decodes
 the synthetic tasks' prompts at batch 1 with and without MTP self-speculative decoding, and
@@ -35,10 +37,10 @@ from nanoseek.tokenizer import Tokenizer
 CASES = [("decode", 1, 128), ("decode", 16, 128), ("decode", 1, 2048)]  # (kind, batch, prompt tokens)
 
 
-def ours(model, tok, prompts: torch.Tensor, new: int, speculative: bool = False) -> dict:
+def ours(model, tok, prompts: torch.Tensor, new: int, speculative: bool = False, compile: bool = False) -> dict:
     """Seconds of the prefill step and of the decode steps after it; cache bytes per token."""
     B, P = prompts.shape
-    engine = Engine(model, tok, max_running=B, speculative=speculative,
+    engine = Engine(model, tok, max_running=B, speculative=speculative, compile=compile,
                     num_blocks=B * -(-(P + new + 2) // 16))
     params = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
     for row in prompts.tolist():
@@ -82,24 +84,28 @@ def compare(name: str, new: int, repeats: int) -> list[dict]:
         hf = transformers.DeepseekV3ForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
     for kind, batch, plen in CASES:
         prompts = torch.randint(9, cfg.vocab_size, (batch, plen))
-        ours(model, tok, prompts, 4)  # warm-up
-        theirs(hf, prompts, 4)
-        a, b = {}, {}
-        for _ in range(repeats):  # alternate, so drift hits both
-            for k, v in ours(model, tok, prompts, new).items():
-                a.setdefault(k, []).append(v)
-            for k, v in theirs(hf, prompts, new).items():
-                b.setdefault(k, []).append(v)
-        a = {k: statistics.median(v) if v[0] is not None else None for k, v in a.items()}
-        b = {k: statistics.median(v) for k, v in b.items()}
-        dec_a, dec_b = batch * (new - 1) / a["decode"], batch * (new - 1) / b["decode"]
+        runs = {"eager": lambda n: ours(model, tok, prompts, n),
+                "compiled": lambda n: ours(model, tok, prompts, n, compile=True),
+                "hf": lambda n: theirs(hf, prompts, n)}
+        times: dict[str, dict[str, list]] = {k: {} for k in runs}
+        for run in runs.values():
+            run(4)  # warm-up (and the compile)
+        for _ in range(repeats):  # alternate, so drift hits all three
+            for key, run in runs.items():
+                for k, v in run(new).items():
+                    times[key].setdefault(k, []).append(v)
+        a, c, b = ({k: statistics.median(v) if v[0] is not None else None for k, v in times[key].items()}
+                   for key in runs)
+        dec_a, dec_c, dec_b = (batch * (new - 1) / x["decode"] for x in (a, c, b))
         pre_a, pre_b = batch * plen / a["prefill"], batch * plen / b["prefill"]
-        rows.append(dict(model=name, batch=batch, prompt=plen, decode_ours=dec_a, decode_hf=dec_b,
-                         prefill_ours=pre_a, prefill_hf=pre_b, kv_ours=a["kv_bytes"], kv_hf=b["kv_bytes"]))
+        rows.append(dict(model=name, batch=batch, prompt=plen, decode_ours=dec_a, decode_compiled=dec_c,
+                         decode_hf=dec_b, prefill_ours=pre_a, prefill_hf=pre_b, kv_ours=a["kv_bytes"],
+                         kv_hf=b["kv_bytes"]))
         r = rows[-1]
-        print(f"{name:6} batch {batch:2} prompt {plen:4}: decode {dec_a:8.1f} vs {dec_b:8.1f} tok/s "
-              f"({dec_a / dec_b:.2f}x)  prefill {pre_a:8.0f} vs {pre_b:8.0f} tok/s ({pre_a / pre_b:.2f}x)  "
-              f"KV {r['kv_ours']:.0f} vs {r['kv_hf']:.0f} B/token", flush=True)
+        print(f"{name:6} batch {batch:2} prompt {plen:4}: decode eager {dec_a:8.1f} ({dec_a / dec_b:.2f}x), compiled "
+              f"{dec_c:8.1f} ({dec_c / dec_b:.2f}x) vs transformers {dec_b:8.1f} tok/s  prefill {pre_a:8.0f} vs "
+              f"{pre_b:8.0f} tok/s ({pre_a / pre_b:.2f}x)  KV {r['kv_ours']:.0f} vs {r['kv_hf']:.0f} B/token",
+              flush=True)
     return rows
 
 

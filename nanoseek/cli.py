@@ -160,9 +160,32 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+COMPILE_HELP = ("compile the decode step with torch.compile (needs g++): compiling takes from ~20 s (tiny) to a "
+                "minute or two (small) at start, then decoding is ~1.5-2x faster (docs/engine.md); not with "
+                "--speculative")
+
+
+def _engine(model, tok, args: argparse.Namespace, **kwargs):
+    """The engine a generating command asked for; with --compile, compiled before it returns."""
+    from .engine.engine import Engine
+
+    try:
+        engine = Engine(model, tok, compile=getattr(args, "compile", False), **kwargs)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if getattr(args, "compile", False):
+        print("compiling the decode step ...", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        try:
+            engine.warm_up()
+        except RuntimeError as e:
+            raise UsageError(str(e)) from None
+        print(f"compiled in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    return engine
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from .checkpoint import load_model
-    from .engine.engine import Engine
     from .engine.sampling import SamplingParams
     from .tokenizer import Tokenizer
 
@@ -170,8 +193,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     tok = Tokenizer.load(args.model)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                             max_tokens=args.max_tokens, stop=args.stop or [])
+    engine = _engine(model, tok, args, max_running=1, speculative=args.speculative)
     try:
-        engine = Engine(model, tok, max_running=1, speculative=args.speculative)
         engine.add(args.prompt, params)
     except ValueError as e:
         raise UsageError(str(e)) from None
@@ -195,15 +218,14 @@ CHAT_HELP = "/reset starts a new conversation, /quit (or Ctrl-D) leaves; Ctrl-C 
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from .checkpoint import load_model
-    from .engine.engine import Engine
     from .engine.reasoning import ReasoningSplitter
     from .engine.sampling import SamplingParams
     from .tokenizer import Tokenizer
 
     model = load_model(args.model)
     tok = Tokenizer.load(args.model)
+    engine = _engine(model, tok, args, max_running=1, speculative=args.speculative)
     try:
-        engine = Engine(model, tok, max_running=1, speculative=args.speculative)
         SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens).validate()
     except ValueError as e:
         raise UsageError(str(e)) from None
@@ -307,7 +329,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .checkpoint import load_model
-    from .engine.engine import Engine
     from .server.app import create_app
     from .tokenizer import Tokenizer
 
@@ -317,11 +338,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     tok = Tokenizer.load(args.model)
     key = args.api_key or os.environ.get("NANOSEEK_API_KEY") or None
     name = args.served_model_name or Path(args.model).resolve().name
-    try:
-        engine = Engine(model, tok, max_running=args.max_running, speculative=args.speculative,
-                        prefill_hold=args.prefill_hold)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    engine = _engine(model, tok, args, max_running=args.max_running, speculative=args.speculative,
+                     prefill_hold=args.prefill_hold)
     app = create_app(engine, tok, name, api_key=key, max_queue=args.max_queue, max_body=args.max_body,
                      reasoning=args.reasoning_parser == "deepseek_r1", engine_thread=False)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -361,7 +379,6 @@ def cmd_distill(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .checkpoint import load_model
     from .data.tasks import get_task
-    from .engine.engine import Engine
     from .rl.evaluate import evaluate, format_report
     from .tokenizer import Tokenizer
 
@@ -376,7 +393,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     model = load_model(args.model)
     tok = Tokenizer.load(args.model)
-    engine = Engine(model, tok, max_running=args.max_running)
+    engine = _engine(model, tok, args, max_running=args.max_running)
     start = time.perf_counter()
     report = evaluate(engine, task, problems, k=args.k, temperature=args.temperature, max_tokens=args.max_tokens,
                       template=args.template, seed=args.seed, split=args.split)
@@ -526,6 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--speculative", action="store_true",
                     help="MTP self-speculative decoding: the MTP module drafts a token, the main model checks it "
                          "in the same forward (same greedy output; needs a model with an MTP layer)")
+    sp.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     sp.add_argument("--verbose", action="store_true",
                     help="print why generation finished, tokens/s and the draft acceptance rate")
     sp.set_defaults(func=cmd_generate)
@@ -543,6 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
     sp.add_argument("--seed", type=int, help="sampling seed for every reply")
     sp.add_argument("--speculative", action="store_true", help="MTP self-speculative decoding")
+    sp.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     sp.set_defaults(func=cmd_chat)
 
     sp = sub.add_parser("serve", help="OpenAI-compatible HTTP server with streaming and a web chat page",
@@ -569,6 +588,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--reasoning-parser", choices=["deepseek_r1", "none"], default="deepseek_r1",
                     help="deepseek_r1: text before </think> goes to reasoning_content (default); none: all content")
     sp.add_argument("--speculative", action="store_true", help="MTP self-speculative decoding")
+    sp.add_argument("--compile", action="store_true", help=COMPILE_HELP + "; compiled before the server listens")
     sp.add_argument("--quiet", action="store_true", help="no access log")
     sp.set_defaults(func=cmd_serve)
 
@@ -599,6 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "plain: the problem and a newline, as the pretraining corpus writes it (base models)")
     sp.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     sp.add_argument("--max-running", type=int, default=32, help="sequences decoded together (default 32)")
+    sp.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     sp.add_argument("--json", action="store_true", help="print one JSON object")
     sp.add_argument("--per-problem", action="store_true", help="with --json: every problem's greedy output and result")
     sp.set_defaults(func=cmd_eval)

@@ -136,6 +136,30 @@ def test_cli_generate_streams_the_engine_output(model, tmp_path, capsys):
     assert "top_p must be in (0, 1]" in capsys.readouterr().err
 
 
+def test_compiled_decode_equals_eager(model, tmp_path, capsys):
+    """torch.compile'd decode step (one graph): the same greedy tokens as eager, with sequences joining
+    and leaving; warm_up compiles and leaves the engine empty; the CLI flag does the same."""
+    from nanoseek import save_model
+    from nanoseek.cli import main
+    with pytest.raises(ValueError, match="compile"):
+        Engine(model, TOK, compile=True, speculative=True)
+    compiled = Engine(model, TOK, max_running=2, compile=True)
+    free = compiled.cache.free_tokens
+    compiled.warm_up()
+    assert not compiled.has_work() and compiled.cache.free_tokens == free
+    eager = Engine(model, TOK, max_running=2)
+    assert ([r.output for r in compiled.generate(PROMPTS, GREEDY)] ==
+            [r.output for r in eager.generate(PROMPTS, GREEDY)])
+    save_model(model, tmp_path / "m", extra_files=TOK.files())
+    assert main(["generate", "--model", str(tmp_path / "m"), "--prompt", PROMPTS[0], "--max-tokens", "9",
+                 "--compile"]) == 0
+    out = capsys.readouterr()
+    assert out.out == eager.generate([PROMPTS[0]], GREEDY[0])[0].stream.text + "\n"
+    assert "compiled in" in out.err
+    assert main(["generate", "--model", str(tmp_path / "m"), "--prompt", "x", "--compile", "--speculative"]) == 2
+    assert "speculative decoding runs eagerly" in capsys.readouterr().err
+
+
 # ---- MTP self-speculative decoding ---------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -107,6 +107,25 @@ def test_moe_equals_slow_per_token_reference(scoring):
     assert torch.equal(stats.counts, torch.bincount(indices.flatten(), minlength=cfg.n_routed_experts))
 
 
+@pytest.mark.parametrize("tokens,path", [(1, "few"), (3, "few"), (15, "dense"), (100, "sorted")])
+def test_moe_inference_paths_equal_the_training_path(tokens, path):
+    """Inference picks per-pair dispatch, all-experts-dense or sorted by how many (token, expert) pairs
+    there are; every path gives the sorted training path's output."""
+    cfg = preset("tiny", n_routed_experts=32, n_group=4, topk_group=2)  # 2 experts per token
+    torch.manual_seed(3)
+    moe = MoE(cfg)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(1, tokens, cfg.hidden_size)
+    want, _ = moe(x)  # grad enabled: always the sorted path
+    with torch.no_grad():
+        pairs = tokens * cfg.num_experts_per_tok
+        assert moe.experts.dense_pays(pairs) == (path == "dense")
+        assert (4 * pairs < cfg.n_routed_experts) == (path == "few")
+        assert torch.allclose(moe.mix(x), want, atol=1e-5)
+        assert torch.allclose(moe(x)[0], want, atol=1e-5)
+
+
 def test_balance_loss_matches_formula():
     cfg = preset("tiny")
     moe = MoE(cfg)

@@ -149,6 +149,17 @@ class PagedLatentCache:
         k = self.k_pe[layer_idx].index_select(0, read.flatten()).view(B, S, -1)
         return c.to(c_kv.dtype), k.to(k_pe.dtype)
 
+    def slots(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The bound forward's write slots (B*T,) and read slots (B, S), for callers that gather themselves
+        (the engine's decode graph) and then `store` what they computed."""
+        return self._batch.write, self._batch.read
+
+    def store(self, c_kv: torch.Tensor, k_pe: torch.Tensor) -> None:
+        """Write the bound forward's new latents (n, B*T, C) and roped keys (n, B*T, R) into layers 0..n-1."""
+        n, write = c_kv.shape[0], self._batch.write.to(self.c_kv.device)
+        self.c_kv[:n, write] = c_kv.to(self.c_kv.dtype)
+        self.k_pe[:n, write] = k_pe.to(self.k_pe.dtype)
+
     def commit(self) -> None:
         plan = self._batch
         if plan.advance:

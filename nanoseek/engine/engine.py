@@ -68,7 +68,8 @@ class Output:
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_running: int = 16, block_size: int = 16,
-                 num_blocks: int | None = None, speculative: bool = False, prefill_hold: int = 0):
+                 num_blocks: int | None = None, speculative: bool = False, prefill_hold: int = 0,
+                 compile: bool = False):
         self.model, self.tok = model.eval(), tokenizer
         if prefill_hold < 0:
             raise ValueError(f"prefill_hold must be >= 0 decode steps (got {prefill_hold})")
@@ -89,6 +90,14 @@ class Engine:
         self.running: dict[int, Request] = {}
         self.ids = itertools.count()
         self.drafted = self.accepted = 0
+        # plain decode steps run Transformer.decode_step; compiled, it is one fused graph
+        self.decode_fn = model.decode_step
+        if compile:
+            if speculative:
+                raise ValueError("compile: the compiled graph is the plain decode step; speculative decoding "
+                                 "runs eagerly, so use one or the other")
+            self.decode_fn = torch.compile(model.decode_step, dynamic=True,
+                                           options={"cpp_wrapper": True} if self.device.type == "cpu" else None)
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -118,6 +127,22 @@ class Engine:
                       stream=TextStream(self.tok, params.stop), callback=callback)
         self.waiting.append(req)
         return req.id
+
+    def warm_up(self) -> None:
+        """Run the decode shapes a workload meets once (one sequence; several of equal and of different
+        lengths), so a compiled engine compiles now rather than stalling its first requests; raises
+        RuntimeError, saying what to do, when compiling fails."""
+        if self.has_work():
+            raise RuntimeError("warm_up: the engine already has requests")
+        params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+        try:
+            for prompts in ([[1, 2]], [[1, 2], [3, 4]], [[1, 2], [3, 4, 5]]):
+                self.generate(prompts, params)
+        except Exception as e:  # torch.compile raises its backends' own exception types
+            if self.decode_fn is self.model.decode_step:
+                raise
+            raise RuntimeError(f"compiling the decode step failed ({type(e).__name__}: {str(e)[:300]}); torch.compile "
+                               f"needs a working C++ compiler (g++) on CPU. Run without compile") from e
 
     def cancel(self, rid: int) -> bool:
         """Stop a request now and give its cache blocks back; False if it is unknown or done."""
@@ -264,7 +289,15 @@ class Engine:
         return outputs
 
     def _decode(self, reqs: list[Request]) -> list[Output]:
-        h = self._trunk(reqs, [r.output[-1:] for r in reqs], absorb=True)
+        """One token for each request: the decode graph reads the cache, the new latents are stored after."""
+        self.cache.bind([r.id for r in reqs], [1] * len(reqs))
+        write, read = (t.to(self.device) for t in self.cache.slots())
+        absorbed = [layer.self_attn.absorbed_weights() for layer in self.model.layers]
+        h, c_kv, k_pe = self.decode_fn(self._batch([r.output[-1:] for r in reqs]),
+                                       self.cache.start_positions().to(self.device), self.cache.c_kv,
+                                       self.cache.k_pe, write, read, self._mask(), absorbed)
+        self.cache.store(c_kv, k_pe)
+        self.cache.commit()
         return self._advance_all(reqs, self.model.lm_head(h[:, 0]))
 
     def _decode_speculative(self, reqs: list[Request]) -> list[Output]:
