@@ -8,7 +8,8 @@ Starts `nanoseek serve` on a free port, then sends streaming /v1/completions req
 number of tokens). Reports, as vLLM's and SGLang's serving benchmarks do: TTFT (time to the first
 token), TPOT ((end-to-end - TTFT) / (tokens - 1)), ITL (time between streamed chunks), requests/s
 and output tokens/s, with mean, median and p99; first with --concurrency clients at once, then
-the same kind of requests one at a time, and the ratio of their tokens/s. The two runs alternate
+the same kind of requests one at a time, and the ratio of their tokens/s (--compile: the server's
+decode step compiled with torch.compile, before it listens). The two runs alternate
 for --rounds rounds (each round's ratio is printed) and the table sums them, because this
 machine's speed drifts by 10-20% from minute to minute.
 """
@@ -97,6 +98,7 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=128, help="prompt length (default 128)")
     ap.add_argument("--new-tokens", type=int, default=64, help="tokens per request (default 64)")
     ap.add_argument("--prefill-hold", type=int, help="the server's --prefill-hold (default: the server's default)")
+    ap.add_argument("--compile", action="store_true", help="serve with --compile (the server compiles before it listens)")
     ap.add_argument("--rounds", type=int, default=3,
                     help="alternate the concurrent and the one-at-a-time run this many times, so that drift in the "
                          "machine's speed hits both alike; the table sums the rounds (default 3)")
@@ -121,13 +123,17 @@ def main() -> None:
                "--served-model-name", "m", "--max-running", str(args.concurrency), "--quiet"]
         if args.prefill_hold is not None:
             cmd += ["--prefill-hold", str(args.prefill_hold)]
+        if args.compile:
+            cmd.append("--compile")
         server = None if args.url else subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            for _ in range(600):
+            for _ in range(3000):  # up to 5 minutes: a compiling server listens only once it is done
                 try:
                     httpx.get(url + "/health", timeout=1)
                     break
                 except httpx.HTTPError:
+                    if server is not None and server.poll() is not None:
+                        sys.exit(f"the server exited with status {server.returncode}: {' '.join(cmd)}")
                     time.sleep(0.1)
             rng = random.Random(0)
             prompts = [[rng.randrange(9, 250) for _ in range(args.prompt_tokens)] for _ in range(args.requests)]
