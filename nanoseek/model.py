@@ -375,25 +375,24 @@ class MoE(nn.Module):
         return y, RouterStats(self, counts, scores, indices)
 
     def mix(self, x: torch.Tensor) -> torch.Tensor:
-        """forward's output without the router statistics, for inference. A compiled graph always
-        takes the dense path: no host sync, no shapes that depend on the routing."""
-        pairs = x.shape[0] * x.shape[1] * self.cfg.num_experts_per_tok
-        return self._run(x, torch.compiler.is_compiling() or self.experts.dense_pays(pairs))[0]
+        """forward's output without the router statistics, for inference."""
+        return self._run(x, self.experts.dense_pays(x.shape[0] * x.shape[1] * self.cfg.num_experts_per_tok))[0]
 
     def _run(self, x: torch.Tensor, dense: bool):
         """x (B, T, D) -> output (B, T, D), expert indices (B, T, K), gate scores (B, T, E)."""
         B, T, D = x.shape
         flat = x.reshape(B * T, D)
         weights, indices, scores = self.gate(flat)
-        if dense:
-            y = self.experts.dense(flat, weights, indices)
-        else:
-            counts = torch.bincount(indices.flatten(), minlength=self.cfg.n_routed_experts)
-            y = self.experts(flat, weights, indices, counts.tolist())
+        y = self.experts.dense(flat, weights, indices) if dense else self._routed(flat, weights, indices)
         y = y.view(B, T, D)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y, indices.view(B, T, -1), scores.view(B, T, -1)
+
+    @torch.compiler.disable  # routing-dependent shapes: a compiled decode step runs this part eagerly
+    def _routed(self, flat: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        counts = torch.bincount(indices.flatten(), minlength=self.cfg.n_routed_experts)
+        return self.experts(flat, weights, indices, counts.tolist())
 
     def balance_loss(self, scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """V3 eq. 17-20: f_i = E/(K T) * #tokens of the sequence routed to i; P_i = mean_t s'_{i,t}."""

@@ -150,6 +150,11 @@ def test_compiled_decode_equals_eager(model, tmp_path, capsys):
     eager = Engine(model, TOK, max_running=2)
     assert ([r.output for r in compiled.generate(PROMPTS, GREEDY)] ==
             [r.output for r in eager.generate(PROMPTS, GREEDY)])
+    # more sequences than the dense MoE path takes: the routed experts run eagerly inside the graph
+    many, params = [f"{i} + {i * 7} =" for i in range(20)], SamplingParams(temperature=0, max_tokens=3)
+    assert not model.layers[1].mlp.experts.dense_pays(20 * model.cfg.num_experts_per_tok)
+    assert ([r.output for r in Engine(model, TOK, max_running=20, compile=True).generate(many, params)] ==
+            [r.output for r in Engine(model, TOK, max_running=20).generate(many, params)])
     save_model(model, tmp_path / "m", extra_files=TOK.files())
     assert main(["generate", "--model", str(tmp_path / "m"), "--prompt", PROMPTS[0], "--max-tokens", "9",
                  "--compile"]) == 0
