@@ -69,3 +69,33 @@ def test_blocks_are_returned_and_exhaustion_is_an_error(tiny_model):
         cfg.num_hidden_layers + cfg.num_nextn_predict_layers)
     plain = PagedLatentCache(cfg, num_blocks=4, block_size=4, dtype=torch.bfloat16, mtp=False)  # no MTP layer
     assert plain.bytes_per_token() == (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2 * cfg.num_hidden_layers
+
+
+def test_decode_step_equals_the_cached_trunk(tiny_model):
+    """The pure decode step (what the engine compiles) gives the cached trunk's hidden states and leaves
+    the same latents in the cache once they are stored, for a ragged batch."""
+    torch.manual_seed(1)
+    caches = [PagedLatentCache(tiny_model.cfg, num_blocks=12, block_size=4, mtp=False) for _ in range(2)]
+    prompts = {"a": torch.randint(0, 512, (7,)).tolist(), "b": torch.randint(0, 512, (2,)).tolist()}
+    for cache in caches:
+        for s in prompts:
+            cache.add(s)
+        step(tiny_model, cache, ["a", "b"], prompts, absorb=False)
+    ids = torch.tensor([[5], [9]])
+    with torch.no_grad():
+        trunk_cache, pure_cache = caches
+        trunk_cache.bind(["a", "b"], [1, 1])
+        want, _ = tiny_model.trunk(ids, start_pos=trunk_cache.start_positions(), cache=trunk_cache,
+                                   mask=trunk_cache.mask(), absorb=True)
+        trunk_cache.commit()
+        pure_cache.bind(["a", "b"], [1, 1])
+        write, read = pure_cache.slots()
+        absorbed = [layer.self_attn.absorbed_weights() for layer in tiny_model.layers]
+        got, c_kv, k_pe = tiny_model.decode_step(ids, pure_cache.start_positions(), pure_cache.c_kv,
+                                                 pure_cache.k_pe, write, read, pure_cache.mask(), absorbed)
+        pure_cache.store(c_kv, k_pe)
+        pure_cache.commit()
+    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.allclose(pure_cache.c_kv, trunk_cache.c_kv, atol=1e-6)
+    assert torch.allclose(pure_cache.k_pe, trunk_cache.k_pe, atol=1e-6)
+    assert pure_cache.lengths == trunk_cache.lengths == {"a": 8, "b": 3}

@@ -90,14 +90,15 @@ class Engine:
         self.running: dict[int, Request] = {}
         self.ids = itertools.count()
         self.drafted = self.accepted = 0
-        # plain decode steps run Transformer.decode_step; compiled, it is one fused graph
-        self.decode_fn = model.decode_step
+        # compiled, plain decode steps run Transformer.decode_step as one graph; eagerly the trunk over
+        # the cache is faster (it reads a lone sequence's context as a view; measured 2-16%)
+        self.compiled = None
         if compile:
             if speculative:
                 raise ValueError("compile: the compiled graph is the plain decode step; speculative decoding "
                                  "runs eagerly, so use one or the other")
-            self.decode_fn = torch.compile(model.decode_step, dynamic=True,
-                                           options={"cpp_wrapper": True} if self.device.type == "cpu" else None)
+            self.compiled = torch.compile(model.decode_step, dynamic=True,
+                                          options={"cpp_wrapper": True} if self.device.type == "cpu" else None)
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -139,7 +140,7 @@ class Engine:
             for prompts in ([[1, 2]], [[1, 2], [3, 4]], [[1, 2], [3, 4, 5]]):
                 self.generate(prompts, params)
         except Exception as e:  # torch.compile raises its backends' own exception types
-            if self.decode_fn is self.model.decode_step:
+            if self.compiled is None:
                 raise
             raise RuntimeError(f"compiling the decode step failed ({type(e).__name__}: {str(e)[:300]}); torch.compile "
                                f"needs a working C++ compiler (g++) on CPU. Run without compile") from e
@@ -289,13 +290,16 @@ class Engine:
         return outputs
 
     def _decode(self, reqs: list[Request]) -> list[Output]:
-        """One token for each request: the decode graph reads the cache, the new latents are stored after."""
+        """One token for each request; compiled, the graph reads the cache and the new latents are stored after."""
+        if self.compiled is None:
+            h = self._trunk(reqs, [r.output[-1:] for r in reqs], absorb=True)
+            return self._advance_all(reqs, self.model.lm_head(h[:, 0]))
         self.cache.bind([r.id for r in reqs], [1] * len(reqs))
         write, read = (t.to(self.device) for t in self.cache.slots())
         absorbed = [layer.self_attn.absorbed_weights() for layer in self.model.layers]
-        h, c_kv, k_pe = self.decode_fn(self._batch([r.output[-1:] for r in reqs]),
-                                       self.cache.start_positions().to(self.device), self.cache.c_kv,
-                                       self.cache.k_pe, write, read, self._mask(), absorbed)
+        h, c_kv, k_pe = self.compiled(self._batch([r.output[-1:] for r in reqs]),
+                                      self.cache.start_positions().to(self.device), self.cache.c_kv, self.cache.k_pe,
+                                      write, read, self._mask(), absorbed)
         self.cache.store(c_kv, k_pe)
         self.cache.commit()
         return self._advance_all(reqs, self.model.lm_head(h[:, 0]))
