@@ -411,7 +411,13 @@ def cmd_speedrun(args: argparse.Namespace) -> int:
     for name in ("pretrain_steps", "sft_steps", "grpo_steps", "eval_n"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
+    if args.eval_n is not None and args.eval_n > MAX_EVAL_N:
+        raise UsageError(f"--eval-n must be <= {MAX_EVAL_N:,} (got {args.eval_n:,}): each problem is generated and "
+                         f"answered at every evaluation stage; `nanoseek eval --n` takes larger runs of one model")
     return speedrun(args)
+
+
+MAX_EVAL_N = 2000  # speedrun's evaluations: 2,000 problems x 4 stages is hours on 2 cores already
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -646,7 +652,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--pretrain-steps", type=int, help="override the pretraining steps of the budget")
     sp.add_argument("--sft-steps", type=int, help="override the SFT steps of the budget")
     sp.add_argument("--grpo-steps", type=int, help="override the GRPO steps of the budget")
-    sp.add_argument("--eval-n", type=int, help="test problems per task in each evaluation")
+    sp.add_argument("--eval-n", type=int, help="test problems per task in each evaluation (at most 2,000)")
     sp.add_argument("--seed", type=int, help="seed for data, initialisation and sampling (default 0)")
     sp.add_argument("--quiet", action="store_true", help="no progress bars or per-stage output")
     sp.set_defaults(func=cmd_speedrun)

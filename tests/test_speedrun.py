@@ -142,5 +142,7 @@ def test_speedrun_help_explains_every_flag(capsys):
 def test_bad_step_counts_are_refused(tmp_path, capsys):
     assert main(["speedrun", "--quick", "--out", str(tmp_path / "x"), "--grpo-steps", "0"]) == 2
     assert "--grpo-steps must be >= 1" in capsys.readouterr().err
+    assert main(["speedrun", "--quick", "--out", str(tmp_path / "x"), "--eval-n", "100000"]) == 2
+    assert "--eval-n must be <= 2,000 (got 100,000)" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
