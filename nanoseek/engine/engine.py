@@ -21,6 +21,11 @@ same argmax; sampling: speculative sampling, so the output distribution is uncha
 the token after it for free, or rolls the rejected draft out of the cache. The MTP module's own
 layer is cached in the same blocks (cache layer num_hidden_layers) and is fed the positions the
 main model has just settled. `engine.acceptance_rate` counts drafts kept.
+
+Compiled (`Engine(..., compile=True)`, then `warm_up()`): plain decode steps run
+`Transformer.decode_step`, a pure function of the cache pools and slot tensors, through
+torch.compile; the engine stores the new latents it returns. Prefill and speculative steps stay
+eager.
 """
 
 from __future__ import annotations
