@@ -370,20 +370,23 @@ class MoE(nn.Module):
                                if cfg.n_shared_experts > 0 else None)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
-        y, indices, scores = self._run(x, self.experts.dense_pays(x.shape[0] * x.shape[1] * self.cfg.num_experts_per_tok))
+        y, indices, scores = self._run(x)
         counts = torch.bincount(indices.flatten(), minlength=self.cfg.n_routed_experts)
         return y, RouterStats(self, counts, scores, indices)
 
     def mix(self, x: torch.Tensor) -> torch.Tensor:
         """forward's output without the router statistics, for inference."""
-        return self._run(x, self.experts.dense_pays(x.shape[0] * x.shape[1] * self.cfg.num_experts_per_tok))[0]
+        return self._run(x)[0]
 
-    def _run(self, x: torch.Tensor, dense: bool):
+    def _run(self, x: torch.Tensor):
         """x (B, T, D) -> output (B, T, D), expert indices (B, T, K), gate scores (B, T, E)."""
         B, T, D = x.shape
         flat = x.reshape(B * T, D)
         weights, indices, scores = self.gate(flat)
-        y = self.experts.dense(flat, weights, indices) if dense else self._routed(flat, weights, indices)
+        if self.experts.dense_pays(indices.numel()):
+            y = self.experts.dense(flat, weights, indices)
+        else:
+            y = self._routed(flat, weights, indices)
         y = y.view(B, T, D)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
