@@ -170,10 +170,10 @@ def _engine(model, tok, args: argparse.Namespace, **kwargs):
     from .engine.engine import Engine
 
     try:
-        engine = Engine(model, tok, compile=getattr(args, "compile", False), **kwargs)
+        engine = Engine(model, tok, compile=args.compile, **kwargs)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    if getattr(args, "compile", False):
+    if args.compile:
         print("compiling the decode step ...", file=sys.stderr, flush=True)
         start = time.perf_counter()
         try:
@@ -405,6 +405,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+MAX_EVAL_N = 2000  # speedrun's evaluations: 2,000 problems x 4 stages is hours on 2 cores already
+
+
 def cmd_speedrun(args: argparse.Namespace) -> int:
     from .speedrun import main as speedrun
 
@@ -415,9 +418,6 @@ def cmd_speedrun(args: argparse.Namespace) -> int:
         raise UsageError(f"--eval-n must be <= {MAX_EVAL_N:,} (got {args.eval_n:,}): each problem is generated and "
                          f"answered at every evaluation stage; `nanoseek eval --n` takes larger runs of one model")
     return speedrun(args)
-
-
-MAX_EVAL_N = 2000  # speedrun's evaluations: 2,000 problems x 4 stages is hours on 2 cores already
 
 
 def build_parser() -> argparse.ArgumentParser:

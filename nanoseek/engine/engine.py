@@ -294,19 +294,21 @@ class Engine:
                             [r.prompt[1:] + r.output[-1:] for _, r in live], [0] * len(live), absorb=False)
         return outputs
 
-    def _decode(self, reqs: list[Request]) -> list[Output]:
-        """One token for each request; compiled, the graph reads the cache and the new latents are stored after."""
-        if self.compiled is None:
-            h = self._trunk(reqs, [r.output[-1:] for r in reqs], absorb=True)
-            return self._advance_all(reqs, self.model.lm_head(h[:, 0]))
+    def _compiled_trunk(self, reqs: list[Request], new: list[list[int]]) -> torch.Tensor:
+        """`_trunk` for one new token per request through the compiled decode step: the graph only reads
+        the cache; the new latents it returns are stored after."""
         self.cache.bind([r.id for r in reqs], [1] * len(reqs))
         write, read = (t.to(self.device) for t in self.cache.slots())
         absorbed = [layer.self_attn.absorbed_weights() for layer in self.model.layers]
-        h, c_kv, k_pe = self.compiled(self._batch([r.output[-1:] for r in reqs]),
-                                      self.cache.start_positions().to(self.device), self.cache.c_kv, self.cache.k_pe,
-                                      write, read, self._mask(), absorbed)
+        h, c_kv, k_pe = self.compiled(self._batch(new), self.cache.start_positions().to(self.device),
+                                      self.cache.c_kv, self.cache.k_pe, write, read, self._mask(), absorbed)
         self.cache.store(c_kv, k_pe)
         self.cache.commit()
+        return h
+
+    def _decode(self, reqs: list[Request]) -> list[Output]:
+        new = [r.output[-1:] for r in reqs]
+        h = self._trunk(reqs, new, absorb=True) if self.compiled is None else self._compiled_trunk(reqs, new)
         return self._advance_all(reqs, self.model.lm_head(h[:, 0]))
 
     def _decode_speculative(self, reqs: list[Request]) -> list[Output]:
