@@ -2,6 +2,7 @@
 
     python benchmarks/engine_speed.py                             # tiny and small, fp32
     python benchmarks/engine_speed.py --spec-model runs/base      # + speculative decoding on a trained model
+    python benchmarks/engine_speed.py --device cuda --dtype bf16  # on a GPU
 
 For each preset one random model dir is written by nanoseek and loaded by both libraries
 (transformers' DeepseekV3ForCausalLM with its own DynamicCache). Cases: decode at batch 1 and 16
@@ -34,7 +35,15 @@ from nanoseek.engine.engine import Engine
 from nanoseek.engine.sampling import SamplingParams
 from nanoseek.tokenizer import Tokenizer
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CASES = [("decode", 1, 128), ("decode", 16, 128), ("decode", 1, 2048)]  # (kind, batch, prompt tokens)
+
+
+def _clock() -> float:
+    """Seconds, after the GPU (if any) has finished what was queued."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 def ours(model, tok, prompts: torch.Tensor, new: int, speculative: bool = False, compile: bool = False) -> dict:
@@ -45,22 +54,22 @@ def ours(model, tok, prompts: torch.Tensor, new: int, speculative: bool = False,
     params = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
     for row in prompts.tolist():
         engine.add(row, params)
-    t0 = time.perf_counter()
+    t0 = _clock()
     engine.step()
-    t1 = time.perf_counter()
+    t1 = _clock()
     while engine.has_work():
         engine.step()
-    t2 = time.perf_counter()
+    t2 = _clock()
     return {"prefill": t1 - t0, "decode": t2 - t1, "kv_bytes": engine.cache.bytes_per_token(),
             "acceptance": engine.acceptance_rate}
 
 
 def theirs(hf, prompts: torch.Tensor, new: int) -> dict:
     def generate(n):
-        t = time.perf_counter()
+        t = _clock()
         out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n, min_new_tokens=n,
                           do_sample=False, eos_token_id=None, pad_token_id=0, return_dict_in_generate=True)
-        return time.perf_counter() - t, out
+        return _clock() - t, out
 
     t_prefill, _ = generate(1)
     t_all, out = generate(new)
@@ -71,7 +80,7 @@ def theirs(hf, prompts: torch.Tensor, new: int) -> dict:
             "kv_bytes": sum(t.numel() * t.element_size() for t in tensors) / tokens}
 
 
-def compare(name: str, new: int, repeats: int) -> list[dict]:
+def compare(name: str, new: int, repeats: int, device: str = "cpu", dtype: torch.dtype = torch.float32) -> list[dict]:
     import transformers
     cfg = preset(name, max_position_embeddings=4096)
     torch.manual_seed(0)
@@ -80,10 +89,10 @@ def compare(name: str, new: int, repeats: int) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as d:
         save_model(model, d, extra_files=tok.files())
-        model = load_model(d).eval()
-        hf = transformers.DeepseekV3ForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+        model = load_model(d).to(device, dtype).eval()
+        hf = transformers.DeepseekV3ForCausalLM.from_pretrained(d, dtype=dtype).to(device).eval()
     for kind, batch, plen in CASES:
-        prompts = torch.randint(9, cfg.vocab_size, (batch, plen))
+        prompts = torch.randint(9, cfg.vocab_size, (batch, plen), device=device)
         runs = {"eager": lambda n: ours(model, tok, prompts, n),
                 "compiled": lambda n: ours(model, tok, prompts, n, compile=True),
                 "hf": lambda n: theirs(hf, prompts, n)}
@@ -109,9 +118,9 @@ def compare(name: str, new: int, repeats: int) -> list[dict]:
     return rows
 
 
-def speculative(path: str, new: int, repeats: int) -> None:
+def speculative(path: str, new: int, repeats: int, device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
     from nanoseek.data.tasks import TASKS
-    model = load_model(path).eval()
+    model = load_model(path).to(device, dtype).eval()
     tok = Tokenizer.load(path)
     # the corpus writes each problem as "prompt\n<think>..."; the model continues from there
     prompts = [p.prompt + "\n" for name in TASKS for p in TASKS[name].problems("test", 4)]
@@ -119,7 +128,7 @@ def speculative(path: str, new: int, repeats: int) -> None:
     ids = [tok.encode(p) for p in prompts]
     for _ in range(repeats):
         for row in ids:
-            x = torch.tensor([row])
+            x = torch.tensor([row], device=device)
             plain_t.append(ours(model, tok, x, new)["decode"])
             r = ours(model, tok, x, new, speculative=True)
             spec_t.append(r["decode"])
@@ -136,16 +145,20 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64, help="tokens generated per sequence (default 64)")
     ap.add_argument("--repeats", type=int, default=3, help="runs per case, median reported (default 3)")
     ap.add_argument("--spec-model", metavar="DIR", help="a trained model dir with MTP for the speculative case")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights and cache (default fp32)")
     args = ap.parse_args()
+    dtype = DTYPES[args.dtype]
     import transformers
     transformers.logging.set_verbosity_error()
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
-          f"fp32, greedy, {args.new_tokens} new tokens")
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {where}, "
+          f"{args.dtype}, greedy, {args.new_tokens} new tokens")
     with torch.no_grad():
         for name in args.presets:
-            compare(name, args.new_tokens, args.repeats)
+            compare(name, args.new_tokens, args.repeats, args.device, dtype)
         if args.spec_model:
-            speculative(args.spec_model, args.new_tokens * 2, args.repeats)
+            speculative(args.spec_model, args.new_tokens * 2, args.repeats, args.device, dtype)
 
 
 if __name__ == "__main__":

@@ -230,6 +230,23 @@ def _mtp_layers_present(path: Path, cfg: ModelConfig) -> int:
     return k
 
 
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' is the first GPU when torch sees one, else the CPU; otherwise a torch device name, checked."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device: '{name}' is not a device (auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: torch sees no CUDA GPU here (torch {torch.__version__}); use cpu or auto")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: there are {torch.cuda.device_count()} CUDA GPU(s), numbered from 0")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: nanoseek runs on cpu or cuda")
+    return device
+
+
 def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu") -> Transformer:
     """Load a model dir (ours or transformers') into a Transformer in eval mode.

@@ -165,6 +165,32 @@ COMPILE_HELP = ("compile the decode step with torch.compile (needs g++): compili
                 "--speculative")
 
 
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+def _add_device_arguments(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--device", default="auto",
+                    help="where the model runs: auto (the first GPU if torch sees one, else the CPU; default), "
+                         "cpu, cuda or cuda:N")
+    sp.add_argument("--dtype", choices=list(DTYPES), default="fp32",
+                    help="weights and KV cache: fp32 (default) or bf16 (half the memory; on CPUs measured slower "
+                         "than fp32)")
+
+
+def _load(args: argparse.Namespace):
+    """(model on --device in --dtype, its tokenizer) for the generating commands."""
+    import torch
+
+    from .checkpoint import load_model, resolve_device
+    from .tokenizer import Tokenizer
+
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return load_model(args.model, dtype=getattr(torch, DTYPES[args.dtype]), device=device), Tokenizer.load(args.model)
+
+
 def _engine(model, tok, args: argparse.Namespace, **kwargs):
     """The engine a generating command asked for; with --compile, compiled before it returns."""
     from .engine.engine import Engine
@@ -185,12 +211,9 @@ def _engine(model, tok, args: argparse.Namespace, **kwargs):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .checkpoint import load_model
     from .engine.sampling import SamplingParams
-    from .tokenizer import Tokenizer
 
-    model = load_model(args.model)
-    tok = Tokenizer.load(args.model)
+    model, tok = _load(args)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                             max_tokens=args.max_tokens, stop=args.stop or [])
     engine = _engine(model, tok, args, max_running=1, speculative=args.speculative)
@@ -217,13 +240,10 @@ CHAT_HELP = "/reset starts a new conversation, /quit (or Ctrl-D) leaves; Ctrl-C 
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from .checkpoint import load_model
     from .engine.reasoning import ReasoningSplitter
     from .engine.sampling import SamplingParams
-    from .tokenizer import Tokenizer
 
-    model = load_model(args.model)
-    tok = Tokenizer.load(args.model)
+    model, tok = _load(args)
     engine = _engine(model, tok, args, max_running=1, speculative=args.speculative)
     try:
         SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens).validate()
@@ -328,14 +348,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from .checkpoint import load_model
     from .server.app import create_app
-    from .tokenizer import Tokenizer
 
     if args.max_running < 1 or args.max_queue < 0 or args.max_body < 1 or args.prefill_hold < 0:
         raise UsageError("--max-running and --max-body must be >= 1, --max-queue and --prefill-hold >= 0")
-    model = load_model(args.model)
-    tok = Tokenizer.load(args.model)
+    model, tok = _load(args)
     key = args.api_key or os.environ.get("NANOSEEK_API_KEY") or None
     name = args.served_model_name or Path(args.model).resolve().name
     engine = _engine(model, tok, args, max_running=args.max_running, speculative=args.speculative,
@@ -377,10 +394,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .checkpoint import load_model
     from .data.tasks import get_task
     from .rl.evaluate import evaluate, format_report
-    from .tokenizer import Tokenizer
 
     if args.n < 1 or args.k < 1 or args.max_tokens < 1 or args.max_running < 1:
         raise UsageError("--n, --k, --max-tokens and --max-running must be >= 1")
@@ -391,8 +406,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         problems = task.problems(args.split, args.n, level=args.level)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    model = load_model(args.model)
-    tok = Tokenizer.load(args.model)
+    model, tok = _load(args)
     engine = _engine(model, tok, args, max_running=args.max_running)
     start = time.perf_counter()
     report = evaluate(engine, task, problems, k=args.k, temperature=args.temperature, max_tokens=args.max_tokens,
@@ -549,6 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--speculative", action="store_true",
                     help="MTP self-speculative decoding: the MTP module drafts a token, the main model checks it "
                          "in the same forward (same greedy output; needs a model with an MTP layer)")
+    _add_device_arguments(sp)
     sp.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     sp.add_argument("--verbose", action="store_true",
                     help="print why generation finished, tokens/s and the draft acceptance rate")
@@ -567,6 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
     sp.add_argument("--seed", type=int, help="sampling seed for every reply")
     sp.add_argument("--speculative", action="store_true", help="MTP self-speculative decoding")
+    _add_device_arguments(sp)
     sp.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     sp.set_defaults(func=cmd_chat)
 
@@ -594,6 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--reasoning-parser", choices=["deepseek_r1", "none"], default="deepseek_r1",
                     help="deepseek_r1: text before </think> goes to reasoning_content (default); none: all content")
     sp.add_argument("--speculative", action="store_true", help="MTP self-speculative decoding")
+    _add_device_arguments(sp)
     sp.add_argument("--compile", action="store_true", help=COMPILE_HELP + "; compiled before the server listens")
     sp.add_argument("--quiet", action="store_true", help="no access log")
     sp.set_defaults(func=cmd_serve)
@@ -625,6 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "plain: the problem and a newline, as the pretraining corpus writes it (base models)")
     sp.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     sp.add_argument("--max-running", type=int, default=32, help="sequences decoded together (default 32)")
+    _add_device_arguments(sp)
     sp.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     sp.add_argument("--json", action="store_true", help="print one JSON object")
     sp.add_argument("--per-problem", action="store_true", help="with --json: every problem's greedy output and result")

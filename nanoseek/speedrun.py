@@ -327,12 +327,10 @@ class Speedrun:
     @staticmethod
     def _load(model_dir: Path):
         """(model on the GPU if there is one, its tokenizer): what the measurements below take."""
-        import torch
-
-        from .checkpoint import load_model
+        from .checkpoint import load_model, resolve_device
         from .tokenizer import Tokenizer
 
-        return load_model(model_dir).to("cuda" if torch.cuda.is_available() else "cpu"), Tokenizer.load(model_dir)
+        return load_model(model_dir, device=resolve_device()), Tokenizer.load(model_dir)
 
     def _evaluate(self, loaded, template: str) -> dict:
         """Greedy pass@1 on the fixed test problems of every task."""

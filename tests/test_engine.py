@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from nanoseek import Transformer, preset
+from nanoseek.checkpoint import resolve_device
 from nanoseek.engine.engine import Engine
 from nanoseek.engine.sampling import SamplingParams
 from nanoseek.tokenizer import Tokenizer
@@ -134,6 +135,21 @@ def test_cli_generate_streams_the_engine_output(model, tmp_path, capsys):
     assert out.out == want + "\n" and "MTP drafts accepted" in out.err
     assert main(["generate", "--model", str(tmp_path / "m"), "--prompt", "x", "--top-p", "0"]) == 2
     assert "top_p must be in (0, 1]" in capsys.readouterr().err
+    # --device / --dtype: the same tokens on an explicit cpu; bf16 weights and cache; bad devices named
+    assert main(["generate", "--model", str(tmp_path / "m"), "--prompt", PROMPTS[0], "--max-tokens", "9",
+                 "--device", "cpu"]) == 0
+    assert capsys.readouterr().out == want + "\n"
+    assert main(["generate", "--model", str(tmp_path / "m"), "--prompt", PROMPTS[0], "--max-tokens", "9",
+                 "--dtype", "bf16"]) == 0
+    assert len(capsys.readouterr().out) > 1
+    no_gpu = "cuda:7" if torch.cuda.is_available() else "cuda"
+    for device, says in (("nonsense", "is not a device"), (no_gpu, "CUDA GPU"), ("meta", "runs on cpu or cuda")):
+        assert main(["generate", "--model", str(tmp_path / "m"), "--prompt", "x", "--device", device]) == 2
+        err = capsys.readouterr().err
+        assert "--device" in err and device in err and says in err
+        with pytest.raises(ValueError, match=says):
+            resolve_device(device)
+    assert resolve_device() == torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def test_compiled_decode_equals_eager(model, tmp_path, capsys):

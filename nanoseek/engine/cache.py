@@ -107,8 +107,9 @@ class PagedLatentCache:
             write[b, :n] = slots[p:]
         first = int(read[0, 0])
         contiguous = len(seq_ids) == 1 and bool((read[0] == torch.arange(first, first + S)).all())
-        self._batch = _Plan(list(seq_ids), list(new_tokens), starts, write.flatten(), read, advance,
-                            slice(first, first + S) if contiguous else None)
+        device = self.c_kv.device  # the slot indices live beside the pools they index (one copy per step)
+        self._batch = _Plan(list(seq_ids), list(new_tokens), starts, write.flatten().to(device), read.to(device),
+                            advance, slice(first, first + S) if contiguous else None)
 
     def _slots(self, seq_id, n: int) -> torch.Tensor:
         blocks = torch.tensor(self.tables[seq_id], dtype=torch.long)
@@ -156,7 +157,7 @@ class PagedLatentCache:
 
     def store(self, c_kv: torch.Tensor, k_pe: torch.Tensor) -> None:
         """Write the bound forward's new latents (n, B*T, C) and roped keys (n, B*T, R) into layers 0..n-1."""
-        n, write = c_kv.shape[0], self._batch.write.to(self.c_kv.device)
+        n, write = c_kv.shape[0], self._batch.write
         self.c_kv[:n, write] = c_kv.to(self.c_kv.dtype)
         self.k_pe[:n, write] = k_pe.to(self.k_pe.dtype)
 

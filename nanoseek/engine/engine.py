@@ -298,7 +298,7 @@ class Engine:
         """`_trunk` for one new token per request through the compiled decode step: the graph only reads
         the cache; the new latents it returns are stored after."""
         self.cache.bind([r.id for r in reqs], [1] * len(reqs))
-        write, read = (t.to(self.device) for t in self.cache.slots())
+        write, read = self.cache.slots()
         absorbed = [layer.self_attn.absorbed_weights() for layer in self.model.layers]
         h, c_kv, k_pe = self.compiled(self._batch(new), self.cache.start_positions().to(self.device),
                                       self.cache.c_kv, self.cache.k_pe, write, read, self._mask(), absorbed)

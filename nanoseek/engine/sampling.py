@@ -69,8 +69,9 @@ def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, presence: float,
 def distribution(logits: torch.Tensor, params: SamplingParams, counts: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(probs, logprobs) of one row of logits (V,): what `params` sample from, and the penalised model's
-    log-probabilities (what is reported). Greedy is the one-hot distribution on the argmax."""
-    logits = logits.float()
+    log-probabilities (what is reported). Greedy is the one-hot distribution on the argmax. Computed
+    on the CPU, as the counts and the seeded generators are (one row of V floats per token)."""
+    logits = logits.float().cpu()
     if counts is not None:
         logits = apply_penalties(logits, counts, params.presence_penalty, params.frequency_penalty)
     logprobs = logits.log_softmax(-1)

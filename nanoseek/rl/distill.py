@@ -18,7 +18,7 @@ import json
 import time
 from pathlib import Path
 
-from ..checkpoint import load_model
+from ..checkpoint import load_model, resolve_device
 from ..data.tasks import get_task
 from ..engine.engine import Engine
 from ..io import write_atomic
@@ -69,7 +69,8 @@ def main(args) -> int:
     run.mkdir(parents=True, exist_ok=True)
     data = run / "distill.jsonl"
     tok = Tokenizer.load(args.teacher)
-    teacher = Engine(load_model(args.teacher), tok, max_running=args.max_running)
+    device = resolve_device()  # sampling and evaluation on a GPU if there is one, as the student's SFT
+    teacher = Engine(load_model(args.teacher, device=device), tok, max_running=args.max_running)
     t0 = time.perf_counter()
     if data.exists() and (run / "samples.json").exists():  # a rerun reuses the sampled data
         stats = json.loads((run / "samples.json").read_text())
@@ -89,9 +90,9 @@ def main(args) -> int:
     run_command("sft", "--model", args.student, "--data", data, "--out", student_run, "--steps", args.steps,
                 "--lr", args.lr, "--seed", args.seed, *(["--resume"] if (student_run / "checkpoints").exists() else []),
                 *(["--quiet"] if args.quiet else []))
-    student = Engine(load_model(student_run), Tokenizer.load(student_run), max_running=args.max_running)
-    before = evaluate(Engine(load_model(args.student), Tokenizer.load(args.student), max_running=args.max_running),
-                      task, test, max_tokens=args.max_tokens)
+    student = Engine(load_model(student_run, device=device), Tokenizer.load(student_run), max_running=args.max_running)
+    before = evaluate(Engine(load_model(args.student, device=device), Tokenizer.load(args.student),
+                             max_running=args.max_running), task, test, max_tokens=args.max_tokens)
     t_rep = evaluate(teacher, task, test, max_tokens=args.max_tokens)
     s_rep = evaluate(student, task, test, max_tokens=args.max_tokens)
     report = {"task": task.name, "test_problems": len(test), "teacher_pass1": t_rep.pass1,

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import load_model, save_model
+from ..checkpoint import load_model, resolve_device, save_model
 from ..data.tasks import get_task
 from ..engine.engine import Engine
 from ..io import write_atomic
@@ -186,7 +186,7 @@ def main(args) -> int:
         raise TrainError(f"{run} already has checkpoints (newest: {done[-1].name}); pass --resume to continue it "
                          f"or choose another --out")
     saved = load_training_state(done[-1]) if (args.resume and done) else None
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # rollouts and updates on a GPU if any
+    device = resolve_device()  # rollouts and updates on a GPU if there is one
     policy = load_model(done[-1] if saved else args.model).to(device)
     tok = Tokenizer.load(args.model)
     tok.check_fits(policy.cfg.vocab_size)
