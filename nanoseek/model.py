@@ -336,6 +336,17 @@ class Experts(nn.Module):
         y = torch.bmm(F.silu(gate) * up, self.down_proj.mT)  # (E, N, D)
         return (y * mix.T[:, :, None]).sum(0).to(x.dtype)
 
+    def gathered(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """x (N, D) -> (N, D): each token through the weights of its own K experts, indexed per (token,
+        expert) pair. For compiled inference (the engine's decode graph): inductor reads the chosen
+        weights through the index in one fused loop, so only the routed experts' bytes move. Measured
+        per `small` MoE layer, compiled: 1.8x faster than `dense` at 1 token, 2x at 16-128 tokens (and
+        than the eager routed path); eagerly the indexing copies the weights first: the slowest path."""
+        xs = x.to(compute_dtype(x))
+        gate, up = (self.gate_up_proj[indices] @ xs[:, None, :, None]).squeeze(-1).chunk(2, -1)  # (N, K, I)
+        y = (self.down_proj[indices] @ (F.silu(gate) * up)[..., None]).squeeze(-1)  # (N, K, D)
+        return (y * weights[..., None].to(y.dtype)).sum(1).to(x.dtype)
+
     def _few_tokens(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Inference over fewer (token, expert) pairs than experts: no sorting, only the chosen weights."""
         xs = x.to(compute_dtype(x))
@@ -383,7 +394,9 @@ class MoE(nn.Module):
         B, T, D = x.shape
         flat = x.reshape(B * T, D)
         weights, indices, scores = self.gate(flat)
-        if self.experts.dense_pays(indices.numel()):
+        if torch.compiler.is_compiling() and not torch.is_grad_enabled():
+            y = self.experts.gathered(flat, weights, indices)
+        elif self.experts.dense_pays(indices.numel()):
             y = self.experts.dense(flat, weights, indices)
         else:
             y = self._routed(flat, weights, indices)
@@ -392,7 +405,6 @@ class MoE(nn.Module):
             y = y + self.shared_experts(x)
         return y, indices.view(B, T, -1), scores.view(B, T, -1)
 
-    @torch.compiler.disable  # routing-dependent shapes: a compiled decode step runs this part eagerly
     def _routed(self, flat: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         counts = torch.bincount(indices.flatten(), minlength=self.cfg.n_routed_experts)
         return self.experts(flat, weights, indices, counts.tolist())

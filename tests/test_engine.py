@@ -166,7 +166,7 @@ def test_compiled_decode_equals_eager(model, tmp_path, capsys):
     eager = Engine(model, TOK, max_running=2)
     assert ([r.output for r in compiled.generate(PROMPTS, GREEDY)] ==
             [r.output for r in eager.generate(PROMPTS, GREEDY)])
-    # more sequences than the dense MoE path takes: the routed experts run eagerly inside the graph
+    # more sequences than the dense MoE path takes eagerly (the sorted path there; the gathered one compiled)
     many, params = [f"{i} + {i * 7} =" for i in range(20)], SamplingParams(temperature=0, max_tokens=3)
     assert not model.layers[1].mlp.experts.dense_pays(20 * model.cfg.num_experts_per_tok)
     assert ([r.output for r in Engine(model, TOK, max_running=20, compile=True).generate(many, params)] ==

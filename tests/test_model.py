@@ -109,8 +109,8 @@ def test_moe_equals_slow_per_token_reference(scoring):
 
 @pytest.mark.parametrize("tokens,path", [(1, "few"), (3, "few"), (15, "dense"), (100, "sorted")])
 def test_moe_inference_paths_equal_the_training_path(tokens, path):
-    """Inference picks per-pair dispatch, all-experts-dense or sorted by how many (token, expert) pairs
-    there are; every path gives the sorted training path's output."""
+    """Eager inference picks per-pair dispatch, all-experts-dense or sorted by how many (token, expert)
+    pairs there are; every path, and the compiled graph's gathered one, gives the training path's output."""
     cfg = preset("tiny", n_routed_experts=32, n_group=4, topk_group=2)  # 2 experts per token
     torch.manual_seed(3)
     moe = MoE(cfg)
@@ -124,6 +124,10 @@ def test_moe_inference_paths_equal_the_training_path(tokens, path):
         assert (4 * pairs < cfg.n_routed_experts) == (path == "few")
         assert torch.allclose(moe.mix(x), want, atol=1e-5)
         assert torch.allclose(moe(x)[0], want, atol=1e-5)
+        flat = x[0]  # the compiled decode graph's path (per-pair gathered weights) gives the same
+        weights, indices, _ = moe.gate(flat)
+        assert torch.allclose(moe.experts.gathered(flat, weights, indices),
+                              moe.experts.dense(flat, weights, indices), atol=1e-5)
 
 
 def test_balance_loss_matches_formula():
