@@ -161,7 +161,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 COMPILE_HELP = ("compile the decode step with torch.compile (needs g++): compiling takes from ~20 s (tiny) to a "
-                "minute or two (small) at start, then decoding is 1.4-2.1x faster (docs/engine.md); not with "
+                "minute or two (small) at start, then decoding is 1.6-2.6x faster (docs/engine.md); not with "
                 "--speculative")
 
 

@@ -227,6 +227,35 @@ def test_cli_grpo_logs_checkpoints_and_resumes_exactly(sft_tiny, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resample_draws_until_p_groups_have_signal(sft_tiny, tmp_path):
+    """--resample (DAPO's dynamic sampling): more draws of P problems while fewer than P groups have reward
+    variance; at most P groups train; each draw is other problems; a bad value is refused."""
+    import json
+
+    from nanoseek.cli import main
+    from nanoseek.rl.train import GRPOConfig, rollout
+    flags = ["--model", str(sft_tiny), "--task", "arithmetic", "--level", "1", "--prompts", "4", "--group", "4",
+             "--max-tokens", "64", "--lr", "1e-4", "--quiet"]
+    assert main(["grpo", *flags, "--out", str(tmp_path / "a"), "--steps", "3", "--resample", "2"]) == 0
+    lines = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    for m in lines:
+        assert 1 <= m["draws"] <= 3 and m["trained_sequences"] <= 4 * 4
+        groups = 4 * m["draws"]
+        with_signal = groups - m["zero_variance_groups"]
+        assert m["trained_sequences"] == 4 * min(4, with_signal)
+        assert with_signal >= 4 or m["draws"] == 3  # stopped: enough signal, or out of draws
+    assert main(["grpo", *flags, "--out", str(tmp_path / "b"), "--resample", "-1"]) == 2
+
+    from nanoseek import load_model
+    from nanoseek.engine.engine import Engine
+    from nanoseek.tokenizer import Tokenizer
+    tok = Tokenizer.load(sft_tiny)
+    engine, cfg = Engine(load_model(sft_tiny), tok, max_running=8), GRPOConfig("arithmetic", level=1, prompts=2,
+                                                                              group=2, max_tokens=8)
+    first, again, second = (rollout(engine, TASKS["arithmetic"], cfg, 5, tok, draw)[0] for draw in (0, 0, 1))
+    assert first == again and first != second
+
+
 def test_cli_distill_keeps_only_verified_samples(sft_tiny, tmp_path, capsys):
     import json
 

@@ -31,6 +31,10 @@ def add_grpo_arguments(p: argparse.ArgumentParser) -> None:
                         "token: mean over all tokens of the batch (default sequence)")
     p.add_argument("--ref-refresh", type=int, default=0, help="copy the policy into the reference every N steps "
                                                               "(default 0: never)")
+    p.add_argument("--resample", type=int, default=0, metavar="N",
+                   help="dynamic sampling (DAPO): while fewer than P groups of a step have reward variance, draw "
+                        "P more problems, up to N extra draws, and train on the first P groups with signal "
+                        "(default 0: off)")
     p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (default 1e-5)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (default 1.0)")

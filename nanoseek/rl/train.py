@@ -7,8 +7,10 @@ Each step: P train problems (a fresh seeded draw per step); G completions each f
 the sampled tokens under the sampling policy (`old`) and the frozen reference; then
 --inner-updates passes of the clipped GRPO loss over the batch in minibatches, one optimizer
 step per pass. Groups whose completions all scored the same are counted and left out: their
-advantages are 0, so they would add only the KL term. The reference can be refreshed to the
-current policy every --ref-refresh steps.
+advantages are 0, so they would add only the KL term. With --resample N (DAPO's dynamic sampling)
+a step draws up to N more sets of P problems while fewer than P groups have reward variance, and
+trains on the first P groups that do. The reference can be refreshed to the current policy every
+--ref-refresh steps.
 
 RUN/ holds metrics.jsonl (reward, accuracy, format rate, response length, KL, clip fraction,
 entropy, zero-variance groups, timings per step), checkpoints/step-N/ (committed atomically;
@@ -54,6 +56,7 @@ class GRPOConfig:
     beta: float = 0.04
     averaging: str = "sequence"
     ref_refresh: int = 0  # steps between reference refreshes; 0: never
+    resample: int = 0  # extra draws of P problems per step while fewer than P groups have signal (DAPO)
     lr: float = 1e-5
     weight_decay: float = 0.0
     clip: float = 1.0
@@ -97,12 +100,15 @@ def sequence_logprobs(model: Transformer, seqs: list[list[int]], starts: list[in
     return logp, mask, ent
 
 
-def rollout(engine: Engine, task, cfg: GRPOConfig, step: int, tok: Tokenizer):
-    """P problems x G completions: prompt ids, completion ids, texts, scores (P, G)."""
-    problems = task.problems("train", cfg.prompts, level=cfg.level, seed=cfg.seed * 1_000_003 + step)
+def rollout(engine: Engine, task, cfg: GRPOConfig, step: int, tok: Tokenizer, draw: int = 0):
+    """P problems x G completions: problems, prompt ids, requests, scores (P, G). `draw` k > 0 is the
+    step's k-th extra draw under --resample: other problems and sampling seeds, as fixed as the first."""
+    problems = task.problems("train", cfg.prompts, level=cfg.level,
+                             seed=cfg.seed * 1_000_003 + step + draw * 100_000_007)
     prompts = [prompt_ids(tok, p, cfg.template) for p in problems]
     params = [answer_params(tok, temperature=cfg.temperature, max_tokens=cfg.max_tokens,
-                            seed=(cfg.seed * 7919 + step) * 10_007 + i) for i in range(cfg.prompts * cfg.group)]
+                            seed=(cfg.seed * 7919 + step) * 10_007 + i + draw * 1_000_000_007)
+              for i in range(cfg.prompts * cfg.group)]
     reqs = engine.generate([p for p in prompts for _ in range(cfg.group)], params)
     rewards = RewardConfig(cfg.format_weight, cfg.language_weight)
     scores = [[score(task, problems[i], completion_text(tok, reqs[i * cfg.group + j]), rewards)
@@ -113,17 +119,24 @@ def rollout(engine: Engine, task, cfg: GRPOConfig, step: int, tok: Tokenizer):
 def grpo_step(policy: Transformer, ref: Transformer | None, optim, engine: Engine, task, cfg: GRPOConfig, step: int,
               tok: Tokenizer) -> dict:
     t0 = time.perf_counter()
-    problems, prompts, reqs, scores = rollout(engine, task, cfg, step, tok)
+    prompts, reqs, scores, draws = [], [], [], 0
+    while True:  # one draw of P groups; with --resample, more while fewer than P groups carry signal
+        _, p, r, sc = rollout(engine, task, cfg, step, tok, draws)
+        prompts, reqs, scores, draws = prompts + p, reqs + r, scores + sc, draws + 1
+        signal = sum(len({s.reward for s in row}) > 1 for row in scores)
+        if signal >= cfg.prompts or draws > cfg.resample:
+            break
     t_roll = time.perf_counter() - t0
     rewards = torch.tensor([[s.reward for s in row] for row in scores])
     adv, flat = group_advantages(rewards)
-    keep = [(i, j) for i in range(cfg.prompts) if not flat[i] for j in range(cfg.group)]
+    groups = [i for i in range(len(scores)) if not flat[i]][: cfg.prompts]  # at most P groups train
+    keep = [(i, j) for i in groups for j in range(cfg.group)]
     lengths = [len(r.output) for r in reqs]
     m = {"step": step + 1, "reward": rewards.mean().item(),
          "accuracy": sum(s.correct for row in scores for s in row) / rewards.numel(),
          "format": sum(s.formatted for row in scores for s in row) / rewards.numel(),
          "response_length": sum(lengths) / len(lengths), "zero_variance_groups": int(flat.sum()),
-         "trained_sequences": len(keep), "rollout_seconds": t_roll}
+         "draws": draws, "trained_sequences": len(keep), "rollout_seconds": t_roll}
     kl = clip_frac = entropy = 0.0
     if keep:
         seqs = [prompts[i] + reqs[i * cfg.group + j].output for i, j in keep]
@@ -171,6 +184,8 @@ def main(args) -> int:
         if not getattr(args, name) >= 0 or (name in ("lr", "clip_eps") and getattr(args, name) == 0):
             raise TrainError(f"--{name.replace('_', '-')} must be {'> 0' if name in ('lr', 'clip_eps') else '>= 0'} "
                              f"(got {getattr(args, name)})")
+    if args.resample < 0:
+        raise TrainError(f"--resample must be >= 0 (got {args.resample})")
     if args.group < 2:
         raise TrainError("--group must be >= 2: advantages compare completions within a group")
     if args.max_running is not None and args.max_running < 1:
