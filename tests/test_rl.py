@@ -245,6 +245,13 @@ def test_resample_draws_until_p_groups_have_signal(sft_tiny, tmp_path):
         assert m["trained_sequences"] == 4 * min(4, with_signal)
         assert with_signal >= 4 or m["draws"] == 3  # stopped: enough signal, or out of draws
     assert main(["grpo", *flags, "--out", str(tmp_path / "b"), "--resample", "-1"]) == 2
+    assert main(["grpo", *flags, "--out", str(tmp_path / "b"), "--resample-from", "-1"]) == 2
+    # --resample-from: plain steps first (one draw each), then resampling; the same draws as above after
+    assert main(["grpo", *flags, "--out", str(tmp_path / "c"), "--steps", "3", "--resample", "2",
+                 "--resample-from", "2"]) == 0
+    staged = [json.loads(x) for x in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["draws"] for m in staged[:2]] == [1, 1]
+    assert all(m["trained_sequences"] == 4 * (4 - m["zero_variance_groups"]) for m in staged[:2])
 
     from nanoseek import load_model
     from nanoseek.engine.engine import Engine

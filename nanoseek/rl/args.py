@@ -35,6 +35,9 @@ def add_grpo_arguments(p: argparse.ArgumentParser) -> None:
                    help="dynamic sampling (DAPO): while fewer than P groups of a step have reward variance, draw "
                         "P more problems, up to N extra draws, and train on the first P groups with signal "
                         "(default 0: off)")
+    p.add_argument("--resample-from", type=int, default=0, metavar="STEP",
+                   help="resample only from this step on (default 0); with --ref-refresh STEP, a second stage that "
+                        "starts from the first stage's policy as its reference (docs/grpo.md)")
     p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (default 1e-5)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (default 1.0)")

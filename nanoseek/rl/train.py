@@ -9,7 +9,7 @@ the sampled tokens under the sampling policy (`old`) and the frozen reference; t
 step per pass. Groups whose completions all scored the same are counted and left out: their
 advantages are 0, so they would add only the KL term. With --resample N (DAPO's dynamic sampling)
 a step draws up to N more sets of P problems while fewer than P groups have reward variance, and
-trains on the first P groups that do. The reference can be refreshed to the current policy every
+trains on the first P groups that do (from step --resample-from on). The reference can be refreshed to the current policy every
 --ref-refresh steps.
 
 RUN/ holds metrics.jsonl (reward, accuracy, format rate, response length, KL, clip fraction,
@@ -57,6 +57,7 @@ class GRPOConfig:
     averaging: str = "sequence"
     ref_refresh: int = 0  # steps between reference refreshes; 0: never
     resample: int = 0  # extra draws of P problems per step while fewer than P groups have signal (DAPO)
+    resample_from: int = 0  # the first step (0-based) that resamples
     lr: float = 1e-5
     weight_decay: float = 0.0
     clip: float = 1.0
@@ -124,7 +125,7 @@ def grpo_step(policy: Transformer, ref: Transformer | None, optim, engine: Engin
         _, p, r, sc = rollout(engine, task, cfg, step, tok, draws)
         prompts, reqs, scores, draws = prompts + p, reqs + r, scores + sc, draws + 1
         signal = sum(len({s.reward for s in row}) > 1 for row in scores)
-        if signal >= cfg.prompts or draws > cfg.resample:
+        if signal >= cfg.prompts or draws > (cfg.resample if step >= cfg.resample_from else 0):
             break
     t_roll = time.perf_counter() - t0
     rewards = torch.tensor([[s.reward for s in row] for row in scores])
@@ -184,8 +185,8 @@ def main(args) -> int:
         if not getattr(args, name) >= 0 or (name in ("lr", "clip_eps") and getattr(args, name) == 0):
             raise TrainError(f"--{name.replace('_', '-')} must be {'> 0' if name in ('lr', 'clip_eps') else '>= 0'} "
                              f"(got {getattr(args, name)})")
-    if args.resample < 0:
-        raise TrainError(f"--resample must be >= 0 (got {args.resample})")
+    if args.resample < 0 or args.resample_from < 0:
+        raise TrainError(f"--resample and --resample-from must be >= 0 (got {args.resample}, {args.resample_from})")
     if args.group < 2:
         raise TrainError("--group must be >= 2: advantages compare completions within a group")
     if args.max_running is not None and args.max_running < 1:
