@@ -340,8 +340,9 @@ class Experts(nn.Module):
         """x (N, D) -> (N, D): each token through the weights of its own K experts, indexed per (token,
         expert) pair. For compiled inference (the engine's decode graph): inductor reads the chosen
         weights through the index in one fused loop, so only the routed experts' bytes move. Measured
-        per `small` MoE layer, compiled: 1.8x faster than `dense` at 1 token, 2x at 16-128 tokens (and
-        than the eager routed path); eagerly the indexing copies the weights first: the slowest path."""
+        per `small` MoE layer, compiled: 1.8x faster than `dense` at 1 token, 2x at 16-128 tokens, and
+        1.1x (128 tokens) to 3.9x (16) faster than the eager sorted path; eagerly the indexing copies
+        the weights first, which makes it the slowest path there."""
         xs = x.to(compute_dtype(x))
         gate, up = (self.gate_up_proj[indices] @ xs[:, None, :, None]).squeeze(-1).chunk(2, -1)  # (N, K, I)
         y = (self.down_proj[indices] @ (F.silu(gate) * up)[..., None]).squeeze(-1)  # (N, K, D)
