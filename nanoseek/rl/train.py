@@ -9,8 +9,8 @@ the sampled tokens under the sampling policy (`old`) and the frozen reference; t
 step per pass. Groups whose completions all scored the same are counted and left out: their
 advantages are 0, so they would add only the KL term. With --resample N (DAPO's dynamic sampling)
 a step draws up to N more sets of P problems while fewer than P groups have reward variance, and
-trains on the first P groups that do (from step --resample-from on). The reference can be refreshed to the current policy every
---ref-refresh steps.
+trains on the first P groups that do (from step --resample-from on). The reference can be
+refreshed to the current policy every --ref-refresh steps.
 
 RUN/ holds metrics.jsonl (reward, accuracy, format rate, response length, KL, clip fraction,
 entropy, zero-variance groups, timings per step), checkpoints/step-N/ (committed atomically;
