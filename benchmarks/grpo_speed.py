@@ -10,7 +10,10 @@ both libraries train on every completion (a random model never solves a task, an
 zero-variance groups, which would flatter it). Completions run to the length limit or an
 end-of-sentence, which a random model rarely samples; the mean completion length of each side
 is reported. The variants differ as documented in docs/grpo.md: nanoseek averages per sequence
-(DeepSeekMath's GRPO); TRL here uses its default, loss_type="dapo" (token-level).
+(DeepSeekMath's GRPO); TRL here uses its default, loss_type="dapo" (token-level). nanoseek
+runs twice: eager, and with its rollouts through the compiled decode step (`grpo --compile`;
+compiling happens before the warm-up step and is not timed, and the script reports any graph
+compiled during the timed steps, which would mean the weight updates broke the graph's reuse).
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ def text_reward(text: str) -> float:
     return float(hashlib.sha256(text.encode()).digest()[0] % 2)
 
 
-def ours(model_dir: str, problems, args) -> tuple[float, float]:
+def ours(model_dir: str, problems, args, compile: bool = False) -> tuple[float, float, float]:
+    """Mean seconds per step, mean completion length, and the rollouts' share of the step."""
     rl_train.score = lambda task, problem, text, cfg: Score(text_reward(text), False, False, 0.0)
     policy = load_model(model_dir)
     tok = Tokenizer.load(model_dir)
@@ -43,15 +47,21 @@ def ours(model_dir: str, problems, args) -> tuple[float, float]:
                               minibatch=args.prompts * args.group, beta=0.04, lr=1e-6)
     ref = load_model(model_dir).requires_grad_(False)
     optim = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
-    engine = rl_train.Engine(policy, tok, max_running=args.prompts * args.group)
+    engine = rl_train.Engine(policy, tok, max_running=args.prompts * args.group, compile=compile)
+    if compile:
+        engine.warm_up()
     task = TASKS["arithmetic"]
     rl_train.grpo_step(policy, ref, optim, engine, task, cfg, 0, tok)  # warm-up
-    times, lengths = [], []
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    times, lengths, rollout = [], [], []
     for step in range(1, args.steps + 1):
         m = rl_train.grpo_step(policy, ref, optim, engine, task, cfg, step, tok)
         times.append(m["seconds"])
         lengths.append(m["response_length"])
-    return sum(times) / len(times), sum(lengths) / len(lengths)
+        rollout.append(m["rollout_seconds"])
+    if compile:  # the optimizer changes the weights in place; the graph must not be rebuilt for that
+        print(f"  graphs compiled during the timed steps: {torch._dynamo.utils.counters['stats']['unique_graphs'] - graphs}")
+    return sum(times) / len(times), sum(lengths) / len(lengths), sum(rollout) / sum(times)
 
 
 def theirs(model_dir: str, problems, args) -> tuple[float, float]:
@@ -108,11 +118,15 @@ def main() -> None:
         torch.manual_seed(0)
         save_model(Transformer(preset(args.preset)), d, extra_files=Tokenizer.byte_level().files())
         problems = TASKS["arithmetic"].problems("train", args.prompts, level=2, seed=0)
-        t_ours, len_ours = ours(d, problems, args)
-        print(f"nanoseek: {t_ours:.2f} s/step (mean completion {len_ours:.1f} tokens)", flush=True)
+        t_ours, len_ours, share = ours(d, problems, args)
+        print(f"nanoseek:          {t_ours:.2f} s/step (mean completion {len_ours:.1f} tokens; rollouts {share:.0%})",
+              flush=True)
+        t_comp, len_comp, share_comp = ours(d, problems, args, compile=True)
+        print(f"nanoseek --compile: {t_comp:.2f} s/step (mean completion {len_comp:.1f} tokens; rollouts "
+              f"{share_comp:.0%})", flush=True)
         t_trl, len_trl = theirs(d, problems, args)
-        print(f"TRL:      {t_trl:.2f} s/step (mean completion {len_trl:.1f} tokens)")
-        print(f"ratio: {t_trl / t_ours:.2f}x TRL's step rate")
+        print(f"TRL:               {t_trl:.2f} s/step (mean completion {len_trl:.1f} tokens)")
+        print(f"ratio: {t_trl / t_ours:.2f}x TRL's step rate eager, {t_trl / t_comp:.2f}x compiled")
 
 
 if __name__ == "__main__":

@@ -288,3 +288,41 @@ def test_cli_distill_keeps_only_verified_samples(sft_tiny, tmp_path, capsys):
     assert report["student_parameters"] < report["teacher_parameters"]
     assert (out / "student" / "config.json").exists()
     assert "teacher" in capsys.readouterr().out
+
+
+def test_compiled_rollouts_follow_the_weight_updates(sft_tiny, tmp_path):
+    """grpo --compile: the optimizer changes the weights in place between rollouts; the compiled decode
+    step must decode with the new weights (as a fresh eager engine does), without compiling again."""
+    import copy
+
+    from nanoseek import load_model
+    from nanoseek.cli import main
+    from nanoseek.engine.engine import Engine
+    from nanoseek.engine.sampling import SamplingParams
+    from nanoseek.rl.train import GRPOConfig, grpo_step
+    from nanoseek.tokenizer import Tokenizer
+    tok, task = Tokenizer.load(sft_tiny), TASKS["arithmetic"]
+    policy = load_model(sft_tiny)
+    engine = Engine(policy, tok, max_running=16, compile=True)
+    engine.warm_up()
+    prompts = ["What is 3 + 4?", "What is 9 - 2?", "What is 5 x 6?"]
+    params = SamplingParams(temperature=0, max_tokens=12, logprobs=True, ignore_eos=True)
+
+    def decode(eng):
+        return [(r.output, r.logprobs) for r in eng.generate(prompts, params)]
+
+    before = decode(engine)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    cfg = GRPOConfig("arithmetic", level=1, prompts=4, group=4, max_tokens=32, lr=1e-2, beta=0.0)
+    optim = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
+    assert grpo_step(policy, None, optim, engine, task, cfg, 0, tok)["trained_sequences"] > 0  # weights moved
+    after, eager = decode(engine), decode(Engine(copy.deepcopy(policy), tok, max_running=16))  # nothing cached
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # the same graph, new weights
+    assert [o for o, _ in after] == [o for o, _ in eager]
+    assert max(abs(a - b) for (_, la), (_, lb) in zip(after, eager) for a, b in zip(la, lb)) < 1e-4
+    assert max(abs(a - b) for (_, la), (_, lb) in zip(after, before) for a, b in zip(la, lb)) > 1e-2  # not stale
+    # the flag, end to end
+    assert main(["grpo", "--model", str(sft_tiny), "--task", "arithmetic", "--level", "1", "--prompts", "2",
+                 "--group", "4", "--max-tokens", "16", "--steps", "1", "--compile", "--out", str(tmp_path / "c"),
+                 "--quiet"]) == 0
+    assert (tmp_path / "c" / "model.safetensors").exists()

@@ -220,7 +220,12 @@ def main(args) -> int:
     write_atomic(run / "grpo_args.json", json.dumps(vars(args), indent=2, default=str))
     if ref is not None and not saved:
         save_model(ref, run / "reference")
-    engine = Engine(policy, tok, max_running=args.max_running or args.prompts * args.group)
+    engine = Engine(policy, tok, max_running=args.max_running or args.prompts * args.group, compile=args.compile)
+    if args.compile:
+        try:
+            engine.warm_up()  # compile now; later steps reuse the graph (the weights are its inputs)
+        except RuntimeError as e:
+            raise TrainError(f"--compile: {e}") from None
     log = MetricsLog(run, True, steps.step_num)
     files = tok.files(policy.cfg.max_position_embeddings)
     bar = tqdm(total=args.steps, initial=steps.step_num, disable=args.quiet, unit="step", dynamic_ncols=True)
