@@ -86,7 +86,10 @@ def write_report(out: str | Path, plan, records: dict[str, dict]) -> Path:
                         else "")])
     r = records["rl"]
     rows.append(["rl (GRPO)", _num(r["seconds"]), _num(r["generated_tokens"]), _num(r["tokens_per_s"]), "–",
-                 f"{r['steps']} steps of {plan.grpo_prompts} problems × {plan.grpo_group}; reward "
+                 f"{r['steps']} steps of {plan.grpo_prompts} problems × {plan.grpo_group}"
+                 + (f" (from step {plan.grpo_stage2 + 1}: up to {plan.grpo_resample} more draws while groups lack "
+                    f"reward variance, against that step's policy)" if plan.grpo_resample else "")
+                 + "; reward "
                  f"{_num(r['first_reward'], '.2f')} → {_num(r['last_reward'], '.2f')} (first → last 10 steps); "
                  f"rollouts {_pct(r['rollout_share'])} of the time"])
     if "distill" in records:
@@ -121,7 +124,16 @@ def write_report(out: str | Path, plan, records: dict[str, dict]) -> Path:
     for level in main:
         rows.append([f"{tasks[0]} level {level}"] + [_pct(records[s]["eval"][tasks[0]]["by_level"].get(level))
                                                      for s in evaluated])
+    practised = {s: records[s]["eval"][tasks[0]].get("practised") for s in evaluated}
+    if all(practised.values()):
+        first = next(iter(practised.values()))
+        rows.append([f"**{tasks[0]} level {first['level']}, {first['n']} problems (GRPO's level)**"]
+                    + [_pct(practised[s]["pass1"]) for s in evaluated])
     lines += _table(["task"] + [STAGE_NAMES[s] for s in evaluated], rows)
+    if all(practised.get(s) for s in ("sft", "more_sft", "rl")):
+        rl, more = (100 * (practised[s]["pass1"] - practised["sft"]["pass1"]) for s in ("rl", "more_sft"))
+        lines += [f"On GRPO's level, from the SFT model: GRPO {rl:+.1f} points, more SFT on the same labeled "
+                  f"examples {more:+.1f} points.", ""]
 
     spec = records["rl"].get("speculative")
     if spec:
