@@ -38,7 +38,7 @@ def text_reward(text: str) -> float:
     return float(hashlib.sha256(text.encode()).digest()[0] % 2)
 
 
-def ours(model_dir: str, problems, args, compile: bool = False) -> tuple[float, float, float]:
+def ours(model_dir: str, problems, args, compiled: bool = False) -> tuple[float, float, float]:
     """Mean seconds per step, mean completion length, and the rollouts' share of the step."""
     rl_train.score = lambda task, problem, text, cfg: Score(text_reward(text), False, False, 0.0)
     policy = load_model(model_dir)
@@ -47,8 +47,8 @@ def ours(model_dir: str, problems, args, compile: bool = False) -> tuple[float, 
                               minibatch=args.prompts * args.group, beta=0.04, lr=1e-6)
     ref = load_model(model_dir).requires_grad_(False)
     optim = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
-    engine = rl_train.Engine(policy, tok, max_running=args.prompts * args.group, compile=compile)
-    if compile:
+    engine = rl_train.Engine(policy, tok, max_running=args.prompts * args.group, compile=compiled)
+    if compiled:
         engine.warm_up()
     task = TASKS["arithmetic"]
     rl_train.grpo_step(policy, ref, optim, engine, task, cfg, 0, tok)  # warm-up
@@ -59,8 +59,9 @@ def ours(model_dir: str, problems, args, compile: bool = False) -> tuple[float, 
         times.append(m["seconds"])
         lengths.append(m["response_length"])
         rollout.append(m["rollout_seconds"])
-    if compile:  # the optimizer changes the weights in place; the graph must not be rebuilt for that
-        print(f"  graphs compiled during the timed steps: {torch._dynamo.utils.counters['stats']['unique_graphs'] - graphs}")
+    if compiled:  # the optimizer changes the weights in place; the graph must not be rebuilt for that
+        added = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
+        print(f"  graphs compiled during the timed steps: {added}")
     return sum(times) / len(times), sum(lengths) / len(lengths), sum(rollout) / sum(times)
 
 
@@ -121,7 +122,7 @@ def main() -> None:
         t_ours, len_ours, share = ours(d, problems, args)
         print(f"nanoseek:          {t_ours:.2f} s/step (mean completion {len_ours:.1f} tokens; rollouts {share:.0%})",
               flush=True)
-        t_comp, len_comp, share_comp = ours(d, problems, args, compile=True)
+        t_comp, len_comp, share_comp = ours(d, problems, args, compiled=True)
         print(f"nanoseek --compile: {t_comp:.2f} s/step (mean completion {len_comp:.1f} tokens; rollouts "
               f"{share_comp:.0%})", flush=True)
         t_trl, len_trl = theirs(d, problems, args)

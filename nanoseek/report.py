@@ -88,7 +88,8 @@ def write_report(out: str | Path, plan, records: dict[str, dict]) -> Path:
     rows.append(["rl (GRPO)", _num(r["seconds"]), _num(r["generated_tokens"]), _num(r["tokens_per_s"]), "–",
                  f"{r['steps']} steps of {plan.grpo_prompts} problems × {plan.grpo_group}"
                  + (f" (from step {plan.grpo_stage2 + 1}: up to {plan.grpo_resample} more draws while groups lack "
-                    f"reward variance, against that step's policy)" if plan.grpo_resample else "")
+                    f"reward variance; the reference refreshed to the policy every {plan.grpo_stage2} steps)"
+                    if plan.grpo_resample and r["steps"] > plan.grpo_stage2 else "")
                  + "; reward "
                  f"{_num(r['first_reward'], '.2f')} → {_num(r['last_reward'], '.2f')} (first → last 10 steps); "
                  f"rollouts {_pct(r['rollout_share'])} of the time"])

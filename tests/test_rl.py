@@ -304,7 +304,9 @@ def test_compiled_rollouts_follow_the_weight_updates(sft_tiny, tmp_path):
     tok, task = Tokenizer.load(sft_tiny), TASKS["arithmetic"]
     policy = load_model(sft_tiny)
     engine = Engine(policy, tok, max_running=16, compile=True)
+    compiled_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     engine.warm_up()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > compiled_before  # a graph, not eager fallback
     prompts = ["What is 3 + 4?", "What is 9 - 2?", "What is 5 x 6?"]
     params = SamplingParams(temperature=0, max_tokens=12, logprobs=True, ignore_eos=True)
 
@@ -320,9 +322,80 @@ def test_compiled_rollouts_follow_the_weight_updates(sft_tiny, tmp_path):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # the same graph, new weights
     assert [o for o, _ in after] == [o for o, _ in eager]
     assert max(abs(a - b) for (_, la), (_, lb) in zip(after, eager) for a, b in zip(la, lb)) < 1e-4
-    assert max(abs(a - b) for (_, la), (_, lb) in zip(after, before) for a, b in zip(la, lb)) > 1e-2  # not stale
+    # the first token comes from the (eager) prefill: the compiled steps' tokens must have moved too
+    assert max(abs(a - b) for (_, la), (_, lb) in zip(after, before) for a, b in zip(la[1:], lb[1:])) > 1e-2
     # the flag, end to end
     assert main(["grpo", "--model", str(sft_tiny), "--task", "arithmetic", "--level", "1", "--prompts", "2",
                  "--group", "4", "--max-tokens", "16", "--steps", "1", "--compile", "--out", str(tmp_path / "c"),
                  "--quiet"]) == 0
     assert (tmp_path / "c" / "model.safetensors").exists()
+
+
+def test_resume_between_reference_refreshes_is_exact(sft_tiny, tmp_path):
+    """--ref-refresh with --save-every off the refresh steps: a refresh step checkpoints before it
+    refreshes, and a run stopped in between resumes with the refreshed reference, exactly."""
+    import json
+    import shutil
+
+    from nanoseek import load_model
+    from nanoseek.cli import main
+    from nanoseek.train.common import complete_checkpoints
+    flags = ["--model", str(sft_tiny), "--task", "arithmetic", "--level", "1", "--prompts", "4", "--group", "4",
+             "--max-tokens", "48", "--lr", "1e-3", "--ref-refresh", "2", "--save-every", "3", "--steps", "5",
+             "--keep", "5", "--quiet"]
+    assert main(["grpo", *flags, "--out", str(tmp_path / "a")]) == 0
+    assert main(["grpo", *flags, "--out", str(tmp_path / "b")]) == 0
+    done = complete_checkpoints(tmp_path / "b")
+    assert [d.name[-1] for d in done] == ["2", "3", "4", "5"]  # refresh steps 2 and 4 checkpointed too
+    # stopped between step 4's checkpoint and its reference refresh: the reference on disk is still
+    # step 2's policy, and step 5 never finished
+    shutil.rmtree(done[-1])
+    shutil.rmtree(tmp_path / "b" / "reference")
+    shutil.copytree(done[0], tmp_path / "b" / "reference")
+    for f in tmp_path.glob("b/*.safetensors"):
+        f.unlink()
+    assert main(["grpo", *flags, "--out", str(tmp_path / "b"), "--resume"]) == 0
+    rows = {r: [json.loads(x) for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()] for r in "ab"}
+    drop = ("seconds", "rollout_seconds")
+    assert [{k: v for k, v in m.items() if k not in drop} for m in rows["b"]] == \
+        [{k: v for k, v in m.items() if k not in drop} for m in rows["a"]]
+    a, b = load_model(tmp_path / "a").state_dict(), load_model(tmp_path / "b").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+
+def test_warmup_raises_the_lr_linearly(sft_tiny, tmp_path):
+    import json
+
+    from nanoseek.cli import main
+    flags = ["--model", str(sft_tiny), "--task", "arithmetic", "--level", "1", "--prompts", "2", "--group", "4",
+             "--max-tokens", "16", "--lr", "2e-4", "--quiet"]
+    assert main(["grpo", *flags, "--out", str(tmp_path / "a"), "--steps", "3", "--warmup", "2"]) == 0
+    lrs = [json.loads(x)["lr"] for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert lrs == pytest.approx([1e-4, 2e-4, 2e-4])
+    assert main(["grpo", *flags, "--out", str(tmp_path / "b"), "--warmup", "-1"]) == 2
+
+
+def test_normalize_batch_scales_the_step_by_the_share_of_groups_with_signal(sft_tiny):
+    """--normalize batch (the published mean over all P x G completions): the same rollouts give the
+    gradient of --normalize signal times (groups with variance) / P."""
+    import copy
+
+    from nanoseek import load_model
+    from nanoseek.engine.engine import Engine
+    from nanoseek.rl.train import GRPOConfig, grpo_step
+    from nanoseek.tokenizer import Tokenizer
+    tok, start = Tokenizer.load(sft_tiny), load_model(sft_tiny)
+    deltas, trained = {}, {}
+    for normalize in ("signal", "batch"):
+        policy = copy.deepcopy(start)
+        cfg = GRPOConfig("arithmetic", level=1, prompts=4, group=4, max_tokens=32, beta=0.0, clip=1e9,
+                         normalize=normalize)
+        optim = torch.optim.SGD(policy.parameters(), lr=1.0)  # the step is the gradient itself
+        m = grpo_step(policy, None, optim, Engine(policy, tok, max_running=16), TASKS["arithmetic"], cfg, 3, tok)
+        trained[normalize] = m["trained_sequences"]
+        deltas[normalize] = torch.cat([(p - q).flatten() for p, q in zip(policy.parameters(), start.parameters())])
+    assert trained["signal"] == trained["batch"] and 0 < trained["batch"] < 16  # some groups without signal
+    share = trained["batch"] / 16
+    assert torch.allclose(deltas["batch"], deltas["signal"] * share, rtol=1e-4, atol=1e-7)
+    assert deltas["signal"].abs().max() > 0

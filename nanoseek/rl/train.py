@@ -55,10 +55,12 @@ class GRPOConfig:
     clip_eps: float = 0.2
     beta: float = 0.04
     averaging: str = "sequence"
+    normalize: str = "signal"  # signal: mean over the groups with reward variance; batch: over all P groups
     ref_refresh: int = 0  # steps between reference refreshes; 0: never
     resample: int = 0  # extra draws of P problems per step while fewer than P groups have signal (DAPO)
     resample_from: int = 0  # the first step (0-based) that resamples
     lr: float = 1e-5
+    warmup: int = 0  # steps of linear lr warm-up
     weight_decay: float = 0.0
     clip: float = 1.0
     format_weight: float = 0.1
@@ -150,6 +152,9 @@ def grpo_step(policy: Transformer, ref: Transformer | None, optim, engine: Engin
             refs = ([sequence_logprobs(ref, [seqs[b] for b in mb], [starts[b] for b in mb])[0] for mb in batches]
                     if ref is not None else [None] * len(batches))
         total_tokens = sum(len(s) - st for s, st in zip(seqs, starts))
+        # --normalize batch: the published objective's mean over all P x G completions, where a group
+        # without reward variance counts with advantage 0, so a step with little signal moves little
+        signal_share = len(groups) / cfg.prompts if cfg.normalize == "batch" else 1.0
         policy.train()
         for _ in range(cfg.inner_updates):
             optim.zero_grad(set_to_none=True)
@@ -162,7 +167,7 @@ def grpo_step(policy: Transformer, ref: Transformer | None, optim, engine: Engin
                 loss, stats = grpo_loss(logp, old_lp, advantages[list(mb)], mask, ref_lp, cfg.clip_eps, cfg.beta,
                                         cfg.averaging)
                 share = (len(mb) / len(seqs) if cfg.averaging == "sequence" else float(mask.sum()) / total_tokens)
-                (loss * share).backward()
+                (loss * share * signal_share).backward()
                 tokens_share = float(mask.sum()) / total_tokens
                 kl += stats.kl * tokens_share
                 clip_frac += stats.clip_fraction * tokens_share
@@ -181,6 +186,8 @@ def main(args) -> int:
     for name in ("steps", "prompts", "group", "max_tokens", "inner_updates", "minibatch", "save_every", "keep"):
         if getattr(args, name) < 1:
             raise TrainError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
+    if args.warmup < 0:
+        raise TrainError(f"--warmup must be >= 0 (got {args.warmup})")
     for name in ("temperature", "beta", "lr", "clip_eps", "clip"):
         if not getattr(args, name) >= 0 or (name in ("lr", "clip_eps") and getattr(args, name) == 0):
             raise TrainError(f"--{name.replace('_', '-')} must be {'> 0' if name in ('lr', 'clip_eps') else '>= 0'} "
@@ -210,7 +217,15 @@ def main(args) -> int:
     if cfg.beta:  # the frozen reference: the starting policy, kept in RUN/reference for resumes
         ref = load_model(run / "reference").to(device) if saved else copy.deepcopy(policy)
         ref.requires_grad_(False)
+        if saved and cfg.ref_refresh and saved["trainer"]["step"] % cfg.ref_refresh == 0:
+            ref.load_state_dict(policy.state_dict())  # stopped between a refresh's checkpoint and its reference
     optim = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    engine = Engine(policy, tok, max_running=args.max_running or args.prompts * args.group, compile=args.compile)
+    if args.compile:
+        try:
+            engine.warm_up()  # compile now; later steps reuse the graph (the weights are its inputs)
+        except RuntimeError as e:
+            raise TrainError(f"--compile: {e}") from None
     steps = _Steps()
     if saved:
         optim.load_state_dict(saved["optimizer"])
@@ -220,29 +235,27 @@ def main(args) -> int:
     write_atomic(run / "grpo_args.json", json.dumps(vars(args), indent=2, default=str))
     if ref is not None and not saved:
         save_model(ref, run / "reference")
-    engine = Engine(policy, tok, max_running=args.max_running or args.prompts * args.group, compile=args.compile)
-    if args.compile:
-        try:
-            engine.warm_up()  # compile now; later steps reuse the graph (the weights are its inputs)
-        except RuntimeError as e:
-            raise TrainError(f"--compile: {e}") from None
     log = MetricsLog(run, True, steps.step_num)
     files = tok.files(policy.cfg.max_position_embeddings)
     bar = tqdm(total=args.steps, initial=steps.step_num, disable=args.quiet, unit="step", dynamic_ncols=True)
     with graceful_sigint() as stop:
         try:
             while steps.step_num < args.steps:
-                m = grpo_step(policy, ref, optim, engine, task, cfg, steps.step_num, tok)
+                lr = cfg.lr * min(1.0, (steps.step_num + 1) / cfg.warmup) if cfg.warmup else cfg.lr
+                for group in optim.param_groups:
+                    group["lr"] = lr
+                m = {**grpo_step(policy, ref, optim, engine, task, cfg, steps.step_num, tok), "lr": lr}
                 steps.step_num += 1
-                if ref is not None and cfg.ref_refresh and steps.step_num % cfg.ref_refresh == 0:
-                    ref.load_state_dict(policy.state_dict())
-                    save_model(ref, run / "reference")
                 log.write(m)
                 bar.update(1)
                 bar.set_postfix(reward=f"{m['reward']:.3f}", acc=f"{m['accuracy']:.2f}",
                                 len=f"{m['response_length']:.0f}", refresh=False)
-                if steps.step_num % args.save_every == 0 or steps.step_num == args.steps or stop["now"]:
+                refresh = ref is not None and cfg.ref_refresh and steps.step_num % cfg.ref_refresh == 0
+                if refresh or steps.step_num % args.save_every == 0 or steps.step_num == args.steps or stop["now"]:
                     save_checkpoint(run, policy, optim, steps, {"config": asdict(cfg)}, files, args.keep)
+                if refresh:  # after its checkpoint: a resume never finds a reference newer than its step
+                    ref.load_state_dict(policy.state_dict())
+                    save_model(ref, run / "reference")
                 if stop["now"]:
                     break
         finally:
