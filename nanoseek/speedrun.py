@@ -1,6 +1,6 @@
 """`nanoseek speedrun`: DeepSeek's whole system, end to end, on one machine, with a report card.
 
-    nanoseek speedrun --out runs/first          # about 45 minutes on 2 CPU cores
+    nanoseek speedrun --out runs/first          # about 40 minutes on 2 CPU cores
     nanoseek speedrun --out runs/try --quick    # a few minutes, a tiny model
 
 Stages, each in its own dir under OUT, each skipped when a rerun finds it done:
@@ -83,7 +83,8 @@ CORPUS_TASKS = {"arithmetic": (1, 2, 2, 3, 3)}
 
 PLANS = {
     # GRPO: the two-stage recipe of docs/grpo.md (plain GRPO, then dynamic sampling anchored at the
-    # first stage's policy), at the lr that teaches here (3e-4; 5e-5 and 1e-4 moved nothing)
+    # first stage's policy) at the lr that taught the side-run base (3e-4; 5e-5 and 1e-4 moved
+    # nothing there), after a warm-up; on this plan's own base it lowered accuracy (runs/r3, README)
     "full": Plan(preset="small", corpus_mb=12, vocab_size=4096, mix="math=400,prose=2,code=1",
                  pretrain_steps=1400, pretrain_lr=3e-3, batch_size=8, seq_len=256,
                  sft_examples=500, sft_steps=150, sft_lr=5e-4, task="arithmetic", levels=(1, 2, 3), grpo_level=3,
