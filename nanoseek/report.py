@@ -136,6 +136,13 @@ def write_report(out: str | Path, plan, records: dict[str, dict]) -> Path:
         lines += [f"On GRPO's level, from the SFT model: GRPO {rl:+.1f} points, more SFT on the same labeled "
                   f"examples {more:+.1f} points.", ""]
 
+    gap = records["sft"].get("gap")
+    if gap:
+        lines += [f"Before GRPO, the SFT model on {gap['n']} *train* problems of level {gap['level']}: greedy "
+                  f"{_pct(gap['greedy'])}, pass@{gap['k']} at temperature 1 {_pct(gap['pass_k'])} — a gap of "
+                  f"{100 * (gap['pass_k'] - gap['greedy']):.1f} points, about the most GRPO can add by sharpening "
+                  f"what sampling already finds (docs/grpo.md).", ""]
+
     spec = records["rl"].get("speculative")
     if spec:
         lines += ["## MTP self-speculative decoding", "",

@@ -280,7 +280,8 @@ class Speedrun:
     def stage_sft(self) -> dict:
         run = self.out / "sft"
         self._sft(self.out / "pretrain", run, self.plan.seed)
-        return {**self._train_record(run), "eval": self._evaluate(self._load(run), "chat")}
+        loaded = self._load(run)
+        return {**self._train_record(run), "eval": self._evaluate(loaded, "chat"), "gap": self._gap(loaded)}
 
     def stage_more_sft(self) -> dict:
         """The control for GRPO: more supervised training on the same labeled examples."""
@@ -371,6 +372,21 @@ class Speedrun:
         results[task.name]["practised"] = {"level": level, "pass1": report.pass1, "n": report.n}
         self._say(f"  {task.name} level {level}: pass@1 {report.pass1:.1%} ({report.n} test problems)")
         return results
+
+    def _gap(self, loaded) -> dict:
+        """Greedy pass@1 and pass@G (G samples at temperature 1, as GRPO draws them) on train problems of
+        GRPO's level: what sampling finds and greedy decoding misses bounds what sharpening can add."""
+        from .engine.engine import Engine
+        from .rl.evaluate import evaluate
+
+        p, task = self.plan, self._tasks()[0]
+        problems = task.problems("train", min(64, p.eval_n), level=p.grpo_level, seed=p.seed + 2, strict=False)
+        report = evaluate(Engine(*loaded, max_running=128), task, problems, k=p.grpo_group, temperature=1.0,
+                          max_tokens=p.max_tokens, seed=p.seed, split="train")
+        self._say(f"  {task.name} level {p.grpo_level}, {report.n} train problems: greedy {report.pass1:.1%}, "
+                  f"pass@{p.grpo_group} at temperature 1 {report.pass_k:.1%}")
+        return {"level": p.grpo_level, "n": report.n, "k": p.grpo_group, "greedy": report.pass1,
+                "pass_k": report.pass_k}
 
     def _speculative(self, loaded) -> dict:
         """Greedy decode of test prompts one at a time, plain and with MTP drafts: acceptance and speed-up."""

@@ -62,7 +62,8 @@ def test_report_has_every_table_and_plot(interrupted_then_finished):
         assert heading in report
     for needle in ("parameters, total", "parameters, activated per token", "KV cache per token (bf16), MLA",
                    "standard MHA", "drafts accepted", "| pretrain |", "| sft |", "| rl (GRPO) |", "| arithmetic (16) |",
-                   "problems (GRPO's level)**", "On GRPO's level, from the SFT model: GRPO"):
+                   "problems (GRPO's level)**", "On GRPO's level, from the SFT model: GRPO",
+                   "*train* problems of level 2: greedy", "pass@4 at temperature 1"):
         assert needle in report, needle
     images = [line.split("(")[1].rstrip(")") for line in report.splitlines() if line.startswith("![")]
     assert {"pretrain_loss.png", "pretrain_expert_load.png", "rl_reward.png", "rl_response_length.png",
