@@ -60,7 +60,7 @@ def add_grpo_arguments(p: argparse.ArgumentParser) -> None:
                    help="sequences the engine decodes together (default: prompts x group, one rollout in one batch)")
     p.add_argument("--compile", action="store_true",
                    help="roll out through the compiled decode step (torch.compile, needs g++ on CPU): compiles once "
-                        "at start (about a minute for `small`), then reuses the graph as the weights change "
+                        "at start (~50 s for `small` here), then reuses the graph as the weights change "
                         "(docs/grpo.md has the measured speed-up)")
     p.add_argument("--save-every", type=int, default=20, help="checkpoint every N steps (default 20)")
     p.add_argument("--keep", type=int, default=2, help="checkpoints to keep (default 2)")
