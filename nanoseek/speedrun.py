@@ -296,8 +296,9 @@ class Speedrun:
         self._run("grpo", "--model", self.out / "sft", "--task", p.task, "--out", run, "--steps", p.grpo_steps,
                   "--prompts", p.grpo_prompts, "--group", p.grpo_group, "--max-tokens", p.max_tokens,
                   "--lr", p.grpo_lr, "--beta", p.grpo_beta, "--level", p.grpo_level, "--seed", p.seed,
-                  "--warmup", p.grpo_warmup, "--averaging", p.grpo_averaging, "--normalize", p.grpo_normalize, "--resample", p.grpo_resample, "--resample-from", p.grpo_stage2,
-                  "--ref-refresh", p.grpo_stage2, "--save-every", max(5, p.grpo_steps // 6), "--resume", trains=run)
+                  "--warmup", p.grpo_warmup, "--averaging", p.grpo_averaging, "--normalize", p.grpo_normalize,
+                  "--resample", p.grpo_resample, "--resample-from", p.grpo_stage2, "--ref-refresh", p.grpo_stage2,
+                  "--save-every", max(5, p.grpo_steps // 6), "--resume", trains=run)
         rows, loaded = read_metrics(run), self._load(run)
         seconds = sum(r["seconds"] for r in rows)
         generated = sum(r["response_length"] * r.get("draws", 1) * p.grpo_prompts * p.grpo_group for r in rows)

@@ -34,7 +34,7 @@ from ..io import write_atomic
 from ..model import Transformer
 from ..tokenizer import Tokenizer
 from ..train.args import TrainError
-from ..train.common import (MetricsLog, complete_checkpoints, graceful_sigint, load_training_state,
+from ..train.common import (MetricsLog, OptimConfig, complete_checkpoints, graceful_sigint, load_training_state, lr_at,
                             save_checkpoint, set_rng_state)
 from ..train.pretrain import export_final
 from .evaluate import answer_params, completion_text, prompt_ids
@@ -237,11 +237,12 @@ def main(args) -> int:
         save_model(ref, run / "reference")
     log = MetricsLog(run, True, steps.step_num)
     files = tok.files(policy.cfg.max_position_embeddings)
+    schedule = OptimConfig(lr=cfg.lr, warmup=cfg.warmup, decay_frac=0.0)  # linear warm-up, then constant
     bar = tqdm(total=args.steps, initial=steps.step_num, disable=args.quiet, unit="step", dynamic_ncols=True)
     with graceful_sigint() as stop:
         try:
             while steps.step_num < args.steps:
-                lr = cfg.lr * min(1.0, (steps.step_num + 1) / cfg.warmup) if cfg.warmup else cfg.lr
+                lr = lr_at(steps.step_num, args.steps, schedule)
                 for group in optim.param_groups:
                     group["lr"] = lr
                 m = {**grpo_step(policy, ref, optim, engine, task, cfg, steps.step_num, tok), "lr": lr}
