@@ -69,12 +69,15 @@ def write_report(out: str | Path, plan, records: dict[str, dict]) -> Path:
 
     data, tokens = records["data"], records["tokens"]
     cur = data["curate"]
+    labeled = {t: c if isinstance(c, dict) else {"examples": c, "worked": c} for t, c in data["sft_examples"].items()}
+    own = labeled.get(plan.task, {"examples": 0, "worked": 0})
     lines += ["## Stages", ""]
     rows = [["data", _num(data["seconds"]), "–", "–", "–",
              f"{data['raw_megabytes']:.1f} MB raw → {cur['bytes_out'] / 1e6:.1f} MB curated; "
              f"{cur['exact_duplicates']:,} exact + {cur['near_duplicates']:,} near duplicates and "
              f"{sum(cur['dropped'].values()):,} low-quality records removed; "
-             f"SFT set {sum(data['sft_examples'].values())} examples"],
+             f"SFT set {sum(c['examples'] for c in labeled.values())} examples ({own['worked']} of the "
+             f"{own['examples']} `{plan.task}` ones worked, the rest the answer only)"],
             ["tokenizer", _num(records["tokenizer"]["seconds"]), "–", "–", "–",
              f"{records['tokenizer']['vocab_size']:,} tokens"],
             ["tokens", _num(tokens["seconds"]), _num(tokens["tokens"]), "–", "–", f"{tokens['documents']:,} documents"]]
@@ -91,7 +94,8 @@ def write_report(out: str | Path, plan, records: dict[str, dict]) -> Path:
                     f"reward variance; the reference refreshed to the policy every {plan.grpo_stage2} steps)"
                     if plan.grpo_resample and r["steps"] > plan.grpo_stage2 else "")
                  + "; reward "
-                 f"{_num(r['first_reward'], '.2f')} → {_num(r['last_reward'], '.2f')} (first → last 10 steps); "
+                 f"{_num(r['first_reward'], '.2f')} → {_num(r['last_reward'], '.2f')}, response length "
+                 f"{_num(r['first_length'], '.0f')} → {_num(r['last_length'], '.0f')} tokens (first → last 10 steps); "
                  f"rollouts {_pct(r['rollout_share'])} of the time"])
     if "distill" in records:
         d = records["distill"]
@@ -114,9 +118,10 @@ def write_report(out: str | Path, plan, records: dict[str, dict]) -> Path:
               "Greedy pass@1 on fixed held-out test problems (how many in brackets; the test split never appears in "
               f"the corpus or the SFT set); the pretrained model sees the problem as the corpus writes it, the "
               f"others in the chat template. Format: the share of answers in `<think>…</think> "
-              f"<answer>…</answer>` form. The labeled set held `{plan.task}` levels "
-              f"{', '.join(map(str, plan.levels))}; GRPO practised on unlabeled level-{plan.grpo_level} "
-              f"`{plan.task}` problems (rewarded by the verifier only).", ""]
+              f"<answer>…</answer>` form. The labeled set held {own['examples']} `{plan.task}` problems of levels "
+              f"{', '.join(map(str, plan.levels))} with their answers, {own['worked']} of them with the worked "
+              f"solution too (the others only its one-line conclusion); GRPO practised on unlabeled "
+              f"level-{plan.grpo_level} `{plan.task}` problems (rewarded by the verifier only).", ""]
     rows = []
     for task in tasks:
         rows.append([f"{task} ({records[evaluated[0]]['eval'][task]['n']})"] + [f"{_pct(records[s]['eval'][task]['pass1'])} (format {_pct(records[s]['eval'][task]['format'])})"

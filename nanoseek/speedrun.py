@@ -1,13 +1,14 @@
 """`nanoseek speedrun`: DeepSeek's whole system, end to end, on one machine, with a report card.
 
-    nanoseek speedrun --out runs/first          # about 40 minutes on 2 CPU cores
+    nanoseek speedrun --out runs/first          # about 45 minutes on 2 CPU cores
     nanoseek speedrun --out runs/try --quick    # a few minutes, a tiny model
 
 Stages, each in its own dir under OUT, each skipped when a rerun finds it done:
 
     data       generate a raw corpus (task solutions, prose, code, Chinese, junk, duplicates),
                curate it (clean, filter, de-duplicate, classify), and write the SFT set:
-               at most 500 labeled train-split problems with worked solutions
+               at most 500 labeled train-split problems with their answers, a share of them
+               (the plan's sft_worked) also with the worked solution
     tokenizer  train the byte-level BPE tokenizer on the curated text
     tokens     tokenize the curated shards
     pretrain   MoE + MLA with MTP and auxiliary-loss-free balancing, then evaluate
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import sys
 import time
@@ -50,6 +52,7 @@ class Plan:
     sft_examples: int
     sft_steps: int
     sft_lr: float
+    sft_worked: float  # share of the task's labeled examples with the worked solution; the rest: the answer only
     task: str
     levels: tuple[int, ...]  # difficulty levels of the task's SFT examples and evaluations
     grpo_level: int  # the level GRPO practises on (its prompts only: no labels)
@@ -82,20 +85,27 @@ CORPUS_KINDS = {"math": 0.9, "prose": 0.06, "code": 0.02, "chinese": 0.02}
 CORPUS_TASKS = {"arithmetic": (1, 2, 2, 3, 3)}
 
 PLANS = {
-    # GRPO: the two-stage recipe of docs/grpo.md (plain GRPO, then dynamic sampling anchored at the
-    # first stage's policy) at the lr that taught the side-run base (3e-4; 5e-5 and 1e-4 moved
-    # nothing there), after a warm-up; on this plan's own base it lowered accuracy (runs/r3, README)
+    # The labeled set: 500 answers, 40% of the arithmetic ones with the working written out. The SFT
+    # model then answers briefly when greedy and works the columns in a share of its samples; GRPO's
+    # rewards make working the default (R1-Zero's growing responses). With every label worked, SFT
+    # alone reached what GRPO could not add to (runs/r3: -6 points; docs/grpo.md). GRPO: the
+    # two-stage recipe of docs/grpo.md (plain GRPO, then dynamic sampling anchored at the first
+    # stage's policy, here from step 51) at lr 2e-4 after a warm-up, on level 2, where the SFT
+    # model's worked samples were right 19% of the time (9% at level 3). At lr 3e-4 (70 steps) the
+    # same start gained 16 points, at 2e-4 (100 steps) 32.6 (docs/grpo.md).
     "full": Plan(preset="small", corpus_mb=12, vocab_size=4096, mix="math=400,prose=2,code=1",
                  pretrain_steps=1400, pretrain_lr=3e-3, batch_size=8, seq_len=256,
-                 sft_examples=500, sft_steps=150, sft_lr=5e-4, task="arithmetic", levels=(1, 2, 3), grpo_level=3,
-                 grpo_steps=70, grpo_prompts=16, grpo_group=8, grpo_lr=3e-4, grpo_beta=0.04, grpo_warmup=10,
-                 grpo_averaging="token", grpo_normalize="signal", grpo_resample=2, grpo_stage2=40,
+                 sft_examples=500, sft_steps=150, sft_lr=5e-4, sft_worked=0.4, task="arithmetic", levels=(1, 2, 3),
+                 grpo_level=2,
+                 grpo_steps=100, grpo_prompts=16, grpo_group=8, grpo_lr=2e-4, grpo_beta=0.04, grpo_warmup=10,
+                 grpo_averaging="token", grpo_normalize="signal", grpo_resample=2, grpo_stage2=50,
                  max_tokens=200,
                  eval_n=150, distill_layers=2, distill_pretrain_steps=700, distill_problems=300,
                  distill_steps=200),
     "quick": Plan(preset="tiny", corpus_mb=1.5, vocab_size=512, mix="math=130,prose=2,code=1",
                   pretrain_steps=60, pretrain_lr=3e-3, batch_size=8, seq_len=128,
-                  sft_examples=100, sft_steps=20, sft_lr=1e-3, task="arithmetic", levels=(1, 2), grpo_level=2,
+                  sft_examples=100, sft_steps=20, sft_lr=1e-3, sft_worked=0.4, task="arithmetic", levels=(1, 2),
+                  grpo_level=2,
                   grpo_steps=3, grpo_prompts=4, grpo_group=4, grpo_lr=1e-5, grpo_beta=0.04, grpo_warmup=2,
                   grpo_averaging="token", grpo_normalize="batch", grpo_resample=1, grpo_stage2=2,
                   max_tokens=48,
@@ -220,9 +230,14 @@ class Speedrun:
         for i, task in enumerate(tasks):  # most of the labeled budget for the RL task, the rest shared
             n = p.sft_examples - (len(tasks) - 1) * (p.sft_examples // 5) if i == 0 else p.sft_examples // 5
             problems = self._problems(task, "train", n, seed=p.seed + 1)
-            counts[task.name] = len(problems)
+            # the RL task's labels: every answer, the working for a seeded share; other tasks fully worked
+            k = round(p.sft_worked * len(problems)) if i == 0 else len(problems)
+            worked = set(random.Random(p.seed + 2).sample(range(len(problems)), k))
+            counts[task.name] = {"examples": len(problems), "worked": k}
             examples += [{"messages": [{"role": "user", "content": q.prompt},
-                                       {"role": "assistant", "content": task.solution(q)}]} for q in problems]
+                                       {"role": "assistant",
+                                        "content": task.solution(q) if j in worked else task.brief(q)}]}
+                         for j, q in enumerate(problems)]
         write_atomic(self.out / "data" / "sft.jsonl", "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples))
         curated = report.as_dict()
         curated.pop("shards")

@@ -94,6 +94,19 @@ def test_worked_solutions_verify(name):
 
 
 @pytest.mark.parametrize("name", list(TASKS))
+def test_brief_solutions_verify_and_are_the_worked_conclusion(name):
+    """A brief label: the right answer with one line of <think>, and that line never longer than the working."""
+    task = TASKS[name]
+    for p in task.problems("train", 300, seed=4):
+        brief, worked = task.brief(p), task.solution(p)
+        assert task.verify(p, brief), (p, brief)
+        think = brief.split("</think>")[0].removeprefix("<think>\n").rstrip("\n")
+        assert "\n" not in think and len(brief) < len(worked)
+        if name == "arithmetic":
+            assert think == worked.split("\n</think>")[0].splitlines()[-1]  # the worked form's last line
+
+
+@pytest.mark.parametrize("name", list(TASKS))
 def test_levels(name):
     task = TASKS[name]
     for level in task.levels:

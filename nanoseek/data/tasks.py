@@ -58,6 +58,12 @@ class Task:
         raise NotImplementedError
 
     def solution(self, problem: Problem) -> str:
+        """The worked solution: every step in <think>, then the answer."""
+        raise NotImplementedError
+
+    def brief(self, problem: Problem) -> str:
+        """The answer with only the worked solution's conclusion in <think>: what a label without the
+        working looks like (the speedrun's labeled set mixes both)."""
         raise NotImplementedError
 
     def check(self, problem: Problem, answer: str) -> bool:
@@ -126,6 +132,10 @@ class Arithmetic(Task):
         a, b, op = p.meta["a"], p.meta["b"], p.meta["op"]
         steps = {"+": self._add_steps, "-": self._sub_steps, "x": self._mul_steps}[op](a, b)
         return f"<think>\n{steps}\n</think> <answer>{p.answer}</answer>"
+
+    def brief(self, p):
+        a, b, op = p.meta["a"], p.meta["b"], p.meta["op"]
+        return f"<think>\nso {a} {op} {b} = {p.answer}\n</think> <answer>{p.answer}</answer>"
 
     @staticmethod
     def _add_steps(a, b):
@@ -261,6 +271,9 @@ class Countdown(Task):
     def solution(self, p):
         steps = "\n".join(p.meta["steps"])
         return f"<think>\n{steps}\nthat reaches {p.meta['target']}\n</think> <answer>{p.answer}</answer>"
+
+    def brief(self, p):
+        return f"<think>\n{p.answer} = {p.meta['target']}\n</think> <answer>{p.answer}</answer>"
 
     def check(self, p, answer):
         try:
