@@ -607,6 +607,12 @@ class Transformer(nn.Module):
             h = h + (layer.mlp.mix(x) if isinstance(layer.mlp, MoE) else layer.mlp(x))
         return self.norm(h), torch.stack(new_c), torch.stack(new_k)
 
+    def decode_logits(self, input_ids, start_pos, c_cache, k_cache, write, read, mask, absorbed):
+        """`decode_step` and the head: next-token logits (B, V) and the new latents, one graph when
+        compiled (the head is ~10% of a `small` step at batch 1; outside the graph it is its own call)."""
+        h, c_kv, k_pe = self.decode_step(input_ids, start_pos, c_cache, k_cache, write, read, mask, absorbed)
+        return self.lm_head(h[:, 0]), c_kv, k_pe
+
     def forward(self, input_ids: torch.Tensor, start_pos: int | torch.Tensor = 0, cache=None, mask=None,
                 absorb: bool = False) -> torch.Tensor:
         """Logits (B, T, vocab). With a cache, `input_ids` continue the cached context at `start_pos`."""

@@ -23,7 +23,7 @@ layer is cached in the same blocks (cache layer num_hidden_layers) and is fed th
 main model has just settled. `engine.acceptance_rate` counts drafts kept.
 
 Compiled (`Engine(..., compile=True)`, then `warm_up()`): plain decode steps run
-`Transformer.decode_step`, a pure function of the cache pools and slot tensors, through
+`Transformer.decode_logits` (the decode step and the head), a pure function of the cache pools and slot tensors, through
 torch.compile; the engine stores the new latents it returns. Prefill and speculative steps stay
 eager.
 """
@@ -95,14 +95,14 @@ class Engine:
         self.running: dict[int, Request] = {}
         self.ids = itertools.count()
         self.drafted = self.accepted = 0
-        # compiled, plain decode steps run Transformer.decode_step as one graph; eagerly the trunk over
+        # compiled, plain decode steps run Transformer.decode_logits as one graph; eagerly the trunk over
         # the cache is faster (it reads a lone sequence's context as a view; measured 2-16%)
         self.compiled = None
         if compile:
             if speculative:
                 raise ValueError("compile: the compiled graph is the plain decode step; speculative decoding "
                                  "runs eagerly, so use one or the other")
-            self.compiled = torch.compile(model.decode_step, dynamic=True,
+            self.compiled = torch.compile(model.decode_logits, dynamic=True,
                                           options={"cpp_wrapper": True} if self.device.type == "cpu" else None)
 
     @property
@@ -294,22 +294,23 @@ class Engine:
                             [r.prompt[1:] + r.output[-1:] for _, r in live], [0] * len(live), absorb=False)
         return outputs
 
-    def _compiled_trunk(self, reqs: list[Request], new: list[list[int]]) -> torch.Tensor:
-        """`_trunk` for one new token per request through the compiled decode step: the graph only reads
-        the cache; the new latents it returns are stored after."""
+    def _compiled_logits(self, reqs: list[Request], new: list[list[int]]) -> torch.Tensor:
+        """Next-token logits (B, V) for one new token per request through the compiled decode step and
+        head: the graph only reads the cache; the new latents it returns are stored after."""
         self.cache.bind([r.id for r in reqs], [1] * len(reqs))
         write, read = self.cache.slots()
         absorbed = [layer.self_attn.absorbed_weights() for layer in self.model.layers]
-        h, c_kv, k_pe = self.compiled(self._batch(new), self.cache.start_positions().to(self.device),
-                                      self.cache.c_kv, self.cache.k_pe, write, read, self._mask(), absorbed)
+        logits, c_kv, k_pe = self.compiled(self._batch(new), self.cache.start_positions().to(self.device),
+                                           self.cache.c_kv, self.cache.k_pe, write, read, self._mask(), absorbed)
         self.cache.store(c_kv, k_pe)
         self.cache.commit()
-        return h
+        return logits
 
     def _decode(self, reqs: list[Request]) -> list[Output]:
         new = [r.output[-1:] for r in reqs]
-        h = self._trunk(reqs, new, absorb=True) if self.compiled is None else self._compiled_trunk(reqs, new)
-        return self._advance_all(reqs, self.model.lm_head(h[:, 0]))
+        if self.compiled is not None:
+            return self._advance_all(reqs, self._compiled_logits(reqs, new))
+        return self._advance_all(reqs, self.model.lm_head(self._trunk(reqs, new, absorb=True)[:, 0]))
 
     def _decode_speculative(self, reqs: list[Request]) -> list[Output]:
         """One forward of [last token, draft] per request; keep the draft if the main model agrees."""
