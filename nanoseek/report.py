@@ -23,6 +23,14 @@ def _pct(x) -> str:
     return "–" if x is None else f"{100 * x:.1f}%"
 
 
+def _labeled_levels(plan) -> list[int]:
+    """The levels the labeled set drew from: the plan's, or all of the task's when it has none of them
+    (as `Speedrun._problems` does, e.g. --task countdown)."""
+    from .data.tasks import TASKS
+    levels = TASKS[plan.task].levels
+    return [lv for lv in plan.levels if lv in levels] or list(levels)
+
+
 def _num(x, fmt: str = ",.0f") -> str:
     return "–" if x is None else format(x, fmt)
 
@@ -119,7 +127,7 @@ def write_report(out: str | Path, plan, records: dict[str, dict]) -> Path:
               f"the corpus or the SFT set); the pretrained model sees the problem as the corpus writes it, the "
               f"others in the chat template. Format: the share of answers in `<think>…</think> "
               f"<answer>…</answer>` form. The labeled set held {own['examples']} `{plan.task}` problems of levels "
-              f"{', '.join(map(str, plan.levels))} with their answers, {own['worked']} of them with the worked "
+              f"{', '.join(map(str, _labeled_levels(plan)))} with their answers, {own['worked']} of them with the worked "
               f"solution too (the others only its one-line conclusion); GRPO practised on unlabeled "
               f"level-{plan.grpo_level} `{plan.task}` problems (rewarded by the verifier only).", ""]
     rows = []

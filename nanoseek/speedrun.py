@@ -435,15 +435,22 @@ class Speedrun:
         return {"path": str(path)}
 
 
-def main(args) -> int:
-    plan = PLANS["quick" if args.quick else "full"]
-    overrides = {k: getattr(args, k) for k in ("pretrain_steps", "sft_steps", "grpo_steps", "eval_n", "seed", "task")
-                 if getattr(args, k) is not None}
-    plan = replace(plan, **overrides)
+def make_plan(quick: bool, **overrides) -> Plan:
+    """The quick or full plan with the command line's overrides; GRPO's level moves to the nearest
+    level the task has (e.g. --task countdown: its levels start at 3)."""
     from .data.tasks import TASKS
+
+    plan = replace(PLANS["quick" if quick else "full"], **overrides)
     levels = TASKS[plan.task].levels
-    if plan.grpo_level not in levels:  # e.g. --task countdown: its levels start at 3
+    if plan.grpo_level not in levels:
         plan = replace(plan, grpo_level=min(levels, key=lambda lv: abs(lv - plan.grpo_level)))
+    return plan
+
+
+def main(args) -> int:
+    plan = make_plan(args.quick, **{k: getattr(args, k) for k in ("pretrain_steps", "sft_steps", "grpo_steps",
+                                                                   "eval_n", "seed", "task")
+                                    if getattr(args, k) is not None})
     try:
         Speedrun(args.out, plan, distill=args.distill, quiet=args.quiet).run()
     except SpeedrunError as e:

@@ -165,3 +165,17 @@ def test_bad_step_counts_are_refused(tmp_path, capsys):
     assert "--eval-n must be <= 2,000 (got 100,000)" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
+
+
+def test_another_task_moves_grpo_to_its_nearest_level():
+    from nanoseek.data.tasks import TASKS
+    from nanoseek.speedrun import make_plan
+
+    for quick in (True, False):
+        assert make_plan(quick).grpo_level == 2  # arithmetic has level 2
+        plan = make_plan(quick, task="countdown", seed=3)
+        assert plan.task == "countdown" and plan.seed == 3
+        assert plan.grpo_level in TASKS["countdown"].levels and plan.grpo_level == 3
+    from nanoseek.report import _labeled_levels  # what the report says the labeled set held
+    assert _labeled_levels(make_plan(True)) == [1, 2] and _labeled_levels(make_plan(False)) == [1, 2, 3]
+    assert _labeled_levels(make_plan(True, task="countdown")) == [3, 4]
