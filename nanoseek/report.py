@@ -27,8 +27,8 @@ def _labeled_levels(plan) -> list[int]:
     """The levels the labeled set drew from: the plan's, or all of the task's when it has none of them
     (as `Speedrun._problems` does, e.g. --task countdown)."""
     from .data.tasks import TASKS
-    levels = TASKS[plan.task].levels
-    return [lv for lv in plan.levels if lv in levels] or list(levels)
+    task = TASKS[plan.task]
+    return plan.levels_in(task) or list(task.levels)
 
 
 def _num(x, fmt: str = ",.0f") -> str:
@@ -77,8 +77,8 @@ def write_report(out: str | Path, plan, records: dict[str, dict]) -> Path:
 
     data, tokens = records["data"], records["tokens"]
     cur = data["curate"]
-    labeled = {t: c if isinstance(c, dict) else {"examples": c, "worked": c} for t, c in data["sft_examples"].items()}
-    own = labeled.get(plan.task, {"examples": 0, "worked": 0})
+    labeled = data["sft_examples"]  # per task: examples, and how many of them worked
+    own = labeled[plan.task]
     lines += ["## Stages", ""]
     rows = [["data", _num(data["seconds"]), "–", "–", "–",
              f"{data['raw_megabytes']:.1f} MB raw → {cur['bytes_out'] / 1e6:.1f} MB curated; "

@@ -74,6 +74,10 @@ class Plan:
     distill_steps: int
     seed: int = 0
 
+    def levels_in(self, task) -> list[int]:
+        """The plan's levels that `task` has (none, e.g., for Countdown under the arithmetic levels)."""
+        return [lv for lv in self.levels if lv in task.levels]
+
 
 # The corpus is mostly worked arithmetic solutions (levels 2 and 3 weighted up), with prose, code
 # and Chinese kept for the curation, classification and tokenizer to work on. The loader mixes by
@@ -201,7 +205,7 @@ class Speedrun:
 
     def _problems(self, task, split: str, n: int, seed: int | None = None):
         """n problems spread over the plan's levels (the task's own levels for the other tasks)."""
-        levels = [lv for lv in self.plan.levels if lv in task.levels] if task.name == self.plan.task else []
+        levels = self.plan.levels_in(task) if task.name == self.plan.task else []
         if not levels:
             return task.problems(split, n, seed=seed)
         out = []
