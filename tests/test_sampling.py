@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from nanoseek.engine.sampling import SamplingParams, apply_penalties, distribution, draw, residual, sample, verify
+from nanoseek.engine.sampling import (SamplingParams, apply_penalties, distribution, distributions, draw, residual,
+                                      sample, verify)
+from nanoseek.engine.sampling import draws as draw_rows
 
 LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
 
@@ -47,6 +49,34 @@ def test_same_seed_same_tokens():
     g1, g2 = p.generator(), p.generator()
     assert [sample(LOGITS, p, g1)[0] for _ in range(30)] == [sample(LOGITS, p, g2)[0] for _ in range(30)]
     assert draws(p, 30, seed=1) != draws(p, 30, seed=2)
+
+
+def test_a_batch_samples_each_row_exactly_as_alone():
+    """The engine samples a whole batch in one pass: every row's distribution and seeded tokens must be
+    what that row gives on its own, whatever its neighbours ask for."""
+    torch.manual_seed(0)
+    logits = torch.randn(6, 300) * 3
+    params = [SamplingParams(seed=1), SamplingParams(temperature=0), SamplingParams(temperature=0.7, top_k=5, seed=2),
+              SamplingParams(top_p=0.8, seed=3), SamplingParams(temperature=1.3, top_k=40, top_p=0.9, seed=4),
+              SamplingParams(frequency_penalty=1.5, presence_penalty=0.5, seed=5)]
+    counts = [None, None, None, None, None, torch.randint(0, 3, (300,))]
+    probs, logprobs = distributions(logits, params, counts)
+    for b, p in enumerate(params):
+        alone = distribution(logits[b], p, counts[b])
+        assert torch.equal(probs[b], alone[0]) and torch.equal(logprobs[b], alone[1])
+    assert (probs[2] > 0).sum() == 5 and (probs[1] > 0).sum() == 1
+    batch_gens, alone_gens = [p.generator() for p in params], [p.generator() for p in params]
+    for _ in range(50):
+        tokens = draw_rows(probs, params, batch_gens)
+        assert tokens == [draw(probs[b], p, g) for b, (p, g) in enumerate(zip(params, alone_gens))]
+        assert all(probs[b, t] > 0 for b, t in enumerate(tokens))
+
+
+def test_draws_never_pick_a_token_without_probability():
+    probs = torch.tensor([[0.0, 0.25, 0.0, 0.75, 0.0, 0.0]])
+    params, g = [SamplingParams()], torch.Generator().manual_seed(0)
+    seen = torch.bincount(torch.tensor([draw_rows(probs, params, [g])[0] for _ in range(4000)]), minlength=6) / 4000
+    assert seen[[0, 2, 4, 5]].sum() == 0 and abs(float(seen[3]) - 0.75) < 0.03
 
 
 def test_speculative_sampling_keeps_the_target_distribution():

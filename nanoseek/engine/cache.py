@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from ..config import ModelConfig
 
@@ -54,6 +55,7 @@ class PagedLatentCache:
         self.tables: dict[object, list[int]] = {}
         self.lengths: dict[object, int] = {}
         self._batch = None
+        self._slot_rows: dict[object, tuple[int, torch.Tensor]] = {}  # seq -> (blocks, their slots)
 
     # ---- sequences -------------------------------------------------------------------------
     def add(self, seq_id) -> None:
@@ -65,6 +67,7 @@ class PagedLatentCache:
         """Give every block of a finished or cancelled sequence back to the pool, at once."""
         self.free_blocks += reversed(self.tables.pop(seq_id))
         del self.lengths[seq_id]
+        self._slot_rows.pop(seq_id, None)
 
     def blocks_needed(self, seq_id, new_tokens: int, start: int | None = None) -> int:
         have = len(self.tables[seq_id]) * self.block_size
@@ -97,14 +100,11 @@ class PagedLatentCache:
         for s, n, p in zip(seq_ids, new_tokens, starts):
             for _ in range(self.blocks_needed(s, n, p)):
                 self.tables[s].append(self.free_blocks.pop())
-        T = max(new_tokens)
-        S = max(p + n for p, n in zip(starts, new_tokens))
-        write = torch.full((len(seq_ids), T), self.scratch, dtype=torch.long)
-        read = torch.full((len(seq_ids), S), self.scratch, dtype=torch.long)
-        for b, (s, n, p) in enumerate(zip(seq_ids, new_tokens, starts)):
-            slots = self._slots(s, p + n)
-            read[b, : len(slots)] = slots
-            write[b, :n] = slots[p:]
+        slots = [self._slots(s, p + n) for s, n, p in zip(seq_ids, new_tokens, starts)]
+        read = pad_sequence(slots, batch_first=True, padding_value=self.scratch)  # (B, S)
+        write = pad_sequence([row[p:] for row, p in zip(slots, starts)], batch_first=True,
+                             padding_value=self.scratch)  # (B, T)
+        S = read.shape[1]
         first = int(read[0, 0])
         contiguous = len(seq_ids) == 1 and bool((read[0] == torch.arange(first, first + S)).all())
         device = self.c_kv.device  # the slot indices live beside the pools they index (one copy per step)
@@ -112,9 +112,15 @@ class PagedLatentCache:
                             advance, slice(first, first + S) if contiguous else None)
 
     def _slots(self, seq_id, n: int) -> torch.Tensor:
-        blocks = torch.tensor(self.tables[seq_id], dtype=torch.long)
-        offsets = torch.arange(self.block_size)
-        return (blocks[:, None] * self.block_size + offsets).flatten()[:n]
+        """The first n cache slots of a sequence, from its block table (kept between forwards: a decode
+        step rebuilds a sequence's slots only when it got a new block)."""
+        table = self.tables[seq_id]
+        known = self._slot_rows.get(seq_id)
+        if known is None or known[0] != len(table):
+            blocks = torch.tensor(table, dtype=torch.long)
+            known = (len(table), (blocks[:, None] * self.block_size + torch.arange(self.block_size)).flatten())
+            self._slot_rows[seq_id] = known
+        return known[1][:n]
 
     def start_positions(self) -> torch.Tensor:
         """(B,) the position of each sequence's first new token."""

@@ -39,7 +39,7 @@ import torch
 from ..model import Transformer
 from ..tokenizer import Tokenizer
 from .cache import PagedLatentCache
-from .sampling import SamplingParams, distribution, draw, residual, verify
+from .sampling import SamplingParams, distribution, distributions, draw, draws, residual, verify
 from .stream import TextStream
 
 
@@ -198,10 +198,10 @@ class Engine:
         out, _ = mtp(h, self.model.embed_tokens(self._batch(tokens)), cos, sin, self.cache, self._mask(), absorb)
         self.cache.commit()
         last = torch.stack([out[b, len(t) - 1] for b, t in enumerate(tokens)])
-        logits = self.model.lm_head(mtp.shared_head.norm(last))
-        for req, lg in zip(reqs, logits):
-            req.draft_q, _ = distribution(lg, req.params, req.counts)
-            req.draft = draw(req.draft_q, req.params, req.generator)
+        params = [r.params for r in reqs]
+        qs, _ = distributions(self.model.lm_head(mtp.shared_head.norm(last)), params, [r.counts for r in reqs])
+        for req, q, token in zip(reqs, qs, draws(qs, params, [r.generator for r in reqs])):
+            req.draft_q, req.draft = q, token
 
     # ---- tokens ----------------------------------------------------------------------------------
     def _emit(self, req: Request, token: int, logprobs: torch.Tensor) -> Output:
@@ -231,15 +231,11 @@ class Engine:
         return self._emit(req, draw(probs, req.params, req.generator), logprobs)
 
     def _advance_all(self, reqs: list[Request], logits: torch.Tensor) -> list[Output]:
-        """One token for each request from its row of logits (B, V); plain greedy rows in one go."""
-        plain = [b for b, r in enumerate(reqs) if r.params.greedy
-                 and not r.params.presence_penalty and not r.params.frequency_penalty]
-        picked = {}
-        if plain:
-            logprobs = logits[plain].float().log_softmax(-1)
-            picked = {b: (token, row) for b, token, row in zip(plain, logprobs.argmax(-1).tolist(), logprobs)}
-        return [self._emit(r, *picked[b]) if b in picked else self._advance(r, logits[b])
-                for b, r in enumerate(reqs)]
+        """One token for each request from its row of logits (B, V), the whole batch in one pass."""
+        params = [r.params for r in reqs]
+        probs, logprobs = distributions(logits, params, [r.counts for r in reqs])
+        tokens = draws(probs, params, [r.generator for r in reqs])
+        return [self._emit(r, token, row) for r, token, row in zip(reqs, tokens, logprobs)]
 
     def _can_draft(self, req: Request) -> bool:
         """Room for the draft and the token after it, within max_tokens and the context."""

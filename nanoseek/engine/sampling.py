@@ -66,34 +66,74 @@ def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, presence: float,
     return logits - presence * (counts > 0).to(logits.dtype) - frequency * counts.to(logits.dtype)
 
 
+def distributions(logits: torch.Tensor, params: list[SamplingParams], counts: list | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probs, logprobs) (B, V) for rows of logits (B, V), row b as params[b] says: what it samples
+    from, and the penalised model's log-probabilities (what is reported). A greedy row's distribution
+    is one-hot on its argmax. Computed on the CPU, where the counts and the seeded generators are, in
+    one pass over the batch; each row's numbers are the same whatever rows share its batch."""
+    logits = logits.float().cpu()
+    if counts is not None and any(c is not None for c in counts):
+        logits = torch.stack([row if c is None else apply_penalties(row, c, p.presence_penalty, p.frequency_penalty)
+                              for row, c, p in zip(logits, counts, params)])
+    logprobs = logits.log_softmax(-1)
+    sampled = [b for b, p in enumerate(params) if not p.greedy]
+    if len(sampled) == len(params):
+        return _sampling_probs(logits, params), logprobs
+    probs = torch.zeros_like(logits)
+    greedy = torch.tensor([b for b, p in enumerate(params) if p.greedy])
+    probs[greedy, logits[greedy].argmax(-1)] = 1.0
+    if sampled:
+        probs[sampled] = _sampling_probs(logits[sampled], [params[b] for b in sampled])
+    return probs, logprobs
+
+
+def _sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Temperature, then top-k, then top-p, per row of logits (B, V); the rows' probabilities."""
+    V = logits.shape[-1]
+    scaled = logits / torch.tensor([p.temperature for p in params])[:, None]
+    ks = torch.tensor([p.top_k if 0 < p.top_k < V else 0 for p in params])
+    if ks.any():
+        kth = scaled.topk(int(ks.max()), -1).values.gather(1, (ks.clamp(min=1) - 1)[:, None])  # (B, 1)
+        scaled = scaled.masked_fill((ks > 0)[:, None] & (scaled < kth), float("-inf"))
+    top_p = torch.tensor([p.top_p for p in params])
+    if (top_p < 1).any():
+        sorted_logits, order = scaled.sort(-1, descending=True)
+        nucleus = sorted_logits.softmax(-1)
+        drop = (nucleus.cumsum(-1) - nucleus >= top_p[:, None]) & (top_p < 1)[:, None]  # smallest prefix reaching p
+        drop[:, 0] = False  # and always the likeliest token (a top_p below float32's smallest is 0 here)
+        scaled = scaled.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
+    return scaled.softmax(-1)
+
+
 def distribution(logits: torch.Tensor, params: SamplingParams, counts: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(probs, logprobs) of one row of logits (V,): what `params` sample from, and the penalised model's
-    log-probabilities (what is reported). Greedy is the one-hot distribution on the argmax. Computed
-    on the CPU, as the counts and the seeded generators are (one row of V floats per token)."""
-    logits = logits.float().cpu()
-    if counts is not None:
-        logits = apply_penalties(logits, counts, params.presence_penalty, params.frequency_penalty)
-    logprobs = logits.log_softmax(-1)
-    if params.greedy:
-        return torch.zeros_like(logits).scatter_(0, logits.argmax().view(1), 1.0), logprobs
-    scaled = logits / params.temperature
-    if params.top_k and params.top_k < scaled.numel():
-        kth = scaled.topk(params.top_k).values[-1]
-        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    if params.top_p < 1:
-        sorted_logits, order = scaled.sort(descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs >= params.top_p  # keep the smallest prefix reaching top_p
-        drop[0] = False  # and always the likeliest token (a top_p below float32's smallest is 0 here)
-        scaled = scaled.scatter(0, order[drop], float("-inf"))
-    return scaled.softmax(-1), logprobs
+    """`distributions` for one row of logits (V,)."""
+    probs, logprobs = distributions(logits[None], [params], [counts])
+    return probs[0], logprobs[0]
+
+
+def draws(probs: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
+    """One token per row of probs (B, V). A sampled row takes one uniform number u from its own
+    generator (the global one when None) and picks the first token whose cumulative probability
+    exceeds u times the row's total (inverse-CDF sampling, in float64): one random number per token,
+    where torch.multinomial draws one per vocabulary entry (~100 us a row at V = 4,096 here)."""
+    tokens = probs.argmax(-1).tolist()  # greedy rows: their one-hot's token
+    sampled = [b for b, p in enumerate(params) if not p.greedy]
+    if not sampled:
+        return tokens
+    cdf = probs[sampled].double().cumsum(-1)
+    u = torch.stack([torch.rand((), dtype=torch.float64, generator=generators[b]) for b in sampled])
+    picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
+    for b, row, token in zip(sampled, cdf, picked.tolist()):
+        # u * total can round up to total: then the last token with probability left, never one without
+        tokens[b] = token if token < row.shape[0] else int(torch.searchsorted(row, row[-1]))
+    return tokens
 
 
 def draw(probs: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
-    if params.greedy:
-        return int(probs.argmax())
-    return int(torch.multinomial(probs, 1, generator=generator))
+    """`draws` for one row of probs (V,)."""
+    return draws(probs[None], [params], [generator])[0]
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
