@@ -152,6 +152,41 @@ def test_cli_eval_json(tmp_path, capsys):
 
 # ---- the GRPO loop ------------------------------------------------------------------------------
 
+def test_sequence_logprobs_share_prompts_and_match_a_plain_forward():
+    """Groups share one prompt forward (prompts of different lengths, a 1-token one, a group of one);
+    every completion token's log-prob and the gradient must be what a plain forward of each whole
+    sequence alone gives."""
+    import random
+
+    from nanoseek import Transformer, preset
+    from nanoseek.rl.train import sequence_logprobs
+    torch.manual_seed(0)
+    rng = random.Random(0)
+    model = Transformer(preset("tiny"))
+    seqs, starts = [], []
+    for plen, group in [(6, 3), (10, 2), (1, 2), (8, 1), (6, 2)]:
+        prompt = [rng.randrange(2, 200) for _ in range(plen)]
+        for _ in range(group):
+            seqs.append(prompt + [rng.randrange(2, 200) for _ in range(rng.randrange(1, 12))])
+            starts.append(plen)
+    logp, mask, ent = sequence_logprobs(model, seqs, starts, entropy=True)
+    ours = torch.autograd.grad((logp * mask).sum(), list(model.parameters()), allow_unused=True)
+    total = 0
+    for b, (s, start) in enumerate(zip(seqs, starts)):
+        rows = model(torch.tensor([s]))[0, start - 1: -1].log_softmax(-1)  # predicting the completion
+        alone = rows.gather(-1, torch.tensor(s[start:])[:, None])[:, 0]
+        n = len(s) - start
+        assert mask[b].tolist() == [1.0] * n + [0.0] * (mask.shape[1] - n)
+        assert torch.allclose(logp[b, :n], alone, atol=1e-5)
+        assert torch.allclose(ent[b, :n], -(rows.exp() * rows).sum(-1), atol=1e-4)
+        total = total + alone.sum()
+    plain = torch.autograd.grad(total, list(model.parameters()), allow_unused=True)
+    for a, b in zip(ours, plain):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
 def test_grpo_updates_raise_the_logprob_of_rewarded_completions():
     from nanoseek import Transformer, preset
     from nanoseek.rl.train import sequence_logprobs

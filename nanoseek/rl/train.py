@@ -79,23 +79,67 @@ class _Steps:
         return {"step": self.step_num}
 
 
+class _SharedPrompts:
+    """Stands in for the KV cache in a training forward (MLA layers call `update`): first it records
+    the latents of each group's prompt, then hands every completion its group's prompt latents ahead
+    of its own. The prompt runs once per group instead of once per completion; gradients flow back
+    through the copies into that one forward."""
+
+    def __init__(self, counts: torch.Tensor):
+        self.counts, self.latents, self.recording = counts, {}, True
+
+    def update(self, layer_idx: int, c_kv: torch.Tensor, k_pe: torch.Tensor):
+        if self.recording:
+            self.latents[layer_idx] = (c_kv, k_pe)
+            return c_kv, k_pe
+        c_pre, k_pre = (t.repeat_interleave(self.counts, 0) for t in self.latents[layer_idx])
+        return torch.cat((c_pre, c_kv), 1), torch.cat((k_pre, k_pe), 1)
+
+
 def sequence_logprobs(model: Transformer, seqs: list[list[int]], starts: list[int], entropy: bool = False
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Log-probs (B, W) of the sampled tokens over the window where completions are (from the
-    earliest completion start on: the head never runs on prompt-only positions), their mask, and
-    with `entropy` the policy's per-token entropy there (for logging, no gradient)."""
-    T = max(len(s) for s in seqs)
-    x = torch.zeros(len(seqs), T, dtype=torch.long)
-    for b, s in enumerate(seqs):
-        x[b, : len(s)] = torch.tensor(s)
-    x = x.to(next(model.parameters()).device)
-    first = min(starts) - 1  # position t predicts token t + 1
-    h, _ = model.trunk(x[:, :-1])
-    logp_all = model.lm_head(h[:, first:]).float().log_softmax(-1)
-    logp = logp_all.gather(-1, x[:, first + 1:, None])[..., 0]
+    """Log-probs (B, W) of each completion's tokens (completion b = seqs[b][starts[b]:], its token t in
+    column t; W the longest), their mask, and with `entropy` the policy's per-token entropy there
+    (for logging, no gradient).
+
+    Consecutive sequences with the same prompt (a GRPO group) share its forward: the prompt less its
+    last token runs once per group, then each sequence runs from its prompt's last token on,
+    attending to its group's prompt latents. Same numbers as a forward per sequence (up to float
+    rounding); the head only runs where a completion token is predicted.
+    """
+    device = next(model.parameters()).device
+    prefixes, counts = [], []  # one per group: the prompt less its last token; sequences sharing it
+    for s, start in zip(seqs, starts):
+        if counts and s[: start - 1] == prefixes[-1]:
+            counts[-1] += 1
+        else:
+            prefixes.append(s[: start - 1])
+            counts.append(1)
+    own = [s[start - 1:] for s, start in zip(seqs, starts)]  # the prompt's last token and the completion
+
+    def batch(rows: list[list[int]]) -> torch.Tensor:
+        x = torch.zeros(len(rows), max(1, max(len(r) for r in rows)), dtype=torch.long)
+        for b, r in enumerate(rows):
+            x[b, : len(r)] = torch.tensor(r, dtype=torch.long)
+        return x.to(device)
+
+    shared = _SharedPrompts(torch.tensor(counts, device=device))
+    P = max(len(p) for p in prefixes)
+    if P:
+        model.trunk(batch(prefixes), cache=shared)  # causal: right padding is never attended to
+    shared.recording = False
+    x = batch(own)
+    T = x.shape[1]
+    lengths = torch.tensor([len(p) for p, n in zip(prefixes, counts) for _ in range(n)])
+    sees_prompt = (torch.arange(P)[None, :] < lengths[:, None])[:, None, :].expand(-1, T, -1)  # (B, T, P)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()[None].expand(len(seqs), -1, -1)
+    mask = torch.cat((sees_prompt, causal), -1)[:, None].to(device)  # (B, 1, T, P + T)
+    h, _ = model.trunk(x, start_pos=lengths.to(device), cache=shared if P else None, mask=mask if P else None)
+    logp_all = model.lm_head(h[:, :-1]).float().log_softmax(-1)  # (B, W, V): position t predicts t + 1
+    logp = logp_all.gather(-1, x[:, 1:, None])[..., 0]
     mask = torch.zeros_like(logp)
-    for b, (s, start) in enumerate(zip(seqs, starts)):
-        mask[b, start - 1 - first: len(s) - 1 - first] = 1.0  # targets are the completion's tokens
+    for b, r in enumerate(own):
+        mask[b, : len(r) - 1] = 1.0
     ent = None
     if entropy:
         with torch.no_grad():
