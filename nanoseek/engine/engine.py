@@ -233,8 +233,14 @@ class Engine:
     def _advance_all(self, reqs: list[Request], logits: torch.Tensor) -> list[Output]:
         """One token for each request from its row of logits (B, V), the whole batch in one pass."""
         params = [r.params for r in reqs]
-        probs, logprobs = distributions(logits, params, [r.counts for r in reqs])
-        tokens = draws(probs, params, [r.generator for r in reqs])
+        if all(p.greedy and not p.presence_penalty and not p.frequency_penalty for p in params):
+            # plain greedy needs no generator: stay on the model's device, where a (B, V) copy to the
+            # CPU would cost more than the step at a large vocabulary; the argmax of the logits, as
+            # `distributions` takes it
+            tokens, logprobs = logits.argmax(-1).tolist(), logits.float().log_softmax(-1)
+        else:
+            probs, logprobs = distributions(logits, params, [r.counts for r in reqs])
+            tokens = draws(probs, params, [r.generator for r in reqs])
         return [self._emit(r, token, row) for r, token, row in zip(reqs, tokens, logprobs)]
 
     def _can_draft(self, req: Request) -> bool:

@@ -1,7 +1,8 @@
 """Per-sequence sampling: penalties, temperature, top-k, top-p, a seeded generator of its own.
 
-Pure functions over one sequence's logits, so every sequence in a batch samples exactly as it
-would alone: the same seed gives the same tokens whatever else is being decoded.
+Pure functions over a batch of rows of logits, each row with its own parameters and generator;
+every row's numbers are what it would get alone, so the same seed gives the same tokens
+whatever else is being decoded.
 """
 
 from __future__ import annotations

@@ -85,14 +85,16 @@ class _SharedPrompts:
     of its own. The prompt runs once per group instead of once per completion; gradients flow back
     through the copies into that one forward."""
 
-    def __init__(self, counts: torch.Tensor):
-        self.counts, self.latents, self.recording = counts, {}, True
+    def __init__(self, counts: list[int], device: torch.device):
+        self.counts, self.latents, self.recording = torch.tensor(counts, device=device), {}, True
+        self.rows = sum(counts)  # repeat_interleave told its output size does not wait on a GPU
 
     def update(self, layer_idx: int, c_kv: torch.Tensor, k_pe: torch.Tensor):
         if self.recording:
             self.latents[layer_idx] = (c_kv, k_pe)
             return c_kv, k_pe
-        c_pre, k_pre = (t.repeat_interleave(self.counts, 0) for t in self.latents[layer_idx])
+        c_pre, k_pre = (t.repeat_interleave(self.counts, 0, output_size=self.rows)
+                        for t in self.latents[layer_idx])
         return torch.cat((c_pre, c_kv), 1), torch.cat((k_pre, k_pe), 1)
 
 
@@ -123,7 +125,7 @@ def sequence_logprobs(model: Transformer, seqs: list[list[int]], starts: list[in
             x[b, : len(r)] = torch.tensor(r, dtype=torch.long)
         return x.to(device)
 
-    shared = _SharedPrompts(torch.tensor(counts, device=device))
+    shared = _SharedPrompts(counts, device)
     P = max(len(p) for p in prefixes)
     if P:
         model.trunk(batch(prefixes), cache=shared)  # causal: right padding is never attended to
