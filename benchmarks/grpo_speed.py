@@ -4,7 +4,7 @@
     python benchmarks/grpo_speed.py      # a random `small`, 4 prompts x G 8, 64-token completions, 4 steps
 
 Both run the same model dir (TRL through transformers' DeepseekV3ForCausalLM), fp32 on the
-CPU, with a frozen reference (beta 0.04), one optimizer step per batch of rollouts, and the same
+CPU (or `--device cuda`), with a frozen reference (beta 0.04), one optimizer step per batch of rollouts, and the same
 reward: a deterministic function of the completion text with variance inside every group, so
 both libraries train on every completion (a random model never solves a task, and nanoseek skips
 zero-variance groups, which would flatter it). Completions run to the length limit or an
@@ -49,11 +49,11 @@ class Ours:
 
     def __init__(self, model_dir: str, args, compiled: bool = False):
         rl_train.score = lambda task, problem, text, cfg: Score(text_reward(text), False, False, 0.0)
-        self.policy = load_model(model_dir)
+        self.policy = load_model(model_dir).to(args.device)
         self.tok = Tokenizer.load(model_dir)
         self.cfg = rl_train.GRPOConfig(task="arithmetic", level=2, prompts=args.prompts, group=args.group,
                                        max_tokens=args.tokens, minibatch=args.prompts * args.group, beta=0.04, lr=1e-6)
-        self.ref = load_model(model_dir).requires_grad_(False)
+        self.ref = load_model(model_dir).to(args.device).requires_grad_(False)
         self.optim = torch.optim.AdamW(self.policy.parameters(), lr=self.cfg.lr, weight_decay=0.0)
         self.engine = rl_train.Engine(self.policy, self.tok, max_running=args.prompts * args.group, compile=compiled)
         if compiled:
@@ -94,7 +94,8 @@ def theirs(model_dir: str, problems, args, between=lambda: None) -> tuple[float,
     with tempfile.TemporaryDirectory() as out:
         config = GRPOConfig(output_dir=out, per_device_train_batch_size=n, gradient_accumulation_steps=1,
                             steps_per_generation=1, num_generations=args.group,
-                            max_completion_length=args.tokens, beta=0.04, learning_rate=1e-6, use_cpu=True,
+                            max_completion_length=args.tokens, beta=0.04, learning_rate=1e-6,
+                            use_cpu=args.device == "cpu",
                             bf16=False, max_steps=args.steps + 1, logging_steps=1, report_to="none",
                             save_strategy="no", temperature=1.0, disable_tqdm=True, seed=0)
         times: list[float] = []
@@ -136,9 +137,11 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=8, help="completions per prompt, G (default 8)")
     ap.add_argument("--tokens", type=int, default=64, help="max completion length (default 64)")
     ap.add_argument("--steps", type=int, default=4, help="timed steps of each, after one warm-up (default 4)")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda: both libraries there, fp32")
     args = ap.parse_args()
     import trl
-    print(f"torch {torch.__version__}, trl {trl.__version__}, {torch.get_num_threads()} threads, fp32, "
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, trl {trl.__version__}, {where}, fp32, "
           f"{args.preset}, {args.prompts} prompts x G {args.group}, <= {args.tokens} completion tokens", flush=True)
     with tempfile.TemporaryDirectory() as d:
         torch.manual_seed(0)
