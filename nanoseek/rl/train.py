@@ -137,15 +137,16 @@ def sequence_logprobs(model: Transformer, seqs: list[list[int]], starts: list[in
     causal = torch.ones(T, T, dtype=torch.bool).tril()[None].expand(len(seqs), -1, -1)
     mask = torch.cat((sees_prompt, causal), -1)[:, None].to(device)  # (B, 1, T, P + T)
     h, _ = model.trunk(x, start_pos=lengths.to(device), cache=shared if P else None, mask=mask if P else None)
-    logp_all = model.lm_head(h[:, :-1]).float().log_softmax(-1)  # (B, W, V): position t predicts t + 1
-    logp = logp_all.gather(-1, x[:, 1:, None])[..., 0]
-    mask = torch.zeros_like(logp)
-    for b, r in enumerate(own):
-        mask[b, : len(r) - 1] = 1.0
+    W = T - 1  # position t predicts token t + 1; completion b has len(own[b]) - 1 tokens
+    mask = (torch.arange(W)[None, :] < torch.tensor([len(r) - 1 for r in own])[:, None]).float().to(device)
+    where = mask.bool()  # the head runs only on these rows, not on the padding after shorter completions
+    logp_rows = model.lm_head(h[:, :-1][where]).float().log_softmax(-1)  # (N, V)
+    logp = torch.zeros(len(seqs), W, dtype=logp_rows.dtype, device=device)
+    logp = logp.masked_scatter(where, logp_rows.gather(-1, x[:, 1:][where][:, None])[:, 0])
     ent = None
     if entropy:
         with torch.no_grad():
-            ent = -(logp_all.exp() * logp_all).sum(-1)
+            ent = torch.zeros_like(logp).masked_scatter(where, -(logp_rows.exp() * logp_rows).sum(-1))
     return logp, mask, ent
 
 
