@@ -658,7 +658,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "MoE + MLA model with MTP, SFT it on <= 500 labeled examples, teach it to "
                                     "reason with GRPO, evaluate after each stage and write OUT/report/report.md "
                                     "with tables and plots. Every stage is resumable: rerun the same command to "
-                                    "continue. About 45 minutes on 2 CPU cores; --quick takes a few minutes.")
+                                    "continue. About 40 minutes on 2 CPU cores; --quick takes a few minutes.")
     sp.add_argument("--out", default="runs/speedrun", metavar="DIR",
                     help="run directory; rerunning with the same DIR continues where it stopped "
                          "(default runs/speedrun)")

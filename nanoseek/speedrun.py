@@ -1,6 +1,6 @@
 """`nanoseek speedrun`: DeepSeek's whole system, end to end, on one machine, with a report card.
 
-    nanoseek speedrun --out runs/first          # about 45 minutes on 2 CPU cores
+    nanoseek speedrun --out runs/first          # about 40 minutes on 2 CPU cores
     nanoseek speedrun --out runs/try --quick    # a few minutes, a tiny model
 
 Stages, each in its own dir under OUT, each skipped when a rerun finds it done:

@@ -227,8 +227,8 @@ class Engine:
                       top)
 
     def _advance(self, req: Request, logits: torch.Tensor) -> Output:
-        probs, logprobs = distribution(logits, req.params, req.counts)
-        return self._emit(req, draw(probs, req.params, req.generator), logprobs)
+        """`_advance_all` for one request and its row of logits (V,)."""
+        return self._advance_all([req], logits[None])[0]
 
     def _advance_all(self, reqs: list[Request], logits: torch.Tensor) -> list[Output]:
         """One token for each request from its row of logits (B, V), the whole batch in one pass."""

@@ -133,10 +133,12 @@ def sequence_logprobs(model: Transformer, seqs: list[list[int]], starts: list[in
     x = batch(own)
     T = x.shape[1]
     lengths = torch.tensor([len(p) for p, n in zip(prefixes, counts) for _ in range(n)])
-    sees_prompt = (torch.arange(P)[None, :] < lengths[:, None])[:, None, :].expand(-1, T, -1)  # (B, T, P)
-    causal = torch.ones(T, T, dtype=torch.bool).tril()[None].expand(len(seqs), -1, -1)
-    mask = torch.cat((sees_prompt, causal), -1)[:, None].to(device)  # (B, 1, T, P + T)
-    h, _ = model.trunk(x, start_pos=lengths.to(device), cache=shared if P else None, mask=mask if P else None)
+    attend = None  # with no prompt to share, plain causal attention over each sequence's own tokens
+    if P:
+        sees_prompt = (torch.arange(P)[None, :] < lengths[:, None])[:, None, :].expand(-1, T, -1)  # (B, T, P)
+        causal = torch.ones(T, T, dtype=torch.bool).tril()[None].expand(len(seqs), -1, -1)
+        attend = torch.cat((sees_prompt, causal), -1)[:, None].to(device)  # (B, 1, T, P + T)
+    h, _ = model.trunk(x, start_pos=lengths.to(device), cache=shared if P else None, mask=attend)
     W = T - 1  # position t predicts token t + 1; completion b has len(own[b]) - 1 tokens
     mask = (torch.arange(W)[None, :] < torch.tensor([len(r) - 1 for r in own])[:, None]).float().to(device)
     where = mask.bool()  # the head runs only on these rows, not on the padding after shorter completions
