@@ -578,40 +578,67 @@ class Transformer(nn.Module):
         return self.norm(h), stats
 
     def decode_step(self, input_ids, start_pos, c_cache, k_cache, write, read, mask, absorbed):
-        """One decode token per sequence over a paged latent cache, as a pure function of tensors (the
-        engine's decode; it compiles to one graph). Same result as `trunk(..., cache, absorb=True)`.
+        """T new tokens per sequence over a paged latent cache, as a pure function of tensors (the
+        engine's decode and speculative verify; each compiles to one graph). Same result as
+        `trunk(..., cache, absorb=True)`.
 
-        input_ids (B, 1) at positions start_pos (B,); c_cache (layers, slots, C) and k_cache (layers,
-        slots, R) the cache pools, read-only here; write (B,) each new token's slot; read (B, S) each
-        sequence's context slots, the new token's included; mask (B, 1, 1, S) or None; absorbed: each
-        layer's `absorbed_weights()`. Returns the final-normed hidden (B, 1, D) and the new latents
-        (layers, B, C) and roped keys (layers, B, R) for the caller to store at `write`: a graph that
-        wrote into the pools would copy them whole.
+        input_ids (B, T) at positions start_pos (B,) on; c_cache (layers, slots, C) and k_cache (layers,
+        slots, R) the cache pools, read-only here; write (B*T,) each new token's slot; read (B, S) each
+        sequence's context slots, the new tokens' included; mask (B, 1, T, S) or None (causal);
+        absorbed: each layer's `absorbed_weights()`. Returns the final-normed hidden (B, T, D) and the
+        new latents (layers, B*T, C) and roped keys (layers, B*T, R) for the caller to store at
+        `write`: a graph that wrote into the pools would copy them whole.
         """
         h = self.embed_tokens(input_ids)
-        cos, sin = self.rope(start_pos[:, None], h.dtype)
-        B, S = read.shape
-        fresh = (read == write[:, None])[..., None]  # (B, S, 1): where each context meets its new token
-        new_c, new_k = [], []
-        for layer, weights in zip(self.layers, absorbed):
-            attn = layer.self_attn
-            x = layer.input_layernorm(h)
-            c_kv, k_pe = attn.latents(x, cos, sin)  # (B, 1, C), (B, 1, R)
-            new_c.append(c_kv[:, 0])
-            new_k.append(k_pe[:, 0])
-            context_c = c_cache[layer.layer_idx].index_select(0, read.flatten()).view(B, S, -1).to(c_kv.dtype)
-            context_k = k_cache[layer.layer_idx].index_select(0, read.flatten()).view(B, S, -1).to(k_pe.dtype)
-            context_c, context_k = torch.where(fresh, c_kv, context_c), torch.where(fresh, k_pe, context_k)
-            h = h + attn.absorbed(x, cos, sin, context_c, context_k, mask, weights)
-            x = layer.post_attention_layernorm(h)
-            h = h + (layer.mlp.mix(x) if isinstance(layer.mlp, MoE) else layer.mlp(x))
-        return self.norm(h), torch.stack(new_c), torch.stack(new_k)
+        positions = start_pos[:, None] + torch.arange(input_ids.shape[1], device=h.device)
+        cos, sin = self.rope(positions, h.dtype)
+        h, c_kv, k_pe = _over_cache(self.layers, h, cos, sin, c_cache, k_cache, write, read, mask, absorbed)
+        return self.norm(h), c_kv, k_pe
 
     def decode_logits(self, input_ids, start_pos, c_cache, k_cache, write, read, mask, absorbed):
-        """`decode_step` and the head: next-token logits (B, V) and the new latents, one graph when
-        compiled (the head is ~10% of a `small` step at batch 1; outside the graph it is its own call)."""
+        """`decode_step` and the head: logits (B, T, V), the hidden (B, T, D) and the new latents, one
+        graph when compiled (the head is ~10% of a `small` step at batch 1; outside the graph it is
+        its own call)."""
         h, c_kv, k_pe = self.decode_step(input_ids, start_pos, c_cache, k_cache, write, read, mask, absorbed)
-        return self.lm_head(h[:, 0]), c_kv, k_pe
+        return self.lm_head(h), h, c_kv, k_pe
+
+    def draft_logits(self, hidden, input_ids, start_pos, c_cache, k_cache, write, read, mask, absorbed, last):
+        """The first MTP module over T positions per sequence as a pure function of tensors, like
+        `decode_step` (the engine's compiled speculative draft): hidden (B, T, D) the main model's
+        final-normed hidden states there, input_ids (B, T) the token after each. Returns the MTP
+        head's logits (B, V) at position `last` (B,) of each row (the next-but-one token's draft) and
+        the MTP layer's new latents (1, B*T, C) and roped keys (1, B*T, R), for cache layer
+        num_hidden_layers."""
+        mtp = self.mtp[0]
+        h = mtp.eh_proj(torch.cat((mtp.enorm(self.embed_tokens(input_ids)), mtp.hnorm(hidden)), -1))
+        positions = start_pos[:, None] + torch.arange(input_ids.shape[1], device=h.device)
+        cos, sin = self.rope(positions, h.dtype)
+        h, c_kv, k_pe = _over_cache([mtp.block], h, cos, sin, c_cache, k_cache, write, read, mask, absorbed)
+        h = h.gather(1, last[:, None, None].expand(-1, 1, h.shape[-1]))[:, 0]
+        return self.lm_head(mtp.shared_head.norm(h)), c_kv, k_pe
+
+    def greedy_speculative_step(self, input_ids, drafts, start_pos, c_cache, k_cache, write, read, mask, absorbed):
+        """A whole greedy speculative step as one pure function (one compiled graph, one sync after):
+        verify and draft.
+
+        input_ids (B, 2): each sequence's last token and its draft (any token where drafts is -1);
+        drafts (B,): the draft, or -1 for a sequence that drafted none (its second position is
+        padding, written to scratch). The main model's argmax at both positions are the targets;
+        a draft is kept when it is the first. The MTP module then runs over both positions with the
+        targets as the tokens that follow (a kept draft is its first target; after a rejection only
+        the first position counts) and drafts from the last settled one. Returns the main model's
+        log-probabilities (B, 2, V), targets (B, 2), kept (B,), next drafts (B,), and the new latents
+        (layers + 1, B*2, C) and roped keys for every cache layer, MTP included, to store at `write`.
+        absorbed: the main layers' absorbed weights, then the MTP block's.
+        """
+        logits, h, c_kv, k_pe = self.decode_logits(input_ids, start_pos, c_cache, k_cache, write, read, mask,
+                                                   absorbed[:-1])
+        targets = logits.argmax(-1)  # (B, 2)
+        kept = targets[:, 0] == drafts
+        draft, c_mtp, k_mtp = self.draft_logits(h, targets, start_pos, c_cache, k_cache, write, read, mask,
+                                                absorbed[-1:], kept.long())
+        return (logits.float().log_softmax(-1), targets, kept, draft.argmax(-1), torch.cat((c_kv, c_mtp)),
+                torch.cat((k_pe, k_mtp)))
 
     def forward(self, input_ids: torch.Tensor, start_pos: int | torch.Tensor = 0, cache=None, mask=None,
                 absorb: bool = False) -> torch.Tensor:
@@ -649,6 +676,33 @@ class Transformer(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def _over_cache(blocks, h, cos, sin, c_cache, k_cache, write, read, mask, absorbed):
+    """Run `blocks` (absorbed attention) over h (B, T, D) whose tokens continue the contexts that `read`
+    (B, S) gathers from the cache pools; the new tokens' latents overlay their `write` (B*T,) slots in
+    the gathered context rather than being written into the pools. Returns h and the new latents
+    (len(blocks), B*T, C) and roped keys (len(blocks), B*T, R)."""
+    B, T = h.shape[:2]
+    S = read.shape[1]
+    slots = write.view(B, T)
+    fresh = [(read == slots[:, t, None])[..., None] for t in range(T)]  # (B, S, 1): where token t lands
+    new_c, new_k = [], []
+    for layer, weights in zip(blocks, absorbed):
+        attn = layer.self_attn
+        x = layer.input_layernorm(h)
+        c_kv, k_pe = attn.latents(x, cos, sin)  # (B, T, C), (B, T, R)
+        new_c.append(c_kv.flatten(0, 1))
+        new_k.append(k_pe.flatten(0, 1))
+        context_c = c_cache[layer.layer_idx].index_select(0, read.flatten()).view(B, S, -1).to(c_kv.dtype)
+        context_k = k_cache[layer.layer_idx].index_select(0, read.flatten()).view(B, S, -1).to(k_pe.dtype)
+        for t, where in enumerate(fresh):
+            context_c = torch.where(where, c_kv[:, t, None], context_c)
+            context_k = torch.where(where, k_pe[:, t, None], context_k)
+        h = h + attn.absorbed(x, cos, sin, context_c, context_k, mask, weights)
+        x = layer.post_attention_layernorm(h)
+        h = h + (layer.mlp.mix(x) if isinstance(layer.mlp, MoE) else layer.mlp(x))
+    return h, torch.stack(new_c), torch.stack(new_k)
 
 
 class LatentCache:

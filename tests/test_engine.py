@@ -157,8 +157,6 @@ def test_compiled_decode_equals_eager(model, tmp_path, capsys):
     and leaving; warm_up compiles and leaves the engine empty; the CLI flag does the same."""
     from nanoseek import save_model
     from nanoseek.cli import main
-    with pytest.raises(ValueError, match="compile"):
-        Engine(model, TOK, compile=True, speculative=True)
     compiled = Engine(model, TOK, max_running=2, compile=True)
     free = compiled.cache.free_tokens
     compiled.warm_up()
@@ -177,8 +175,6 @@ def test_compiled_decode_equals_eager(model, tmp_path, capsys):
     out = capsys.readouterr()
     assert out.out == eager.generate([PROMPTS[0]], GREEDY[0])[0].stream.text + "\n"
     assert "compiled in" in out.err
-    assert main(["generate", "--model", str(tmp_path / "m"), "--prompt", "x", "--compile", "--speculative"]) == 2
-    assert "speculative decoding runs eagerly" in capsys.readouterr().err
 
 
 # ---- MTP self-speculative decoding ---------------------------------------------------------------
@@ -207,11 +203,64 @@ def test_speculative_greedy_equals_plain_greedy(which, trained, model):
     assert len(engine.cache.free_blocks) == engine.cache.num_blocks and not engine.cache.tables
 
 
-def test_speculative_decode_fills_the_cache_like_plain_decode(trained):
-    """After speculation (kept drafts and rollbacks), the cached latents, the MTP layer's too, equal a
-    full forward's."""
+def test_compiled_speculative_greedy_equals_plain_greedy(trained, tmp_path, capsys):
+    """compile=True with speculative=True: an all-greedy batch verifies and drafts in one compiled graph
+    (Transformer.greedy_speculative_step); greedy output is still plain greedy's, with requests
+    joining and leaving, the same drafts are kept as eagerly, and every block comes back. The CLI
+    does the same."""
+    from nanoseek import save_model
+    from nanoseek.cli import main
+    plain = Engine(trained, TOK, max_running=2).generate(SPEC_PROMPTS, SPEC_PARAMS)
+    eager = Engine(trained, TOK, max_running=2, speculative=True)
+    eager.generate(SPEC_PROMPTS, SPEC_PARAMS)
+    engine = Engine(trained, TOK, max_running=2, speculative=True, compile=True)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    engine.warm_up()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs  # compiled, not an eager fallback
+    assert engine.drafted == engine.accepted == 0 and not engine.has_work()
+    spec = engine.generate(SPEC_PROMPTS, SPEC_PARAMS)
+    assert [r.output for r in spec] == [r.output for r in plain]
+    assert [r.finish_reason for r in spec] == [r.finish_reason for r in plain]
+    assert (engine.drafted, engine.accepted) == (eager.drafted, eager.accepted)  # the same drafts, kept alike
+    assert 0 < engine.accepted < engine.drafted
+    assert len(engine.cache.free_blocks) == engine.cache.num_blocks and not engine.cache.tables
+    save_model(trained, tmp_path / "m", extra_files=TOK.files())
+    assert main(["generate", "--model", str(tmp_path / "m"), "--prompt", SPEC_PROMPTS[0], "--max-tokens", "20",
+                 "--compile", "--speculative", "--verbose"]) == 0
+    out = capsys.readouterr()
+    want = Engine(trained, TOK).generate([SPEC_PROMPTS[0]], SamplingParams(temperature=0, max_tokens=20))[0]
+    assert out.out == want.stream.text + "\n"
+    assert "MTP drafts accepted" in out.err
+
+
+def test_greedy_drafts_meet_sampled_company(trained):
+    """An all-greedy batch drafts by argmax and keeps no draft distribution; when a sampled request
+    joins, the greedy one's draft is verified through speculative sampling with a one-hot q, and its
+    output is still plain greedy's."""
+    greedy = SamplingParams(temperature=0, max_tokens=30)
+    want = Engine(trained, TOK).generate(["the cat"], greedy)[0].output
     engine = Engine(trained, TOK, speculative=True)
-    rid = engine.add("the cat", SamplingParams(temperature=0, max_tokens=30))
+    got = []
+    rid = engine.add("the cat", greedy, callback=lambda o: got.append(o.token))
+    for _ in range(3):
+        engine.step()
+    assert engine.running[rid].draft is not None and engine.running[rid].draft_q is None
+    drafted = engine.drafted
+    engine.add("a dog", SamplingParams(temperature=1.0, seed=5, max_tokens=30))
+    while engine.has_work():
+        engine.step()
+    assert engine.drafted > drafted + 2  # drafts checked in the mixed batch
+    assert got == want
+    assert len(engine.cache.free_blocks) == engine.cache.num_blocks
+
+
+@pytest.mark.parametrize("compile,temperature", [(False, 0), (True, 0), (True, 0.7)],
+                         ids=["eager", "compiled-greedy", "compiled-sampled"])
+def test_speculative_decode_fills_the_cache_like_plain_decode(trained, compile, temperature):
+    """After speculation (kept drafts and rollbacks), the cached latents, the MTP layer's too, equal a
+    full forward's. Compiled, a greedy batch verifies and drafts in one graph, a sampled one in two."""
+    engine = Engine(trained, TOK, speculative=True, compile=compile)
+    rid = engine.add("the cat", SamplingParams(temperature=temperature, seed=4, max_tokens=30))
     for _ in range(12):
         engine.step()
     req = engine.running[rid]

@@ -71,9 +71,11 @@ def test_blocks_are_returned_and_exhaustion_is_an_error(tiny_model):
     assert plain.bytes_per_token() == (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2 * cfg.num_hidden_layers
 
 
-def test_decode_step_equals_the_cached_trunk(tiny_model):
+@pytest.mark.parametrize("new", [[1, 1], [2, 1], [2, 2]])
+def test_decode_step_equals_the_cached_trunk(tiny_model, new):
     """The pure decode step (what the engine compiles) gives the cached trunk's hidden states and leaves
-    the same latents in the cache once they are stored, for a ragged batch."""
+    the same latents in the cache once they are stored, for a ragged batch, one or two new tokens a
+    sequence (speculative verify feeds two)."""
     torch.manual_seed(1)
     caches = [PagedLatentCache(tiny_model.cfg, num_blocks=12, block_size=4, mtp=False) for _ in range(2)]
     prompts = {"a": torch.randint(0, 512, (7,)).tolist(), "b": torch.randint(0, 512, (2,)).tolist()}
@@ -81,21 +83,59 @@ def test_decode_step_equals_the_cached_trunk(tiny_model):
         for s in prompts:
             cache.add(s)
         step(tiny_model, cache, ["a", "b"], prompts, absorb=False)
-    ids = torch.tensor([[5], [9]])
+    ids = torch.tensor([[5, 6], [9, 0]])[:, : max(new)]  # row b's first new[b] tokens count
     with torch.no_grad():
         trunk_cache, pure_cache = caches
-        trunk_cache.bind(["a", "b"], [1, 1])
+        trunk_cache.bind(["a", "b"], new)
         want, _ = tiny_model.trunk(ids, start_pos=trunk_cache.start_positions(), cache=trunk_cache,
                                    mask=trunk_cache.mask(), absorb=True)
         trunk_cache.commit()
-        pure_cache.bind(["a", "b"], [1, 1])
+        pure_cache.bind(["a", "b"], new)
         write, read = pure_cache.slots()
         absorbed = [layer.self_attn.absorbed_weights() for layer in tiny_model.layers]
         got, c_kv, k_pe = tiny_model.decode_step(ids, pure_cache.start_positions(), pure_cache.c_kv,
                                                  pure_cache.k_pe, write, read, pure_cache.mask(), absorbed)
         pure_cache.store(c_kv, k_pe)
         pure_cache.commit()
-    assert torch.allclose(got, want, atol=1e-5)
+    for b, n in enumerate(new):  # padding positions are nobody's
+        assert torch.allclose(got[b, :n], want[b, :n], atol=1e-5)
     assert torch.allclose(pure_cache.c_kv, trunk_cache.c_kv, atol=1e-6)
     assert torch.allclose(pure_cache.k_pe, trunk_cache.k_pe, atol=1e-6)
-    assert pure_cache.lengths == trunk_cache.lengths == {"a": 8, "b": 3}
+    assert pure_cache.lengths == trunk_cache.lengths == {"a": 7 + new[0], "b": 2 + new[1]}
+
+
+def test_draft_logits_equal_the_cached_mtp_module(tiny_model):
+    """The pure MTP draft step (the engine's compiled draft) gives the eager MTP module's head logits at
+    each row's chosen position and leaves the same latents in the MTP cache layer, for a ragged batch."""
+    torch.manual_seed(2)
+    cfg, D = tiny_model.cfg, tiny_model.cfg.hidden_size
+    mtp, L = tiny_model.mtp[0], cfg.num_hidden_layers
+    caches = [PagedLatentCache(cfg, num_blocks=12, block_size=4) for _ in range(2)]
+    contexts = {"a": 6, "b": 3}
+    context = torch.randn(L + 1, 2, 6, cfg.kv_lora_rank), torch.randn(L + 1, 2, 6, cfg.qk_rope_head_dim)
+    for cache in caches:  # the same context already cached in both
+        for s in contexts:
+            cache.add(s)
+        cache.bind(list(contexts), list(contexts.values()))
+        for layer in range(L + 1):
+            cache.update(layer, context[0][layer], context[1][layer])
+        cache.commit()
+    hidden, ids, new, last = torch.randn(2, 2, D), torch.tensor([[7, 8], [9, 0]]), [2, 1], torch.tensor([1, 0])
+    with torch.no_grad():
+        eager, pure = caches
+        eager.bind(["a", "b"], new, starts=list(contexts.values()))
+        positions = eager.start_positions()[:, None] + torch.arange(2)
+        cos, sin = tiny_model.rope(positions, hidden.dtype)
+        out, _ = mtp(hidden, tiny_model.embed_tokens(ids), cos, sin, eager, eager.mask(), absorb=True)
+        eager.commit()
+        want = tiny_model.lm_head(mtp.shared_head.norm(out[torch.arange(2), last]))
+        pure.bind(["a", "b"], new, starts=list(contexts.values()))
+        write, read = pure.slots()
+        got, c_kv, k_pe = tiny_model.draft_logits(hidden, ids, pure.start_positions(), pure.c_kv, pure.k_pe, write,
+                                                  read, pure.mask(), [mtp.block.self_attn.absorbed_weights()], last)
+        pure.store(c_kv, k_pe, first=L)
+        pure.commit()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(pure.c_kv, eager.c_kv, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(pure.k_pe, eager.k_pe, atol=1e-6, rtol=1e-5)
+    assert pure.lengths == eager.lengths == contexts  # a lagging layer's forward moves no lengths

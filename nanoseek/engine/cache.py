@@ -161,11 +161,12 @@ class PagedLatentCache:
         (the engine's decode graph) and then `store` what they computed."""
         return self._batch.write, self._batch.read
 
-    def store(self, c_kv: torch.Tensor, k_pe: torch.Tensor) -> None:
-        """Write the bound forward's new latents (n, B*T, C) and roped keys (n, B*T, R) into layers 0..n-1."""
-        n, write = c_kv.shape[0], self._batch.write
-        self.c_kv[:n, write] = c_kv.to(self.c_kv.dtype)
-        self.k_pe[:n, write] = k_pe.to(self.k_pe.dtype)
+    def store(self, c_kv: torch.Tensor, k_pe: torch.Tensor, first: int = 0) -> None:
+        """Write the bound forward's new latents (n, B*T, C) and roped keys (n, B*T, R) into layers
+        first..first+n-1."""
+        layers, write = slice(first, first + c_kv.shape[0]), self._batch.write
+        self.c_kv[layers, write] = c_kv.to(self.c_kv.dtype)
+        self.k_pe[layers, write] = k_pe.to(self.k_pe.dtype)
 
     def commit(self) -> None:
         plan = self._batch

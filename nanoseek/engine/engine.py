@@ -22,10 +22,13 @@ the token after it for free, or rolls the rejected draft out of the cache. The M
 layer is cached in the same blocks (cache layer num_hidden_layers) and is fed the positions the
 main model has just settled. `engine.acceptance_rate` counts drafts kept.
 
-Compiled (`Engine(..., compile=True)`, then `warm_up()`): plain decode steps run
-`Transformer.decode_logits` (the decode step and the head), a pure function of the cache pools and slot tensors, through
-torch.compile; the engine stores the new latents it returns. Prefill and speculative steps stay
-eager.
+Compiled (`Engine(..., compile=True)`, then `warm_up()`): decode steps run
+`Transformer.decode_logits` (the decode step and the head), a pure function of the cache pools and
+slot tensors, through torch.compile; the engine stores the new latents it returns. Speculative
+steps of an all-greedy batch run verify and the next draft as one graph
+(`Transformer.greedy_speculative_step`); otherwise they verify through the decode graph (two
+tokens a sequence) and draft through a second one (`Transformer.draft_logits`, the MTP module and
+its head), with sampling and speculative-sampling acceptance on the host. Prefill stays eager.
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ class Request:
     stream: TextStream | None = None
     callback: Callable[["Output"], None] | None = None
     draft: int | None = None  # speculative: the MTP module's guess for the token after output[-1]
-    draft_q: torch.Tensor | None = None  # the distribution the draft was drawn from
+    draft_q: torch.Tensor | None = None  # the distribution the draft was drawn from (None: greedy, one-hot)
     held: int = 0  # decode steps this request has waited while others decoded (see Engine.prefill_hold)
 
 
@@ -95,15 +98,21 @@ class Engine:
         self.running: dict[int, Request] = {}
         self.ids = itertools.count()
         self.drafted = self.accepted = 0
-        # compiled, plain decode steps run Transformer.decode_logits as one graph; eagerly the trunk over
-        # the cache is faster (it reads a lone sequence's context as a view; measured 2-16%)
-        self.compiled = None
+        # compiled, decode steps run Transformer.decode_logits as one graph (and speculative drafts
+        # Transformer.draft_logits); eagerly the trunk over the cache is faster (it reads a lone
+        # sequence's context as a view; measured 2-16%)
+        self.compiled = self.compiled_draft = self.compiled_greedy = None
         if compile:
+            options = {"cpp_wrapper": True} if self.device.type == "cpu" else None
+            # each model, batch shape (one sequence or several; one or two new tokens) and mask case is a
+            # graph of its own, guarded on the same code: past dynamo's default 8 it would silently run
+            # eagerly (a process that compiles for several models, e.g. a speedrun or the tests)
+            dynamo = torch._dynamo.config
+            dynamo.recompile_limit = max(dynamo.recompile_limit, 64)
+            self.compiled = torch.compile(model.decode_logits, dynamic=True, options=options)
             if speculative:
-                raise ValueError("compile: the compiled graph is the plain decode step; speculative decoding "
-                                 "runs eagerly, so use one or the other")
-            self.compiled = torch.compile(model.decode_logits, dynamic=True,
-                                          options={"cpp_wrapper": True} if self.device.type == "cpu" else None)
+                self.compiled_draft = torch.compile(model.draft_logits, dynamic=True, options=options)
+                self.compiled_greedy = torch.compile(model.greedy_speculative_step, dynamic=True, options=options)
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -136,19 +145,23 @@ class Engine:
 
     def warm_up(self) -> None:
         """Run the decode shapes a workload meets once (one sequence; several of equal and of different
-        lengths), so a compiled engine compiles now rather than stalling its first requests; raises
-        RuntimeError, saying what to do, when compiling fails."""
+        lengths; speculative: greedy and sampled), so a compiled engine compiles now rather than
+        stalling its first requests; raises RuntimeError, saying what to do, when compiling fails."""
         if self.has_work():
             raise RuntimeError("warm_up: the engine already has requests")
-        params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+        kinds = [SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)]
+        if self.speculative:  # sampled batches verify and draft through graphs of their own
+            kinds.append(SamplingParams(temperature=1, seed=0, max_tokens=3, ignore_eos=True))
         try:
-            for prompts in ([[1, 2]], [[1, 2], [3, 4]], [[1, 2], [3, 4, 5]]):
-                self.generate(prompts, params)
+            for params in kinds:
+                for prompts in ([[1, 2]], [[1, 2], [3, 4]], [[1, 2], [3, 4, 5]]):
+                    self.generate(prompts, params)
         except Exception as e:  # torch.compile raises its backends' own exception types
             if self.compiled is None:
                 raise
             raise RuntimeError(f"compiling the decode step failed ({type(e).__name__}: {str(e)[:300]}); torch.compile "
                                f"needs a working C++ compiler (g++) on CPU. Run without compile") from e
+        self.drafted = self.accepted = 0  # the warm-up's drafts are no workload's
 
     def cancel(self, rid: int) -> bool:
         """Stop a request now and give its cache blocks back; False if it is unknown or done."""
@@ -167,8 +180,9 @@ class Engine:
         return bool(self.waiting or self.running)
 
     # ---- forwards ------------------------------------------------------------------------------
-    def _batch(self, rows: list[list[int]]) -> torch.Tensor:
-        width = max(len(r) for r in rows)
+    def _batch(self, rows: list[list[int]], width: int = 0) -> torch.Tensor:
+        """Token rows right-padded with 0 to the longest (or `width`), on the model's device."""
+        width = max(width, *(len(r) for r in rows))
         return torch.tensor([r + [0] * (width - len(r)) for r in rows], device=self.device)
 
     def _mask(self) -> torch.Tensor | None:
@@ -184,22 +198,40 @@ class Engine:
         return h
 
     def _draft(self, reqs: list[Request], hidden: list[torch.Tensor], tokens: list[list[int]], starts: list[int],
-               absorb: bool) -> None:
+               absorb: bool, width: list[int] | None = None) -> None:
         """Run the MTP module over positions starts[i]... of request i (main hidden state there and the
-        token after it) and draft each request's next-but-one token from the last of them."""
+        token after it) and draft each request's next-but-one token from the last of them.
+
+        width: run width[i] >= len(tokens[i]) positions (hidden[i] has that many rows), the extra ones
+        padding over the slots the verify step just wrote, so a compiled draft has one shape whether
+        or not the drafts were kept."""
         mtp = self.model.mtp[0]
-        T = max(len(t) for t in tokens)
+        width = width or [len(t) for t in tokens]
+        T = max(width)
         h = hidden[0].new_zeros(len(reqs), T, hidden[0].shape[-1])
         for b, x in enumerate(hidden):
             h[b, : len(x)] = x
-        self.cache.bind([r.id for r in reqs], [len(t) for t in tokens], starts=starts)
-        positions = self.cache.start_positions().to(self.device)[:, None] + torch.arange(T, device=self.device)
-        cos, sin = self.model.rope(positions, h.dtype)
-        out, _ = mtp(h, self.model.embed_tokens(self._batch(tokens)), cos, sin, self.cache, self._mask(), absorb)
+        self.cache.bind([r.id for r in reqs], width, starts=starts)
+        start = self.cache.start_positions().to(self.device)
+        if self.compiled_draft is not None and absorb:
+            write, read = self.cache.slots()
+            last = torch.tensor([len(t) - 1 for t in tokens], device=self.device)
+            logits, c_kv, k_pe = self.compiled_draft(h, self._batch(tokens, T), start, self.cache.c_kv, self.cache.k_pe,
+                                                     write, read, self._mask(), [mtp.block.self_attn.absorbed_weights()],
+                                                     last)
+            self.cache.store(c_kv, k_pe, first=mtp.block.layer_idx)
+        else:
+            cos, sin = self.model.rope(start[:, None] + torch.arange(T, device=self.device), h.dtype)
+            out, _ = mtp(h, self.model.embed_tokens(self._batch(tokens, T)), cos, sin, self.cache, self._mask(), absorb)
+            last = torch.stack([out[b, len(t) - 1] for b, t in enumerate(tokens)])
+            logits = self.model.lm_head(mtp.shared_head.norm(last))
         self.cache.commit()
-        last = torch.stack([out[b, len(t) - 1] for b, t in enumerate(tokens)])
         params = [r.params for r in reqs]
-        qs, _ = distributions(self.model.lm_head(mtp.shared_head.norm(last)), params, [r.counts for r in reqs])
+        if all(_plain_greedy(p) for p in params):  # the argmax; a one-hot q (None) is all verify needs
+            for req, token in zip(reqs, logits.argmax(-1).tolist()):
+                req.draft_q, req.draft = None, token
+            return
+        qs, _ = distributions(logits, params, [r.counts for r in reqs])
         for req, q, token in zip(reqs, qs, draws(qs, params, [r.generator for r in reqs])):
             req.draft_q, req.draft = q, token
 
@@ -233,7 +265,7 @@ class Engine:
     def _advance_all(self, reqs: list[Request], logits: torch.Tensor) -> list[Output]:
         """One token for each request from its row of logits (B, V), the whole batch in one pass."""
         params = [r.params for r in reqs]
-        if all(p.greedy and not p.presence_penalty and not p.frequency_penalty for p in params):
+        if all(_plain_greedy(p) for p in params):
             # plain greedy needs no generator: stay on the model's device, where a (B, V) copy to the
             # CPU would cost more than the step at a large vocabulary; the argmax of the logits, as
             # `distributions` takes it
@@ -296,40 +328,59 @@ class Engine:
                             [r.prompt[1:] + r.output[-1:] for _, r in live], [0] * len(live), absorb=False)
         return outputs
 
-    def _compiled_logits(self, reqs: list[Request], new: list[list[int]]) -> torch.Tensor:
-        """Next-token logits (B, V) for one new token per request through the compiled decode step and
-        head: the graph only reads the cache; the new latents it returns are stored after."""
-        self.cache.bind([r.id for r in reqs], [1] * len(reqs))
+    def _compiled_trunk(self, reqs: list[Request], new: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B, T, V) and hidden states (B, T, D) for `new[i]` fed to request i, through the compiled
+        decode step and head: the graph only reads the cache; the new latents it returns are stored after."""
+        self.cache.bind([r.id for r in reqs], [len(n) for n in new])
         write, read = self.cache.slots()
         absorbed = [layer.self_attn.absorbed_weights() for layer in self.model.layers]
-        logits, c_kv, k_pe = self.compiled(self._batch(new), self.cache.start_positions().to(self.device),
-                                           self.cache.c_kv, self.cache.k_pe, write, read, self._mask(), absorbed)
+        logits, h, c_kv, k_pe = self.compiled(self._batch(new), self.cache.start_positions().to(self.device),
+                                              self.cache.c_kv, self.cache.k_pe, write, read, self._mask(), absorbed)
         self.cache.store(c_kv, k_pe)
         self.cache.commit()
-        return logits
+        return logits, h
 
     def _decode(self, reqs: list[Request]) -> list[Output]:
         new = [r.output[-1:] for r in reqs]
         if self.compiled is not None:
-            return self._advance_all(reqs, self._compiled_logits(reqs, new))
+            return self._advance_all(reqs, self._compiled_trunk(reqs, new)[0][:, 0])
         return self._advance_all(reqs, self.model.lm_head(self._trunk(reqs, new, absorb=True)[:, 0]))
 
     def _decode_speculative(self, reqs: list[Request]) -> list[Output]:
         """One forward of [last token, draft] per request; keep the draft if the main model agrees."""
         starts = [self.cache.lengths[r.id] for r in reqs]
         new = [r.output[-1:] + ([r.draft] if self._can_draft(r) else []) for r in reqs]
-        logits = self.model.lm_head(h := self._trunk(reqs, new, absorb=True))  # (B, T, V), T <= 2
+        if self.compiled_greedy is not None and all(_plain_greedy(r.params) for r in reqs) and \
+                any(len(n) == 2 for n in new):
+            return self._greedy_speculative(reqs, new, starts)
+        if self.compiled is not None:
+            logits, h = self._compiled_trunk(reqs, new)
+        else:
+            logits = self.model.lm_head(h := self._trunk(reqs, new, absorb=True))  # (B, T, V), T <= 2
         outputs, follow = [], []  # follow: (request, batch row, tokens settled this step)
+        greedy = all(_plain_greedy(r.params) for r in reqs)
+        if greedy:  # the main model's argmax at both positions, for the whole batch at once (see _advance_all)
+            targets, target_lp = logits.argmax(-1).tolist(), logits.float().log_softmax(-1)
         for b, (req, fed) in enumerate(zip(reqs, new)):
             before = len(req.output)
-            if len(fed) == 1:
+            if greedy:  # the first target is emitted either way; the draft is kept when it is that target
+                outputs.append(self._emit(req, targets[b][0], target_lp[b, 0]))
+                if len(fed) == 2:
+                    self.drafted += 1
+                    if targets[b][0] != req.draft:
+                        self.cache.truncate(req.id, starts[b] + 1)
+                    else:
+                        self.accepted += 1
+                        if not req.finish_reason:
+                            outputs.append(self._emit(req, targets[b][1], target_lp[b, 1]))
+            elif len(fed) == 1:
                 outputs.append(self._advance(req, logits[b, 0]))
             else:
                 p, logprobs = distribution(logits[b, 0], req.params, req.counts)
                 kept = verify(req.draft, req.draft_q, p, req.params, req.generator)
                 self.drafted += 1
                 if kept is None:
-                    token = draw(residual(p, req.draft_q), req.params, req.generator)
+                    token = draw(residual(p, req.draft_q, req.draft), req.params, req.generator)
                     outputs.append(self._emit(req, token, logprobs))
                     self.cache.truncate(req.id, starts[b] + 1)
                 else:
@@ -341,8 +392,38 @@ class Engine:
             if not req.finish_reason:
                 follow.append((req, b, req.output[before:]))
         if follow:
-            self._draft([r for r, _, _ in follow], [h[b, : len(t)] for _, b, t in follow], [t for _, _, t in follow],
-                        [starts[b] for _, b, _ in follow], absorb=True)
+            # compiled, the draft runs over every position verify fed (see _draft's width)
+            width = [len(new[b]) if self.compiled_draft is not None else len(t) for _, b, t in follow]
+            self._draft([r for r, _, _ in follow], [h[b, :w] for (_, b, _), w in zip(follow, width)],
+                        [t for _, _, t in follow], [starts[b] for _, b, _ in follow], absorb=True, width=width)
+        return outputs
+
+    def _greedy_speculative(self, reqs: list[Request], new: list[list[int]], starts: list[int]) -> list[Output]:
+        """`_decode_speculative` for an all-greedy batch, compiled: verify and the next draft in one graph
+        (`Transformer.greedy_speculative_step`), then the host only emits what it settled."""
+        self.cache.bind([r.id for r in reqs], [len(n) for n in new])
+        write, read = self.cache.slots()
+        absorbed = [layer.self_attn.absorbed_weights() for layer in self.model.layers]
+        absorbed.append(self.model.mtp[0].block.self_attn.absorbed_weights())
+        drafts = torch.tensor([n[1] if len(n) == 2 else -1 for n in new], device=self.device)
+        logprobs, targets, kept, draft, c_kv, k_pe = self.compiled_greedy(
+            self._batch(new), drafts,
+            self.cache.start_positions().to(self.device), self.cache.c_kv, self.cache.k_pe, write, read,
+            self._mask(), absorbed)
+        self.cache.store(c_kv, k_pe)
+        self.cache.commit()
+        outputs = []
+        for b, (req, fed, target, keep, guess) in enumerate(zip(reqs, new, targets.tolist(), kept.tolist(),
+                                                               draft.tolist())):
+            outputs.append(self._emit(req, target[0], logprobs[b, 0]))
+            if len(fed) == 2:
+                self.drafted += 1
+                self.accepted += keep
+                if keep and not req.finish_reason:
+                    outputs.append(self._emit(req, target[1], logprobs[b, 1]))
+            if not keep:
+                self.cache.truncate(req.id, starts[b] + 1)
+            req.draft, req.draft_q = (None if req.finish_reason else guess), None
         return outputs
 
     @torch.no_grad()
@@ -393,6 +474,11 @@ class Engine:
                 if out.finish_reason:
                     done[out.id] = requests[out.id]
         return [done[i] for i in ids]
+
+
+def _plain_greedy(params: SamplingParams) -> bool:
+    """Greedy without penalties: the argmax of the model's logits, no generator or counts needed."""
+    return params.greedy and not params.presence_penalty and not params.frequency_penalty
 
 
 def _top(logprobs: torch.Tensor, k: int) -> list[tuple[int, float]]:

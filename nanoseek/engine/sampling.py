@@ -145,15 +145,16 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     return token, float(logprobs[token])
 
 
-def verify(draft: int, q: torch.Tensor, p: torch.Tensor, params: SamplingParams,
+def verify(draft: int, q: torch.Tensor | None, p: torch.Tensor, params: SamplingParams,
            generator: torch.Generator | None = None) -> int | None:
     """Speculative sampling (Leviathan et al. 2023): keep a draft token drawn from q with probability
-    min(1, p/q); None means rejected, and the caller draws from `residual(p, q)` instead.
+    min(1, p/q); None means rejected, and the caller draws from `residual(p, q)` instead. q None: the
+    draft was greedy (q one-hot on it).
 
     The tokens that come out are distributed exactly as p; with greedy p and q (one-hot) the draft is
     kept exactly when it is the target's argmax.
     """
-    ratio = float(p[draft]) / max(float(q[draft]), 1e-30)
+    ratio = float(p[draft]) / (1.0 if q is None else max(float(q[draft]), 1e-30))
     if ratio >= 1:
         return draft
     if ratio == 0:
@@ -162,8 +163,11 @@ def verify(draft: int, q: torch.Tensor, p: torch.Tensor, params: SamplingParams,
     return draft if u < ratio else None
 
 
-def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """norm(max(p - q, 0)): what to draw from after a rejection."""
+def residual(p: torch.Tensor, q: torch.Tensor | None, draft: int | None = None) -> torch.Tensor:
+    """norm(max(p - q, 0)): what to draw from after a rejection. q None: one-hot on `draft`."""
+    if q is None:
+        q = torch.zeros_like(p)
+        q[draft] = 1.0
     r = (p - q).clamp_(min=0)
     total = r.sum()
     return r / total if total > 0 else p
