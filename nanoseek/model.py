@@ -627,7 +627,7 @@ class Transformer(nn.Module):
         a draft is kept when it is the first. The MTP module then runs over both positions with the
         targets as the tokens that follow (a kept draft is its first target; after a rejection only
         the first position counts) and drafts from the last settled one. Returns the main model's
-        log-probabilities (B, 2, V), targets (B, 2), kept (B,), next drafts (B,), and the new latents
+        log-probabilities (B, 2, V), targets (B, 2), next drafts (B,), and the new latents
         (layers + 1, B*2, C) and roped keys for every cache layer, MTP included, to store at `write`.
         absorbed: the main layers' absorbed weights, then the MTP block's.
         """
@@ -637,7 +637,7 @@ class Transformer(nn.Module):
         kept = targets[:, 0] == drafts
         draft, c_mtp, k_mtp = self.draft_logits(h, targets, start_pos, c_cache, k_cache, write, read, mask,
                                                 absorbed[-1:], kept.long())
-        return (logits.float().log_softmax(-1), targets, kept, draft.argmax(-1), torch.cat((c_kv, c_mtp)),
+        return (logits.float().log_softmax(-1), targets, draft.argmax(-1), torch.cat((c_kv, c_mtp)),
                 torch.cat((k_pe, k_mtp)))
 
     def forward(self, input_ids: torch.Tensor, start_pos: int | torch.Tensor = 0, cache=None, mask=None,

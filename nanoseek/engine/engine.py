@@ -197,30 +197,26 @@ class Engine:
         self.cache.commit()
         return h
 
-    def _draft(self, reqs: list[Request], hidden: list[torch.Tensor], tokens: list[list[int]], starts: list[int],
+    def _draft(self, reqs: list[Request], hidden: torch.Tensor, tokens: list[list[int]], starts: list[int],
                absorb: bool, width: list[int] | None = None) -> None:
-        """Run the MTP module over positions starts[i]... of request i (main hidden state there and the
-        token after it) and draft each request's next-but-one token from the last of them.
+        """Run the MTP module over positions starts[i]... of request i (main hidden state there, row i
+        of hidden (B, >= T, D), and the token after it) and draft each request's next-but-one token
+        from the last of them.
 
-        width: run width[i] >= len(tokens[i]) positions (hidden[i] has that many rows), the extra ones
-        padding over the slots the verify step just wrote, so a compiled draft has one shape whether
-        or not the drafts were kept."""
+        width: run width[i] >= len(tokens[i]) positions, the extra ones padding over the slots the
+        verify step just wrote, so a compiled draft has one shape whether or not the drafts were kept."""
         mtp = self.model.mtp[0]
         width = width or [len(t) for t in tokens]
         T = max(width)
-        h = hidden[0].new_zeros(len(reqs), T, hidden[0].shape[-1])
-        for b, x in enumerate(hidden):
-            h[b, : len(x)] = x
+        h = hidden[:, :T]  # positions past a row's tokens are padding: written to scratch, masked
         self.cache.bind([r.id for r in reqs], width, starts=starts)
-        start = self.cache.start_positions().to(self.device)
         if self.compiled_draft is not None and absorb:
-            write, read = self.cache.slots()
             last = torch.tensor([len(t) - 1 for t in tokens], device=self.device)
-            logits, c_kv, k_pe = self.compiled_draft(h, self._batch(tokens, T), start, self.cache.c_kv, self.cache.k_pe,
-                                                     write, read, self._mask(), [mtp.block.self_attn.absorbed_weights()],
-                                                     last)
+            logits, c_kv, k_pe = self.compiled_draft(h, self._batch(tokens, T), *self._bound(),
+                                                     [mtp.block.self_attn.absorbed_weights()], last)
             self.cache.store(c_kv, k_pe, first=mtp.block.layer_idx)
         else:
+            start = self.cache.start_positions().to(self.device)
             cos, sin = self.model.rope(start[:, None] + torch.arange(T, device=self.device), h.dtype)
             out, _ = mtp(h, self.model.embed_tokens(self._batch(tokens, T)), cos, sin, self.cache, self._mask(), absorb)
             last = torch.stack([out[b, len(t) - 1] for b, t in enumerate(tokens)])
@@ -324,18 +320,26 @@ class Engine:
         if self.speculative:
             live = [(b, r) for b, r in enumerate(reqs) if not r.finish_reason]
             if live:
-                self._draft([r for _, r in live], [h[b, : len(r.prompt)] for b, r in live],
+                self._draft([r for _, r in live], h[[b for b, _ in live]],
                             [r.prompt[1:] + r.output[-1:] for _, r in live], [0] * len(live), absorb=False)
         return outputs
+
+    def _bound(self) -> tuple:
+        """A compiled graph's inputs for the bound forward: start positions, the cache pools, the write and
+        read slots, the mask."""
+        write, read = self.cache.slots()
+        return (self.cache.start_positions().to(self.device), self.cache.c_kv, self.cache.k_pe, write, read,
+                self._mask())
+
+    def _absorbed(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each main layer's absorbed attention weights (cached until a weight changes)."""
+        return [layer.self_attn.absorbed_weights() for layer in self.model.layers]
 
     def _compiled_trunk(self, reqs: list[Request], new: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, T, V) and hidden states (B, T, D) for `new[i]` fed to request i, through the compiled
         decode step and head: the graph only reads the cache; the new latents it returns are stored after."""
         self.cache.bind([r.id for r in reqs], [len(n) for n in new])
-        write, read = self.cache.slots()
-        absorbed = [layer.self_attn.absorbed_weights() for layer in self.model.layers]
-        logits, h, c_kv, k_pe = self.compiled(self._batch(new), self.cache.start_positions().to(self.device),
-                                              self.cache.c_kv, self.cache.k_pe, write, read, self._mask(), absorbed)
+        logits, h, c_kv, k_pe = self.compiled(self._batch(new), *self._bound(), self._absorbed())
         self.cache.store(c_kv, k_pe)
         self.cache.commit()
         return logits, h
@@ -350,29 +354,20 @@ class Engine:
         """One forward of [last token, draft] per request; keep the draft if the main model agrees."""
         starts = [self.cache.lengths[r.id] for r in reqs]
         new = [r.output[-1:] + ([r.draft] if self._can_draft(r) else []) for r in reqs]
-        if self.compiled_greedy is not None and all(_plain_greedy(r.params) for r in reqs) and \
-                any(len(n) == 2 for n in new):
+        greedy = all(_plain_greedy(r.params) for r in reqs)
+        if greedy and self.compiled_greedy is not None and any(len(n) == 2 for n in new):
             return self._greedy_speculative(reqs, new, starts)
         if self.compiled is not None:
             logits, h = self._compiled_trunk(reqs, new)
         else:
             logits = self.model.lm_head(h := self._trunk(reqs, new, absorb=True))  # (B, T, V), T <= 2
         outputs, follow = [], []  # follow: (request, batch row, tokens settled this step)
-        greedy = all(_plain_greedy(r.params) for r in reqs)
         if greedy:  # the main model's argmax at both positions, for the whole batch at once (see _advance_all)
             targets, target_lp = logits.argmax(-1).tolist(), logits.float().log_softmax(-1)
         for b, (req, fed) in enumerate(zip(reqs, new)):
             before = len(req.output)
-            if greedy:  # the first target is emitted either way; the draft is kept when it is that target
-                outputs.append(self._emit(req, targets[b][0], target_lp[b, 0]))
-                if len(fed) == 2:
-                    self.drafted += 1
-                    if targets[b][0] != req.draft:
-                        self.cache.truncate(req.id, starts[b] + 1)
-                    else:
-                        self.accepted += 1
-                        if not req.finish_reason:
-                            outputs.append(self._emit(req, targets[b][1], target_lp[b, 1]))
+            if greedy:
+                outputs += self._settle_greedy(req, fed, targets[b], target_lp[b], starts[b])
             elif len(fed) == 1:
                 outputs.append(self._advance(req, logits[b, 0]))
             else:
@@ -394,36 +389,41 @@ class Engine:
         if follow:
             # compiled, the draft runs over every position verify fed (see _draft's width)
             width = [len(new[b]) if self.compiled_draft is not None else len(t) for _, b, t in follow]
-            self._draft([r for r, _, _ in follow], [h[b, :w] for (_, b, _), w in zip(follow, width)],
-                        [t for _, _, t in follow], [starts[b] for _, b, _ in follow], absorb=True, width=width)
+            self._draft([r for r, _, _ in follow], h[[b for _, b, _ in follow]], [t for _, _, t in follow],
+                        [starts[b] for _, b, _ in follow], absorb=True, width=width)
         return outputs
 
     def _greedy_speculative(self, reqs: list[Request], new: list[list[int]], starts: list[int]) -> list[Output]:
         """`_decode_speculative` for an all-greedy batch, compiled: verify and the next draft in one graph
         (`Transformer.greedy_speculative_step`), then the host only emits what it settled."""
         self.cache.bind([r.id for r in reqs], [len(n) for n in new])
-        write, read = self.cache.slots()
-        absorbed = [layer.self_attn.absorbed_weights() for layer in self.model.layers]
-        absorbed.append(self.model.mtp[0].block.self_attn.absorbed_weights())
         drafts = torch.tensor([n[1] if len(n) == 2 else -1 for n in new], device=self.device)
-        logprobs, targets, kept, draft, c_kv, k_pe = self.compiled_greedy(
-            self._batch(new), drafts,
-            self.cache.start_positions().to(self.device), self.cache.c_kv, self.cache.k_pe, write, read,
-            self._mask(), absorbed)
+        absorbed = self._absorbed() + [self.model.mtp[0].block.self_attn.absorbed_weights()]
+        logprobs, targets, draft, c_kv, k_pe = self.compiled_greedy(self._batch(new), drafts, *self._bound(),
+                                                                     absorbed)
         self.cache.store(c_kv, k_pe)
         self.cache.commit()
         outputs = []
-        for b, (req, fed, target, keep, guess) in enumerate(zip(reqs, new, targets.tolist(), kept.tolist(),
-                                                               draft.tolist())):
-            outputs.append(self._emit(req, target[0], logprobs[b, 0]))
-            if len(fed) == 2:
-                self.drafted += 1
-                self.accepted += keep
-                if keep and not req.finish_reason:
-                    outputs.append(self._emit(req, target[1], logprobs[b, 1]))
-            if not keep:
-                self.cache.truncate(req.id, starts[b] + 1)
+        for b, (req, fed, target, guess) in enumerate(zip(reqs, new, targets.tolist(), draft.tolist())):
+            outputs += self._settle_greedy(req, fed, target, logprobs[b], starts[b])
             req.draft, req.draft_q = (None if req.finish_reason else guess), None
+        return outputs
+
+    def _settle_greedy(self, req: Request, fed: list[int], target: list[int], logprobs: torch.Tensor,
+                       start: int) -> list[Output]:
+        """Settle a greedy request's verify of `fed` ([last token] or [last token, draft]) at cache
+        position `start`, from the main model's argmax at each position and its log-probabilities
+        (T, V): the first target is emitted either way; a draft equal to it is kept and the second
+        target follows, otherwise the draft's slot is rolled back."""
+        outputs = [self._emit(req, target[0], logprobs[0])]
+        if len(fed) == 2:
+            self.drafted += 1
+            if target[0] == fed[1]:
+                self.accepted += 1
+                if not req.finish_reason:
+                    outputs.append(self._emit(req, target[1], logprobs[1]))
+            else:
+                self.cache.truncate(req.id, start + 1)
         return outputs
 
     @torch.no_grad()
