@@ -11,16 +11,18 @@ results land in OUT/gpu_check.json.
    engine's greedy tokens on cuda (continuous batching, 6 ragged prompts, 3 running at a time)
    against the CPU engine's, the compiled decode step's (torch.compile, Triton kernels) and
    transformers' `DeepseekV3ForCausalLM.generate` on cuda; with --spec-model, MTP speculative
-   greedy == plain greedy on cuda, and its speed-up.
+   greedy == plain greedy on cuda, eager and compiled, and its speed-up in each.
 2. Every training stage on the GPU: `nanoseek speedrun --quick --distill` end to end (pretrain with
    bf16 autocast, SFT, GRPO with engine rollouts, eval, distillation), then `torchrun
    --nproc_per_node=1 -m nanoseek pretrain` on the speedrun's tokens (the NCCL process group).
-3. Numbers: benchmarks/engine_speed.py on cuda (fp32 and bf16) and the speedrun's stage times.
+3. Numbers: benchmarks/engine_speed.py on cuda (fp32 and bf16), benchmarks/grpo_speed.py on cuda
+   (needs `pip install trl`) and the speedrun's stage times.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -124,28 +126,33 @@ def same_computation(d: Path, spec_model: str | None) -> None:
                 "ok": same == len(PROMPTS)}
 
     if spec_model:
-        @check("speculative greedy == plain greedy on cuda (trained model)")
-        def _():
-            model = load_model(spec_model).to(DEVICE, torch.float32).eval()
-            mtok = Tokenizer.load(spec_model)
-            from nanoseek.data.tasks import TASKS
-            prompts = [p.prompt + "\n" for name in TASKS for p in TASKS[name].problems("test", 4)]
-            params = SamplingParams(temperature=0, max_tokens=128)
-            timing = {}
-            for kind in ("plain", "speculative"):
-                engine = Engine(model, mtok, max_running=1, speculative=kind == "speculative")
-                engine.generate(prompts[:1], params)  # warm-up
-                t = time.perf_counter()
-                timing[kind] = (engine.generate(prompts, params), time.perf_counter() - t)
-                if kind == "speculative":
-                    acceptance = engine.acceptance_rate
-            plain, spec = timing["plain"][0], timing["speculative"][0]
-            same = sum(a.output == b.output for a, b in zip(plain, spec))
-            tokens = sum(len(r.output) for r in plain)
-            return {"sequences_equal": f"{same}/{len(prompts)}", "acceptance": round(acceptance, 3),
-                    "plain_tok_s": round(tokens / timing["plain"][1], 1),
-                    "speculative_tok_s": round(tokens / timing["speculative"][1], 1),
-                    "speedup": round(timing["plain"][1] / timing["speculative"][1], 2), "ok": same == len(prompts)}
+        for compiled in (False, True):
+            @check(f"speculative greedy == plain greedy on cuda, {'compiled' if compiled else 'eager'} (trained model)")
+            def _():
+                model = load_model(spec_model).to(DEVICE, torch.float32).eval()
+                mtok = Tokenizer.load(spec_model)
+                from nanoseek.data.tasks import TASKS
+                prompts = [p.prompt + "\n" for name in TASKS for p in TASKS[name].problems("test", 4)]
+                params = SamplingParams(temperature=0, max_tokens=128)
+                timing, compile_s = {}, {}
+                for kind in ("plain", "speculative"):
+                    t = time.perf_counter()
+                    engine = Engine(model, mtok, max_running=1, speculative=kind == "speculative", compile=compiled)
+                    engine.warm_up()  # compiled: the graphs (the greedy fused step, the sampled verify and draft)
+                    engine.generate(prompts[:1], params)
+                    compile_s[kind] = round(time.perf_counter() - t, 1)
+                    t = time.perf_counter()
+                    timing[kind] = (engine.generate(prompts, params), time.perf_counter() - t)
+                    if kind == "speculative":
+                        acceptance = engine.acceptance_rate
+                plain, spec = timing["plain"][0], timing["speculative"][0]
+                same = sum(a.output == b.output for a, b in zip(plain, spec))
+                tokens = sum(len(r.output) for r in plain)
+                return {"sequences_equal": f"{same}/{len(prompts)}", "acceptance": round(acceptance, 3),
+                        "plain_tok_s": round(tokens / timing["plain"][1], 1),
+                        "speculative_tok_s": round(tokens / timing["speculative"][1], 1),
+                        "speedup": round(timing["plain"][1] / timing["speculative"][1], 2),
+                        "warm_up_seconds": compile_s, "ok": same == len(prompts)}
 
 
 def run(cmd: list[str], log: Path, timeout: int) -> subprocess.CompletedProcess:
@@ -189,6 +196,14 @@ def speed(out: Path, spec_model: str | None) -> None:
             run(cmd, out / f"engine_speed_{dtype}.log", timeout=300)
             return {"lines": [line for line in (out / f"engine_speed_{dtype}.log").read_text().splitlines()
                               if "tok/s" in line]}
+
+    @check("grpo_speed.py on cuda (nanoseek vs TRL's GRPOTrainer)")
+    def _():
+        if importlib.util.find_spec("trl") is None:  # not a nanoseek dependency
+            return {"skipped": "TRL is not installed here: pip install trl, then rerun", "ok": False}
+        run([sys.executable, str(here / "grpo_speed.py"), "--device", DEVICE], out / "grpo_speed.log", timeout=420)
+        return {"lines": [line for line in (out / "grpo_speed.log").read_text().splitlines()
+                          if "s/step" in line or "ratio" in line or "by part" in line]}
 
 
 def main() -> None:
