@@ -151,7 +151,9 @@ class MLA(nn.Module):
 
         Query: (H*(C+R), q_in) giving per head [W_UK^T q_nope | q_pe], so scores against the latent
         need no per-head keys. Output: (D, H*C), o_proj after W_UV, applied to the attention-weighted
-        latents. Built once and reused until a weight changes (training bumps their versions).
+        latents. Built once and reused until a weight changes (training bumps their versions; torch's fused
+        AdamW does not, so a loop that updates the weights with it and generates in between must not
+        use `fused=True`).
         """
         c = self.cfg
         q_w = self.q_proj.weight if c.q_lora_rank is None else self.q_b_proj.weight

@@ -268,6 +268,8 @@ def main(args) -> int:
         ref.requires_grad_(False)
         if saved and cfg.ref_refresh and saved["trainer"]["step"] % cfg.ref_refresh == 0:
             ref.load_state_dict(policy.state_dict())  # stopped between a refresh's checkpoint and its reference
+    # not fused=True (35 -> 13 ms a step for `small`): torch's fused AdamW writes the weights without bumping
+    # their version counters, which the engine's absorbed-weights cache (MLA.absorbed_weights) keys on
     optim = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     engine = Engine(policy, tok, max_running=args.max_running or args.prompts * args.group, compile=args.compile)
     if args.compile:
