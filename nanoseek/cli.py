@@ -162,7 +162,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 COMPILE_HELP = ("compile the decode step with torch.compile (needs g++): compiling takes from ~20 s (tiny) to a "
                 "minute or two (small) at start, then decoding is 1.9-3.6x faster (the README's last benchmark "
-                "run); with --speculative the verify and draft steps are compiled too (small: ~3 minutes)")
+                "run); with --speculative the verify and draft steps are compiled too (small: ~4 minutes)")
 
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}

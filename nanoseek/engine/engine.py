@@ -112,6 +112,10 @@ class Engine:
             # the symbolic shape guards every call checks (batch, context and pool sizes), in C++ rather than
             # Python: `tiny` at batch 1 decoded 9-31% faster, three alternating runs (docs/engine.md)
             dynamo.enable_cpp_symbolic_shape_guards = True
+            # no "duck" sizing (one symbol for sizes that happen to be equal when traced): warm_up's 4-token
+            # context met `small`'s 4 heads and the graph was compiled twice, the first one specialised on it
+            import torch.fx.experimental._config as fx_config
+            fx_config.use_duck_shape = False
             self.compiled = torch.compile(model.decode_logits, dynamic=True, options=options)
             if speculative:
                 self.compiled_draft = torch.compile(model.draft_logits, dynamic=True, options=options)
@@ -152,9 +156,10 @@ class Engine:
         stalling its first requests; raises RuntimeError, saying what to do, when compiling fails."""
         if self.has_work():
             raise RuntimeError("warm_up: the engine already has requests")
-        kinds = [SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)]
+        # 5 tokens: speculative, after the first verify (1 or 2 tokens) a request always drafts again
+        kinds = [SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)]
         if self.speculative:  # sampled batches verify and draft through graphs of their own
-            kinds.append(SamplingParams(temperature=1, seed=0, max_tokens=3, ignore_eos=True))
+            kinds.append(SamplingParams(temperature=1, seed=0, max_tokens=5, ignore_eos=True))
         try:
             for params in kinds:
                 for prompts in ([[1, 2]], [[1, 2], [3, 4]], [[1, 2], [3, 4, 5]]):
