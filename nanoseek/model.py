@@ -558,6 +558,14 @@ class Transformer(nn.Module):
         angles = positions.float()[..., None] * self.inv_freq
         return (angles.cos() * self.rope_magnitude).to(dtype), (angles.sin() * self.rope_magnitude).to(dtype)
 
+    def rope_from(self, start_pos: int | torch.Tensor, T: int, dtype: torch.dtype):
+        """`rope` for T consecutive positions from start_pos: one int for the batch, or a (B,) tensor per
+        sequence."""
+        device = self.inv_freq.device
+        if isinstance(start_pos, torch.Tensor):
+            return self.rope(start_pos.to(device)[:, None] + torch.arange(T, device=device), dtype)  # (B, T)
+        return self.rope(torch.arange(start_pos, start_pos + T, device=device), dtype)
+
     def trunk(self, input_ids, start_pos: int | torch.Tensor = 0, cache=None, mask=None, absorb=False):
         """Embed and run the main layers; returns the final-normed hidden (B, T, D) and router stats.
 
@@ -565,13 +573,8 @@ class Transformer(nn.Module):
         sequence (e.g. negative by the padding of left-padded prompts). mask: (B, 1, T, S) bool,
         True where a query may attend a key; None means causal with queries at the end of the keys.
         """
-        T = input_ids.shape[1]
         h = self.embed_tokens(input_ids)
-        if isinstance(start_pos, torch.Tensor):
-            positions = start_pos.to(h.device)[:, None] + torch.arange(T, device=h.device)  # (B, T)
-        else:
-            positions = torch.arange(start_pos, start_pos + T, device=h.device)
-        cos, sin = self.rope(positions, h.dtype)
+        cos, sin = self.rope_from(start_pos, input_ids.shape[1], h.dtype)
         stats = []
         for layer in self.layers:
             h, s = layer(h, cos, sin, cache, mask, absorb)
@@ -592,8 +595,7 @@ class Transformer(nn.Module):
         `write`: a graph that wrote into the pools would copy them whole.
         """
         h = self.embed_tokens(input_ids)
-        positions = start_pos[:, None] + torch.arange(input_ids.shape[1], device=h.device)
-        cos, sin = self.rope(positions, h.dtype)
+        cos, sin = self.rope_from(start_pos, input_ids.shape[1], h.dtype)
         h, c_kv, k_pe = _over_cache(self.layers, h, cos, sin, c_cache, k_cache, write, read, mask, absorbed)
         return self.norm(h), c_kv, k_pe
 
@@ -613,8 +615,7 @@ class Transformer(nn.Module):
         num_hidden_layers."""
         mtp = self.mtp[0]
         h = mtp.eh_proj(torch.cat((mtp.enorm(self.embed_tokens(input_ids)), mtp.hnorm(hidden)), -1))
-        positions = start_pos[:, None] + torch.arange(input_ids.shape[1], device=h.device)
-        cos, sin = self.rope(positions, h.dtype)
+        cos, sin = self.rope_from(start_pos, input_ids.shape[1], h.dtype)
         h, c_kv, k_pe = _over_cache([mtp.block], h, cos, sin, c_cache, k_cache, write, read, mask, absorbed)
         h = h.gather(1, last[:, None, None].expand(-1, 1, h.shape[-1]))[:, 0]
         return self.lm_head(mtp.shared_head.norm(h)), c_kv, k_pe

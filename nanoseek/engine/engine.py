@@ -104,18 +104,7 @@ class Engine:
         self.compiled = self.compiled_draft = self.compiled_greedy = None
         if compile:
             options = {"cpp_wrapper": True} if self.device.type == "cpu" else None
-            # each model, batch shape (one sequence or several; one or two new tokens) and mask case is a
-            # graph of its own, guarded on the same code: past dynamo's default 8 it would silently run
-            # eagerly (a process that compiles for several models, e.g. a speedrun or the tests)
-            dynamo = torch._dynamo.config
-            dynamo.recompile_limit = max(dynamo.recompile_limit, 64)
-            # the symbolic shape guards every call checks (batch, context and pool sizes), in C++ rather than
-            # Python: `tiny` at batch 1 decoded 9-31% faster, three alternating runs (docs/engine.md)
-            dynamo.enable_cpp_symbolic_shape_guards = True
-            # no "duck" sizing (one symbol for sizes that happen to be equal when traced): warm_up's 4-token
-            # context met `small`'s 4 heads and the graph was compiled twice, the first one specialised on it
-            import torch.fx.experimental._config as fx_config
-            fx_config.use_duck_shape = False
+            _configure_compiler()
             self.compiled = torch.compile(model.decode_logits, dynamic=True, options=options)
             if speculative:
                 self.compiled_draft = torch.compile(model.draft_logits, dynamic=True, options=options)
@@ -224,8 +213,7 @@ class Engine:
                                                      [mtp.block.self_attn.absorbed_weights()], last)
             self.cache.store(c_kv, k_pe, first=mtp.block.layer_idx)
         else:
-            start = self.cache.start_positions().to(self.device)
-            cos, sin = self.model.rope(start[:, None] + torch.arange(T, device=self.device), h.dtype)
+            cos, sin = self.model.rope_from(self.cache.start_positions(), T, h.dtype)
             out, _ = mtp(h, self.model.embed_tokens(self._batch(tokens, T)), cos, sin, self.cache, self._mask(), absorb)
             last = torch.stack([out[b, len(t) - 1] for b, t in enumerate(tokens)])
             logits = self.model.lm_head(mtp.shared_head.norm(last))
@@ -482,6 +470,22 @@ class Engine:
                 if out.finish_reason:
                     done[out.id] = requests[out.id]
         return [done[i] for i in ids]
+
+
+def _configure_compiler() -> None:
+    """Process-wide torch.compile settings the engine's graphs need (set by a compiling Engine)."""
+    dynamo = torch._dynamo.config
+    # each model, batch shape (one sequence or several; one or two new tokens) and mask case is a graph
+    # of its own, guarded on the same code: past dynamo's default 8 it would silently run eagerly (a
+    # process that compiles for several models, e.g. a speedrun or the tests)
+    dynamo.recompile_limit = max(dynamo.recompile_limit, 64)
+    # the symbolic shape guards every call checks (batch, context and pool sizes), in C++ rather than
+    # Python: `tiny` at batch 1 decoded 9-31% faster, three alternating runs (docs/engine.md)
+    dynamo.enable_cpp_symbolic_shape_guards = True
+    # no "duck" sizing (one symbol for sizes that happen to be equal when traced): warm_up's 4-token
+    # context met `small`'s 4 heads and the graph was compiled twice, the first one specialised on it
+    import torch.fx.experimental._config as fx_config
+    fx_config.use_duck_shape = False
 
 
 def _plain_greedy(params: SamplingParams) -> bool:
