@@ -344,10 +344,14 @@ class Experts(nn.Module):
         weights through the index in one fused loop, so only the routed experts' bytes move. Measured
         per `small` MoE layer, compiled: 1.8x faster than `dense` at 1 token, 2x at 16-128 tokens, and
         1.1x (128 tokens) to 3.9x (16) faster than the eager sorted path; eagerly the indexing copies
-        the weights first, which makes it the slowest path there."""
+        the weights first, which makes it the slowest path there.
+
+        Written as products and sums rather than matmuls over the indexed weights: compiled, that read
+        1.04x (rollouts of 32), 1.07x (batch 16) and 1.29x (batch 1) as many `small` tokens a second in
+        one process alternating the two forms five times (medians; docs/engine.md)."""
         xs = x.to(compute_dtype(x))
-        gate, up = (self.gate_up_proj[indices] @ xs[:, None, :, None]).squeeze(-1).chunk(2, -1)  # (N, K, I)
-        y = (self.down_proj[indices] @ (F.silu(gate) * up)[..., None]).squeeze(-1)  # (N, K, D)
+        gate, up = (xs[:, None, None, :] * self.gate_up_proj[indices]).sum(-1).chunk(2, -1)  # (N, K, I)
+        y = ((F.silu(gate) * up)[..., None, :] * self.down_proj[indices]).sum(-1)  # (N, K, D)
         return (y * weights[..., None].to(y.dtype)).sum(1).to(x.dtype)
 
     def _few_tokens(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
