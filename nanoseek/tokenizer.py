@@ -148,6 +148,13 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    @property
+    def decodes_bytes(self) -> bool:
+        """Whether decoding joins the tokens' bytes and reads them as UTF-8 (a byte-level decoder, as every
+        tokenizer nanoseek trains has): then the text of a sequence is the text of a prefix that ends on
+        a whole character followed by the text of the rest, so a stream can decode only what is new."""
+        return isinstance(self.tk.decoder, decoders.ByteLevel)
+
     def token_bytes(self, token: int) -> bytes:
         """The raw bytes one token stands for (part of a UTF-8 character, possibly): what the
         OpenAI API's `bytes` fields report, where the decoded text would show U+FFFD."""

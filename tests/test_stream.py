@@ -48,3 +48,36 @@ def test_held_back_text_waits_for_the_next_token():
     out = [stream.push(t) for t in BYTES.encode("xEN")]
     assert "".join(out) == "x"  # "EN" might become "END"
     assert stream.push(BYTES.encode("d")[0]) == "ENd"
+
+
+class WholeDecode:
+    """The tokenizer decoding the whole sequence at every token: what the stream did before it decoded
+    only the new ids, and the reference for it."""
+
+    decodes_bytes = False
+
+    def __init__(self, tok):
+        self.decode = tok.decode
+
+
+@pytest.mark.parametrize("vocab", ["bytes", "trained"])
+def test_decoding_only_new_ids_streams_what_the_whole_sequence_decodes(vocab):
+    """Random ids: split multi-byte characters, invalid bytes, special tokens in between. The stream
+    that decodes only what follows the last whole character hands out the same deltas, at the same
+    tokens, as one that decodes everything each time, with and without a stop string."""
+    import random
+
+    tok = BYTES if vocab == "bytes" else Tokenizer.train(["héllo wörld 中文 😀 ok\n" * 50, "answer: 42\n" * 50], 300)
+    assert tok.decodes_bytes
+    rng = random.Random(0)
+    for trial in range(60):
+        ids = [rng.randrange(tok.vocab_size) for _ in range(rng.randrange(1, 120))]
+        stop = [rng.choice(["", "a", "ö", "\ufffd", "😀", "<think>x"])]
+        ours, ref = TextStream(tok, stop), TextStream(WholeDecode(tok), stop)
+        for t in ids:
+            assert ours.push(t) == ref.push(t), (trial, ids)
+            assert ours.stopped == ref.stopped
+        assert ours.finish() == ref.finish()
+        assert ours.text == ref.text
+        if not ref.stopped:
+            assert ours.text == tok.decode(ids)

