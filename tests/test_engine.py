@@ -276,7 +276,7 @@ def test_speculative_decode_fills_the_cache_like_plain_decode(trained, compile, 
         h, _ = trained.trunk(torch.tensor([ids]))
         cos, sin = trained.rope(torch.arange(len(ids)), h.dtype)
         trained.mtp[0](h, trained.embed_tokens(torch.tensor([ids[1:] + req.output[-1:]])), cos, sin, full)
-    slots = engine.cache._slots(rid, len(ids))
+    slots = engine.cache._slots([rid], [len(ids)])[0]
     for layer in range(L + 1):
         torch.testing.assert_close(engine.cache.c_kv[layer, slots], full.c_kv[layer][0, : len(ids)],
                                    atol=1e-5, rtol=1e-4)

@@ -18,7 +18,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.nn.utils.rnn import pad_sequence
 
 from ..config import ModelConfig
 
@@ -55,7 +54,6 @@ class PagedLatentCache:
         self.tables: dict[object, list[int]] = {}
         self.lengths: dict[object, int] = {}
         self._batch = None
-        self._slot_rows: dict[object, tuple[int, torch.Tensor]] = {}  # seq -> (blocks, their slots)
 
     # ---- sequences -------------------------------------------------------------------------
     def add(self, seq_id) -> None:
@@ -67,7 +65,6 @@ class PagedLatentCache:
         """Give every block of a finished or cancelled sequence back to the pool, at once."""
         self.free_blocks += reversed(self.tables.pop(seq_id))
         del self.lengths[seq_id]
-        self._slot_rows.pop(seq_id, None)
 
     def blocks_needed(self, seq_id, new_tokens: int, start: int | None = None) -> int:
         have = len(self.tables[seq_id]) * self.block_size
@@ -93,17 +90,19 @@ class PagedLatentCache:
         """
         advance = starts is None
         starts = [self.lengths[s] for s in seq_ids] if starts is None else list(starts)
-        need = sum(self.blocks_needed(s, n, p) for s, n, p in zip(seq_ids, new_tokens, starts))
-        if need > len(self.free_blocks):
-            raise CacheFull(f"the KV cache needs {need} more blocks of {self.block_size} tokens but has "
+        needs = [self.blocks_needed(s, n, p) for s, n, p in zip(seq_ids, new_tokens, starts)]
+        if sum(needs) > len(self.free_blocks):
+            raise CacheFull(f"the KV cache needs {sum(needs)} more blocks of {self.block_size} tokens but has "
                             f"{len(self.free_blocks)} free; finish or cancel sequences, or build a larger cache")
-        for s, n, p in zip(seq_ids, new_tokens, starts):
-            for _ in range(self.blocks_needed(s, n, p)):
+        for s, need in zip(seq_ids, needs):
+            for _ in range(need):
                 self.tables[s].append(self.free_blocks.pop())
-        slots = [self._slots(s, p + n) for s, n, p in zip(seq_ids, new_tokens, starts)]
-        read = pad_sequence(slots, batch_first=True, padding_value=self.scratch)  # (B, S)
-        write = pad_sequence([row[p:] for row, p in zip(slots, starts)], batch_first=True,
-                             padding_value=self.scratch)  # (B, T)
+        ends = [p + n for p, n in zip(starts, new_tokens)]
+        read = self._slots(seq_ids, ends)  # (B, S)
+        T = max(new_tokens)
+        at = torch.tensor(starts)[:, None] + torch.arange(T)  # (B, T) where each new token lands
+        fed = torch.arange(T) < torch.tensor(new_tokens)[:, None]
+        write = torch.where(fed, read.gather(1, at.clamp(max=read.shape[1] - 1)), self.scratch)  # (B, T)
         S = read.shape[1]
         first = int(read[0, 0])
         contiguous = len(seq_ids) == 1 and bool((read[0] == torch.arange(first, first + S)).all())
@@ -111,16 +110,16 @@ class PagedLatentCache:
         self._batch = _Plan(list(seq_ids), list(new_tokens), starts, write.flatten().to(device), read.to(device),
                             advance, slice(first, first + S) if contiguous else None)
 
-    def _slots(self, seq_id, n: int) -> torch.Tensor:
-        """The first n cache slots of a sequence, from its block table (kept between forwards: a decode
-        step rebuilds a sequence's slots only when it got a new block)."""
-        table = self.tables[seq_id]
-        known = self._slot_rows.get(seq_id)
-        if known is None or known[0] != len(table):
-            blocks = torch.tensor(table, dtype=torch.long)
-            known = (len(table), (blocks[:, None] * self.block_size + torch.arange(self.block_size)).flatten())
-            self._slot_rows[seq_id] = known
-        return known[1][:n]
+    def _slots(self, seq_ids: list, ends: list[int]) -> torch.Tensor:
+        """(B, max(ends)): the first ends[b] cache slots of each sequence, from its block table, then the
+        scratch slot. A few tensor ops for the whole batch (a row per sequence, sliced and padded one by
+        one, took ~0.7 ms a decode step at 32 sequences)."""
+        S, size = max(ends), self.block_size
+        n = -(-S // size)
+        tables = [self.tables[s][:n] for s in seq_ids]
+        blocks = torch.tensor([t + [0] * (n - len(t)) for t in tables])  # (B, n)
+        slots = (blocks[:, :, None] * size + torch.arange(size)).flatten(1)[:, :S]
+        return torch.where(torch.arange(S) < torch.tensor(ends)[:, None], slots, self.scratch)
 
     def start_positions(self) -> torch.Tensor:
         """(B,) the position of each sequence's first new token."""
