@@ -1,5 +1,7 @@
 """Streaming detokenisation: UTF-8 safe deltas, stop strings never leaked even across tokens."""
 
+import random
+
 import pytest
 
 from nanoseek.engine.stream import TextStream
@@ -65,8 +67,6 @@ def test_decoding_only_new_ids_streams_what_the_whole_sequence_decodes(vocab):
     """Random ids: split multi-byte characters, invalid bytes, special tokens in between. The stream
     that decodes only what follows the last whole character hands out the same deltas, at the same
     tokens, as one that decodes everything each time, with and without a stop string."""
-    import random
-
     tok = BYTES if vocab == "bytes" else Tokenizer.train(["héllo wörld 中文 😀 ok\n" * 50, "answer: 42\n" * 50], 300)
     assert tok.decodes_bytes
     rng = random.Random(0)

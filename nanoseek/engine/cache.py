@@ -99,11 +99,10 @@ class PagedLatentCache:
                 self.tables[s].append(self.free_blocks.pop())
         ends = [p + n for p, n in zip(starts, new_tokens)]
         read = self._slots(seq_ids, ends)  # (B, S)
-        T = max(new_tokens)
+        S, T = read.shape[1], max(new_tokens)
         at = torch.tensor(starts)[:, None] + torch.arange(T)  # (B, T) where each new token lands
         fed = torch.arange(T) < torch.tensor(new_tokens)[:, None]
-        write = torch.where(fed, read.gather(1, at.clamp(max=read.shape[1] - 1)), self.scratch)  # (B, T)
-        S = read.shape[1]
+        write = torch.where(fed, read.gather(1, at.clamp(max=S - 1)), self.scratch)  # (B, T)
         first = int(read[0, 0])
         contiguous = len(seq_ids) == 1 and bool((read[0] == torch.arange(first, first + S)).all())
         device = self.c_kv.device  # the slot indices live beside the pools they index (one copy per step)
