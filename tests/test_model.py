@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek import LatentCache, Transformer, preset
-from nanoseek.model import MoE, route
+from nanoseek.model import FEW_ROWS, MoE, linear, route
 
 
 def test_logits_shape(tiny_model):
@@ -128,6 +128,23 @@ def test_moe_inference_paths_equal_the_training_path(tokens, path):
         weights, indices, _ = moe.gate(flat)
         assert torch.allclose(moe.experts.gathered(flat, weights, indices),
                               moe.experts.dense(flat, weights, indices), atol=1e-5)
+
+
+@pytest.mark.parametrize("rows,dynamic,in_graph", [(1, False, True), (2, False, True), (FEW_ROWS, False, True),
+                                                  (FEW_ROWS + 1, False, False), (2, True, False)])
+def test_compiled_linear_takes_the_in_graph_loop_only_for_few_known_rows(rows, dynamic, in_graph):
+    """`linear` in a compiled no-grad graph: as products and sums (no matmul call in the generated code)
+    when the rows are few and known when tracing, F.linear's matmul otherwise (more rows, or a batch
+    dimension traced as symbolic); the same numbers either way, and under autograd always F.linear."""
+    from torch._inductor.utils import run_and_get_code
+    torch.manual_seed(0)
+    x, w = torch.randn(rows, 48), torch.randn(96, 48)
+    fn = torch.compile(lambda x, w: linear(x, w) * 2, dynamic=dynamic)
+    with torch.no_grad():
+        out, code = run_and_get_code(fn, x, w)
+    assert torch.allclose(out, 2 * F.linear(x, w), atol=1e-5)
+    assert ("mm(" not in "\n".join(code)) == in_graph
+    assert torch.equal(linear(x, w), F.linear(x, w))  # eager: always F.linear
 
 
 def test_balance_loss_matches_formula():
