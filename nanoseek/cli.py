@@ -161,7 +161,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 COMPILE_HELP = ("compile the decode step with torch.compile (needs g++): compiling takes from ~20 s (tiny) to a "
-                "minute or two (small) at start, then decoding is 1.6-2.8x faster (the README's last benchmark "
+                "minute or two (small) at start, then decoding is 1.7-3.9x faster (the README's last benchmark "
                 "run); with --speculative the verify and draft steps are compiled too (small: ~4 minutes)")
 
 
