@@ -161,8 +161,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 COMPILE_HELP = ("compile the decode step with torch.compile (needs g++): compiling takes from ~20 s (tiny) to a "
-                "minute or two (small) at start, then decoding is 1.7-3.9x faster (the README's last benchmark "
-                "run); with --speculative the verify and draft steps are compiled too (small: ~4 minutes)")
+                "minute or two (small) at start, then decoding is 1.7-3.9x faster (the README's engine "
+                "table); with --speculative the verify and draft steps are compiled too (small: ~4 minutes)")
 
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}

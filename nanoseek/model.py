@@ -45,12 +45,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x (..., in) @ weight (out, in)^T, the projection every dense layer of the model runs through.
 
     In a compiled inference graph on the CPU whose x has at most FEW_ROWS rows, known when tracing
-    (the engine's decode step at batch 1: one row, or two when verifying a draft), written as
-    products and sums, which inductor turns into a vectorised loop inside the graph (split across
-    the cores by output at one row, by row at more) instead of an MKL call. In-graph, `small`'s
-    4,096 x 256 head: 97 vs 159 us at one row, 130 vs 266 at two, 271 vs 374 at four; at eight rows
-    and more the GEMM wins (docs/engine.md). Training, eager code and batched decoding (rows not
-    known when tracing) take F.linear.
+    (the engine's decode step at batch 1: one row, or two when verifying a draft; dynamo
+    specialises a batch of 1, and `_over_cache`'s loop over the new tokens makes T a constant),
+    written as products and sums, which inductor turns into a vectorised loop inside the graph
+    (split across the cores by output at one row, by row at more) instead of an MKL call. In-graph,
+    `small`'s 4,096 x 256 head: 97 vs 159 us at one row, 130 vs 266 at two, 271 vs 374 at four; at
+    eight rows and more the GEMM wins (docs/engine.md). Training, eager code and batched decoding
+    (the engine compiles with dynamic shapes, so a batch of 2 or more is symbolic) take F.linear.
     """
     if (torch.compiler.is_compiling() and not torch.is_grad_enabled() and x.device.type == "cpu"
             and statically_known_true(x.numel() <= FEW_ROWS * x.shape[-1])):

@@ -130,20 +130,25 @@ def test_moe_inference_paths_equal_the_training_path(tokens, path):
                               moe.experts.dense(flat, weights, indices), atol=1e-5)
 
 
-@pytest.mark.parametrize("rows,dynamic,in_graph", [(1, False, True), (2, False, True), (FEW_ROWS, False, True),
-                                                  (FEW_ROWS + 1, False, False), (2, True, False)])
-def test_compiled_linear_takes_the_in_graph_loop_only_for_few_known_rows(rows, dynamic, in_graph):
-    """`linear` in a compiled no-grad graph: as products and sums (no matmul call in the generated code)
-    when the rows are few and known when tracing, F.linear's matmul otherwise (more rows, or a batch
-    dimension traced as symbolic); the same numbers either way, and under autograd always F.linear."""
+@pytest.mark.parametrize("shape,dynamic,grad,in_graph", [
+    ((1, 48), False, False, True), ((2, 48), False, False, True), ((FEW_ROWS, 48), False, False, True),
+    ((1, 2, 48), False, False, True),  # (B, T, D) as the model passes it
+    ((FEW_ROWS + 1, 48), False, False, False), ((2, 48), True, False, False), ((1, 48), False, True, False)])
+def test_compiled_linear_takes_the_in_graph_loop_only_for_few_known_rows(shape, dynamic, grad, in_graph):
+    """`linear` in a compiled graph: as products and sums (a fused loop, no matmul call in the
+    generated code) when the rows are few and known when tracing and nothing needs gradients;
+    F.linear's matmul otherwise (more rows, a batch dimension traced as symbolic, or autograd). The
+    same numbers either way; eagerly always F.linear."""
     from torch._inductor.utils import run_and_get_code
     torch.manual_seed(0)
-    x, w = torch.randn(rows, 48), torch.randn(96, 48)
+    x, w = torch.randn(*shape), torch.randn(96, 48, requires_grad=grad)
     fn = torch.compile(lambda x, w: linear(x, w) * 2, dynamic=dynamic)
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         out, code = run_and_get_code(fn, x, w)
+    code = "\n".join(code)
+    assert "cpp_fused" in code  # the generated code came back (the * 2 at least is a fused kernel)
     assert torch.allclose(out, 2 * F.linear(x, w), atol=1e-5)
-    assert ("mm(" not in "\n".join(code)) == in_graph
+    assert ("mm(" not in code) == in_graph
     assert torch.equal(linear(x, w), F.linear(x, w))  # eager: always F.linear
 
 
