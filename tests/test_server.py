@@ -251,6 +251,66 @@ def test_malformed_bodies_auth_and_limits(server):
     assert server.health()["status"] == "ok"  # still serving after all of it
 
 
+LONE = "\ud800"  # json.dumps writes it as the escape \ud800: legal JSON, but not valid Unicode text
+SURROGATES = [  # (path, body changes, the field the error names)
+    ("chat", {"messages": [{"role": "user", "content": LONE}]}, "messages[0].content"),
+    ("chat", {"messages": [{"role": "user", "content": "a" + LONE}], "stream": True}, "messages[0].content"),
+    ("chat", {"messages": [{"role": "system", "content": LONE}] + CHAT}, "messages[0].content"),
+    ("chat", {"messages": CHAT + [{"role": "assistant", "content": "ok", "reasoning_content": LONE}]},
+     "messages[1].reasoning_content"),
+    ("chat", {"messages": [{"role": "user", "content": [{"type": "text", "text": LONE}]}]},
+     "messages[0].content[0].text"),
+    ("chat", {"messages": [{"role": "user", "content": "hi", "name": LONE}]}, "messages[0].name"),
+    ("chat", {"messages": [{"role": LONE, "content": "hi"}]}, "messages[0].role"),
+    ("chat", {"stop": LONE}, "stop"),
+    ("chat", {"stop": ["ok", LONE]}, "stop"),
+    ("chat", {"model": LONE}, "model"),
+    ("chat", {"user": LONE}, "user"),
+    ("chat", {"tools": [{"type": "function", "function": {"name": LONE}}]}, "tools[0].function.name"),
+    ("chat", {LONE: 1}, None),  # a field name: the error names the body
+    ("completions", {"prompt": LONE}, "prompt"),
+    ("completions", {"prompt": ["ok", "x" + LONE]}, "prompt[1]"),
+    ("completions", {"stop": LONE}, "stop"),
+    ("completions", {"stop": [LONE]}, "stop"),
+    ("completions", {"suffix": LONE}, "suffix"),
+    ("completions", {"model": LONE, "stream": True}, "model"),
+]
+
+
+@pytest.mark.parametrize("path, change, param", SURROGATES)
+def test_lone_surrogates_are_rejected_naming_the_field(server, path, change, param):
+    body = ({"model": "m", "messages": CHAT, "max_tokens": 4} if path == "chat"
+            else {"model": "m", "prompt": "hi", "max_tokens": 4})
+    body.update(change)
+    raw = json.dumps(body)
+    assert "\\ud800" in raw
+    r = httpx.post(f"{server.url}/v1/{'chat/completions' if path == 'chat' else 'completions'}", content=raw,
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert r.status_code == 400 and r.headers["content-type"] == "application/json", r.text
+    error = r.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error"
+    assert (param or "the body") in error["message"] and "surrogate" in error["message"]
+
+
+def test_text_outside_the_bmp_is_served(server):
+    auth = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    text = "\U0001F600 \u4f60\u597d \U0001D11E"  # an emoji, CJK, a musical symbol: two surrogate pairs
+    for ensure_ascii in (True, False):  # as escaped surrogate pairs, and as raw UTF-8
+        msgs = [{"role": "system", "content": text}, {"role": "user", "content": [{"type": "text", "text": text}]}]
+        r = httpx.post(f"{server.url}/v1/chat/completions", headers=auth, content=json.dumps(
+            {"model": "m", "messages": msgs, "max_tokens": 2, "stop": [text], "user": text}, ensure_ascii=ensure_ascii))
+        assert r.status_code == 200, r.text
+        want = TOK.render_chat([{"role": "system", "content": text}, {"role": "user", "content": text}],
+                               add_generation_prompt=True)[0]
+        assert r.json()["usage"]["prompt_tokens"] == len(want)  # the text arrived whole
+        r = httpx.post(f"{server.url}/v1/completions", headers=auth, content=json.dumps(
+            {"model": "m", "prompt": [text, "a" + text], "max_tokens": 2, "stop": text, "echo": True},
+            ensure_ascii=ensure_ascii))
+        assert r.status_code == 200, r.text
+        assert [c["text"].startswith(p) for c, p in zip(r.json()["choices"], [text, "a" + text])] == [True, True]
+        assert r.json()["usage"]["prompt_tokens"] == len(TOK.encode(text)) * 2 + 1
+
+
 def test_admission_control_turns_the_overflow_away(model_dir):
     s = Server(model_dir, "--max-running", "1", "--max-queue", "1", "--quiet")
     try:

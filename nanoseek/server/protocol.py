@@ -3,6 +3,8 @@
 Bodies are pydantic models, so FastAPI publishes them in /openapi.json; every rule a model cannot
 state (stop lists, top_logprobs without logprobs, ...) is checked here and raised as `APIError`
 naming the parameter. Unknown fields are accepted and ignored, as OpenAI-compatible servers do.
+Every string in a body, field names and ignored fields included, must be valid Unicode: JSON can
+escape a lone surrogate (`"\\ud800"`), which no tokenizer or UTF-8 response can carry.
 """
 
 from __future__ import annotations
@@ -103,6 +105,39 @@ def chat_messages(req: ChatRequest) -> list[dict]:
             content = m.content or ""
         out.append({"role": ROLES[m.role], "content": content})
     return out
+
+
+def not_unicode(param: str | None) -> APIError:
+    """The error for a string holding a lone surrogate, naming where it is (None: a field name at the top)."""
+    return APIError(400, f"{param or 'the body'} is not valid Unicode text: it holds a lone surrogate (an unpaired "
+                         "\\ud800-\\udfff escape); send characters outside the BMP as a surrogate pair "
+                         "(\\ud83d\\ude00) or as UTF-8", param)
+
+
+def check_unicode(req: _Body) -> None:
+    """Raise `not_unicode` for the first string in the body, or field name, holding a lone surrogate."""
+    todo = [(req.model_dump(), "")]  # a stack, not recursion: ignored fields may nest deeply
+    while todo:
+        value, path = todo.pop()
+        if isinstance(value, str):
+            if not _is_unicode(value):
+                raise not_unicode(path or None)
+        elif isinstance(value, dict):
+            if not all(_is_unicode(key) for key in value):  # the key cannot be named in the reply
+                raise not_unicode(path or None)
+            todo += reversed([(v, f"{path}.{k}" if path else k) for k, v in value.items()
+                              if isinstance(v, (str, dict, list))])
+        elif isinstance(value, list):
+            todo += reversed([(v, f"{path}[{i}]") for i, v in enumerate(value) if isinstance(v, (str, dict, list))])
+
+
+def _is_unicode(text: str) -> bool:
+    # a str from JSON fails to encode only where it holds a surrogate
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def sampling(req: _Body, max_tokens: int, n: int, logprobs: bool = False, top_logprobs: int = 0,

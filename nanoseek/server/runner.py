@@ -57,8 +57,8 @@ class EngineRunner:
 
     def run(self) -> None:
         """Run the engine on the calling thread until stop(). `nanoseek serve` does this on the main
-        thread and serves HTTP from another: PyTorch's OpenMP workers measured 2.4x slower when
-        driven from a secondary thread (a batch-16 `small` decode: 444 vs 1,084 tokens/s)."""
+        thread and serves HTTP from another: PyTorch's OpenMP workers run much slower when driven
+        from a secondary thread (docs/server.md)."""
         self._run()
 
     def stop(self) -> None:
