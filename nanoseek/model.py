@@ -45,13 +45,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x (..., in) @ weight (out, in)^T, the projection every dense layer of the model runs through.
 
     In a compiled inference graph on the CPU whose x has at most FEW_ROWS rows, known when tracing
-    (the engine's decode step at batch 1: one row, or two when verifying a draft; dynamo
-    specialises a batch of 1, and `_over_cache`'s loop over the new tokens makes T a constant),
-    written as products and sums, which inductor turns into a vectorised loop inside the graph
-    (split across the cores by output at one row, by row at more) instead of an MKL call. In-graph,
-    `small`'s 4,096 x 256 head: 97 vs 159 us at one row, 130 vs 266 at two, 271 vs 374 at four; at
-    eight rows and more the GEMM wins (docs/engine.md). Training, eager code and batched decoding
-    (the engine compiles with dynamic shapes, so a batch of 2 or more is symbolic) take F.linear.
+    (the engine's compiled decode step at batch 1: one row, or two when verifying a draft; dynamo
+    specialises a batch of 1), written as products and sums, which inductor turns into a vectorised
+    loop inside the graph instead of a BLAS call whose small-M path is slow; past a few rows the GEMM
+    wins (docs/engine.md). Training, eager code and batched decoding (the engine compiles with
+    dynamic shapes, so a batch of 2 or more is symbolic) take F.linear. This is the model's one
+    concession to the compiled engine: every projection goes through it, so it cannot live there.
     """
     if (torch.compiler.is_compiling() and not torch.is_grad_enabled() and x.device.type == "cpu"
             and statically_known_true(x.numel() <= FEW_ROWS * x.shape[-1])):
@@ -332,15 +331,13 @@ class Experts(nn.Module):
         its own tokens; no expert ever sees a token not routed to it."""
         N, K = indices.shape
         D = x.shape[-1]
-        if not torch.is_grad_enabled() and N * K < len(counts):  # decoding a few tokens: visit each pair
-            return self._few_tokens(x, weights, indices)
         order = indices.flatten().argsort(stable=True)  # (N*K,) slots sorted by expert
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(N * K, device=x.device)
         # cast before copying K times: fewer elements to convert under autocast
         slots = x.to(compute_dtype(x)).unsqueeze(1).expand(N, K, D).reshape(N * K, D)
         # split and unbind once: slicing per expert would make backward fill a full-size zero
-        # gradient for every expert (measured: 42% of a `small` training step)
+        # gradient for every expert
         segments = PermuteRows.apply(slots, order, inverse).split(counts)  # E tensors (n_e, D)
         gate_up, down = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
         outs = []
@@ -351,49 +348,6 @@ class Experts(nn.Module):
             outs.append((F.silu(gate) * up) @ w2.T)
         y = PermuteRows.apply(torch.cat(outs), inverse, order).view(N, K, D)  # back in slot order
         y = torch.bmm(weights.unsqueeze(1).to(y.dtype), y).squeeze(1)  # sum_k g_k * FFN_k(x)
-        return y.to(x.dtype)
-
-    def dense_pays(self, pairs: int) -> bool:
-        """Inference over about as many (token, expert) pairs as experts (within 4x either way): running
-        every expert on every token in two batched matmuls beats per-expert dispatch. Measured on
-        `small` (16 experts, 4 per token): 1.2-1.6x faster for 1-16 tokens, slower from 32."""
-        E = self.gate_up_proj.shape[0]
-        return not torch.is_grad_enabled() and E <= 4 * pairs <= 16 * E
-
-    def dense(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """x (N, D) -> (N, D): every expert on every token, each output scaled by its routing weight
-        (0 for experts not chosen), so the sum is the same as routing the token to its K experts."""
-        xs = x.to(compute_dtype(x))
-        mix = torch.zeros(x.shape[0], self.gate_up_proj.shape[0], dtype=xs.dtype, device=x.device)
-        mix = mix.scatter(1, indices, weights.to(xs.dtype))  # (N, E)
-        gate, up = torch.matmul(xs, self.gate_up_proj.mT).chunk(2, dim=-1)  # (E, N, I) each
-        y = torch.bmm(F.silu(gate) * up, self.down_proj.mT)  # (E, N, D)
-        return (y * mix.T[:, :, None]).sum(0).to(x.dtype)
-
-    def gathered(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """x (N, D) -> (N, D): each token through the weights of its own K experts, indexed per (token,
-        expert) pair. For compiled inference (the engine's decode graph): inductor reads the chosen
-        weights through the index in one fused loop, so only the routed experts' bytes move. Measured
-        per `small` MoE layer, compiled: 1.8x faster than `dense` at 1 token, 2x at 16-128 tokens, and
-        1.1x (128 tokens) to 3.9x (16) faster than the eager sorted path; eagerly the indexing copies
-        the weights first, which makes it the slowest path there.
-
-        Written as products and sums rather than matmuls over the indexed weights: compiled, that read
-        1.04x (rollouts of 32), 1.07x (batch 16) and 1.29x (batch 1) as many `small` tokens a second in
-        one process alternating the two forms five times (medians; docs/engine.md)."""
-        xs = x.to(compute_dtype(x))
-        gate, up = (xs[:, None, None, :] * self.gate_up_proj[indices]).sum(-1).chunk(2, -1)  # (N, K, I)
-        y = ((F.silu(gate) * up)[..., None, :] * self.down_proj[indices]).sum(-1)  # (N, K, D)
-        return (y * weights[..., None].to(y.dtype)).sum(1).to(x.dtype)
-
-    def _few_tokens(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """Inference over fewer (token, expert) pairs than experts: no sorting, only the chosen weights."""
-        xs = x.to(compute_dtype(x))
-        y = torch.zeros_like(xs)
-        for n, (row, g) in enumerate(zip(indices.tolist(), weights.to(xs.dtype))):
-            for k, e in enumerate(row):
-                gate, up = (xs[n] @ self.gate_up_proj[e].T).chunk(2, dim=-1)
-                y[n] += g[k] * ((F.silu(gate) * up) @ self.down_proj[e].T)
         return y.to(x.dtype)
 
 
@@ -420,33 +374,16 @@ class MoE(nn.Module):
                                if cfg.n_shared_experts > 0 else None)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
-        y, indices, scores = self._run(x)
-        counts = torch.bincount(indices.flatten(), minlength=self.cfg.n_routed_experts)
-        return y, RouterStats(self, counts, scores, indices)
-
-    def mix(self, x: torch.Tensor) -> torch.Tensor:
-        """forward's output without the router statistics, for inference."""
-        return self._run(x)[0]
-
-    def _run(self, x: torch.Tensor):
-        """x (B, T, D) -> output (B, T, D), expert indices (B, T, K), gate scores (B, T, E)."""
+        """x (B, T, D) -> output (B, T, D) and the router's statistics. (The engine's inference paths
+        over few tokens are in engine/decode.py.)"""
         B, T, D = x.shape
         flat = x.reshape(B * T, D)
         weights, indices, scores = self.gate(flat)
-        if torch.compiler.is_compiling() and not torch.is_grad_enabled():
-            y = self.experts.gathered(flat, weights, indices)
-        elif self.experts.dense_pays(indices.numel()):
-            y = self.experts.dense(flat, weights, indices)
-        else:
-            y = self._routed(flat, weights, indices)
-        y = y.view(B, T, D)
+        counts = torch.bincount(indices.flatten(), minlength=self.cfg.n_routed_experts)
+        y = self.experts(flat, weights, indices, counts.tolist()).view(B, T, D)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
-        return y, indices.view(B, T, -1), scores.view(B, T, -1)
-
-    def _routed(self, flat: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        counts = torch.bincount(indices.flatten(), minlength=self.cfg.n_routed_experts)
-        return self.experts(flat, weights, indices, counts.tolist())
+        return y, RouterStats(self, counts, scores.view(B, T, -1), indices.view(B, T, -1))
 
     def balance_loss(self, scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """V3 eq. 17-20: f_i = E/(K T) * #tokens of the sequence routed to i; P_i = mean_t s'_{i,t}."""
@@ -512,8 +449,8 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     Rows are processed in chunks; each chunk's softmax gradient is turned into grad_h and
     grad_W at once (the logits never leave cache). Same result as
-    F.cross_entropy(h @ W^T, targets, ignore_index=-100); measured 1.3-1.7x faster than it for
-    a `small` step's head under bf16 autocast, and vocab/hidden times less activation memory.
+    F.cross_entropy(h @ W^T, targets, ignore_index=-100), faster (docs/benchmarks.md), and with
+    vocab/hidden times less activation memory.
     """
 
     @staticmethod
@@ -618,67 +555,6 @@ class Transformer(nn.Module):
                 stats.append(s)
         return self.norm(h), stats
 
-    def decode_step(self, input_ids, start_pos, c_cache, k_cache, write, read, mask, absorbed):
-        """T new tokens per sequence over a paged latent cache, as a pure function of tensors (the
-        engine's decode and speculative verify; each compiles to one graph). Same result as
-        `trunk(..., cache, absorb=True)`.
-
-        input_ids (B, T) at positions start_pos (B,) on; c_cache (layers, slots, C) and k_cache (layers,
-        slots, R) the cache pools, read-only here; write (B*T,) each new token's slot; read (B, S) each
-        sequence's context slots, the new tokens' included; mask (B, 1, T, S) or None (causal);
-        absorbed: each layer's `absorbed_weights()`. Returns the final-normed hidden (B, T, D) and the
-        new latents (layers, B*T, C) and roped keys (layers, B*T, R) for the caller to store at
-        `write`: a graph that wrote into the pools would copy them whole.
-        """
-        h = self.embed_tokens(input_ids)
-        cos, sin = self.rope_from(start_pos, input_ids.shape[1], h.dtype)
-        h, c_kv, k_pe = _over_cache(self.layers, h, cos, sin, c_cache, k_cache, write, read, mask, absorbed)
-        return self.norm(h), c_kv, k_pe
-
-    def decode_logits(self, input_ids, start_pos, c_cache, k_cache, write, read, mask, absorbed):
-        """`decode_step` and the head: logits (B, T, V), the hidden (B, T, D) and the new latents, one
-        graph when compiled (the head is ~10% of a `small` step at batch 1; outside the graph it is
-        its own call)."""
-        h, c_kv, k_pe = self.decode_step(input_ids, start_pos, c_cache, k_cache, write, read, mask, absorbed)
-        return self.lm_head(h), h, c_kv, k_pe
-
-    def draft_logits(self, hidden, input_ids, start_pos, c_cache, k_cache, write, read, mask, absorbed, last):
-        """The first MTP module over T positions per sequence as a pure function of tensors, like
-        `decode_step` (the engine's compiled speculative draft): hidden (B, T, D) the main model's
-        final-normed hidden states there, input_ids (B, T) the token after each. Returns the MTP
-        head's logits (B, V) at position `last` (B,) of each row (the next-but-one token's draft) and
-        the MTP layer's new latents (1, B*T, C) and roped keys (1, B*T, R), for cache layer
-        num_hidden_layers."""
-        mtp = self.mtp[0]
-        h = mtp.eh_proj(torch.cat((mtp.enorm(self.embed_tokens(input_ids)), mtp.hnorm(hidden)), -1))
-        cos, sin = self.rope_from(start_pos, input_ids.shape[1], h.dtype)
-        h, c_kv, k_pe = _over_cache([mtp.block], h, cos, sin, c_cache, k_cache, write, read, mask, absorbed)
-        h = h.gather(1, last[:, None, None].expand(-1, 1, h.shape[-1]))[:, 0]
-        return self.lm_head(mtp.shared_head.norm(h)), c_kv, k_pe
-
-    def greedy_speculative_step(self, input_ids, drafts, start_pos, c_cache, k_cache, write, read, mask, absorbed):
-        """A whole greedy speculative step as one pure function (one compiled graph, one sync after):
-        verify and draft.
-
-        input_ids (B, 2): each sequence's last token and its draft (any token where drafts is -1);
-        drafts (B,): the draft, or -1 for a sequence that drafted none (its second position is
-        padding, written to scratch). The main model's argmax at both positions are the targets;
-        a draft is kept when it is the first. The MTP module then runs over both positions with the
-        targets as the tokens that follow (a kept draft is its first target; after a rejection only
-        the first position counts) and drafts from the last settled one. Returns the main model's
-        log-probabilities (B, 2, V), targets (B, 2), next drafts (B,), and the new latents
-        (layers + 1, B*2, C) and roped keys for every cache layer, MTP included, to store at `write`.
-        absorbed: the main layers' absorbed weights, then the MTP block's.
-        """
-        logits, h, c_kv, k_pe = self.decode_logits(input_ids, start_pos, c_cache, k_cache, write, read, mask,
-                                                   absorbed[:-1])
-        targets = logits.argmax(-1)  # (B, 2)
-        kept = targets[:, 0] == drafts
-        draft, c_mtp, k_mtp = self.draft_logits(h, targets, start_pos, c_cache, k_cache, write, read, mask,
-                                                absorbed[-1:], kept.long())
-        return (logits.float().log_softmax(-1), targets, draft.argmax(-1), torch.cat((c_kv, c_mtp)),
-                torch.cat((k_pe, k_mtp)))
-
     def forward(self, input_ids: torch.Tensor, start_pos: int | torch.Tensor = 0, cache=None, mask=None,
                 absorb: bool = False) -> torch.Tensor:
         """Logits (B, T, vocab). With a cache, `input_ids` continue the cached context at `start_pos`."""
@@ -715,33 +591,6 @@ class Transformer(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-
-def _over_cache(blocks, h, cos, sin, c_cache, k_cache, write, read, mask, absorbed):
-    """Run `blocks` (absorbed attention) over h (B, T, D) whose tokens continue the contexts that `read`
-    (B, S) gathers from the cache pools; the new tokens' latents overlay their `write` (B*T,) slots in
-    the gathered context rather than being written into the pools. Returns h and the new latents
-    (len(blocks), B*T, C) and roped keys (len(blocks), B*T, R)."""
-    B, T = h.shape[:2]
-    S = read.shape[1]
-    slots = write.view(B, T)
-    fresh = [(read == slots[:, t, None])[..., None] for t in range(T)]  # (B, S, 1): where token t lands
-    new_c, new_k = [], []
-    for layer, weights in zip(blocks, absorbed):
-        attn = layer.self_attn
-        x = layer.input_layernorm(h)
-        c_kv, k_pe = attn.latents(x, cos, sin)  # (B, T, C), (B, T, R)
-        new_c.append(c_kv.flatten(0, 1))
-        new_k.append(k_pe.flatten(0, 1))
-        context_c = c_cache[layer.layer_idx].index_select(0, read.flatten()).view(B, S, -1).to(c_kv.dtype)
-        context_k = k_cache[layer.layer_idx].index_select(0, read.flatten()).view(B, S, -1).to(k_pe.dtype)
-        for t, where in enumerate(fresh):
-            context_c = torch.where(where, c_kv[:, t, None], context_c)
-            context_k = torch.where(where, k_pe[:, t, None], context_k)
-        h = h + attn.absorbed(x, cos, sin, context_c, context_k, mask, weights)
-        x = layer.post_attention_layernorm(h)
-        h = h + (layer.mlp.mix(x) if isinstance(layer.mlp, MoE) else layer.mlp(x))
-    return h, torch.stack(new_c), torch.stack(new_k)
 
 
 class LatentCache:

@@ -5,6 +5,7 @@ import torch
 
 from nanoseek import Transformer, preset
 from nanoseek.checkpoint import resolve_device
+from nanoseek.engine import decode
 from nanoseek.engine.engine import Engine
 from nanoseek.engine.sampling import SamplingParams
 from nanoseek.tokenizer import Tokenizer
@@ -166,7 +167,7 @@ def test_compiled_decode_equals_eager(model, tmp_path, capsys):
             [r.output for r in eager.generate(PROMPTS, GREEDY)])
     # more sequences than the dense MoE path takes eagerly (the sorted path there; the gathered one compiled)
     many, params = [f"{i} + {i * 7} =" for i in range(20)], SamplingParams(temperature=0, max_tokens=3)
-    assert not model.layers[1].mlp.experts.dense_pays(20 * model.cfg.num_experts_per_tok)
+    assert not decode.dense_pays(model.layers[1].mlp.experts, 20 * model.cfg.num_experts_per_tok)
     assert ([r.output for r in Engine(model, TOK, max_running=20, compile=True).generate(many, params)] ==
             [r.output for r in Engine(model, TOK, max_running=20).generate(many, params)])
     save_model(model, tmp_path / "m", extra_files=TOK.files())
@@ -205,7 +206,7 @@ def test_speculative_greedy_equals_plain_greedy(which, trained, model):
 
 def test_compiled_speculative_greedy_equals_plain_greedy(trained, tmp_path, capsys):
     """compile=True with speculative=True: an all-greedy batch verifies and drafts in one compiled graph
-    (Transformer.greedy_speculative_step); greedy output is still plain greedy's, with requests
+    (decode.greedy_speculative_step); greedy output is still plain greedy's, with requests
     joining and leaving, the same drafts are kept as eagerly, and every block comes back. The CLI
     does the same."""
     from nanoseek import save_model

@@ -107,29 +107,6 @@ def test_moe_equals_slow_per_token_reference(scoring):
     assert torch.equal(stats.counts, torch.bincount(indices.flatten(), minlength=cfg.n_routed_experts))
 
 
-@pytest.mark.parametrize("tokens,path", [(1, "few"), (3, "few"), (15, "dense"), (100, "sorted")])
-def test_moe_inference_paths_equal_the_training_path(tokens, path):
-    """Eager inference picks per-pair dispatch, all-experts-dense or sorted by how many (token, expert)
-    pairs there are; every path, and the compiled graph's gathered one, gives the training path's output."""
-    cfg = preset("tiny", n_routed_experts=32, n_group=4, topk_group=2)  # 2 experts per token
-    torch.manual_seed(3)
-    moe = MoE(cfg)
-    for p in moe.parameters():
-        torch.nn.init.normal_(p, std=0.2)
-    x = torch.randn(1, tokens, cfg.hidden_size)
-    want, _ = moe(x)  # grad enabled: always the sorted path
-    with torch.no_grad():
-        pairs = tokens * cfg.num_experts_per_tok
-        assert moe.experts.dense_pays(pairs) == (path == "dense")
-        assert (4 * pairs < cfg.n_routed_experts) == (path == "few")
-        assert torch.allclose(moe.mix(x), want, atol=1e-5)
-        assert torch.allclose(moe(x)[0], want, atol=1e-5)
-        flat = x[0]  # the compiled decode graph's path (per-pair gathered weights) gives the same
-        weights, indices, _ = moe.gate(flat)
-        assert torch.allclose(moe.experts.gathered(flat, weights, indices),
-                              moe.experts.dense(flat, weights, indices), atol=1e-5)
-
-
 @pytest.mark.parametrize("shape,dynamic,grad,in_graph", [
     ((1, 48), False, False, True), ((2, 48), False, False, True), ((FEW_ROWS, 48), False, False, True),
     ((1, 2, 48), False, False, True),  # (B, T, D) as the model passes it

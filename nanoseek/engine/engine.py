@@ -22,13 +22,14 @@ the token after it for free, or rolls the rejected draft out of the cache. The M
 layer is cached in the same blocks (cache layer num_hidden_layers) and is fed the positions the
 main model has just settled. `engine.acceptance_rate` counts drafts kept.
 
-Compiled (`Engine(..., compile=True)`, then `warm_up()`): decode steps run
-`Transformer.decode_logits` (the decode step and the head), a pure function of the cache pools and
-slot tensors, through torch.compile; the engine stores the new latents it returns. Speculative
-steps of an all-greedy batch run verify and the next draft as one graph
-(`Transformer.greedy_speculative_step`); otherwise they verify through the decode graph (two
-tokens a sequence) and draft through a second one (`Transformer.draft_logits`, the MTP module and
-its head), with sampling and speculative-sampling acceptance on the host. Prefill stays eager.
+The forward passes are engine/decode.py's: eagerly `decode.trunk` and `decode.mtp_hidden` (the
+model's layers with MoE paths for few tokens). Compiled (`Engine(..., compile=True)`, then
+`warm_up()`): decode steps run `decode.decode_logits` (the decode step and the head), a pure
+function of the cache pools and slot tensors, through torch.compile; the engine stores the new
+latents it returns. Speculative steps of an all-greedy batch run verify and the next draft as one
+graph (`decode.greedy_speculative_step`); otherwise they verify through the decode graph (two
+tokens a sequence) and draft through a second one (`decode.draft_logits`, the MTP module and its
+head), with sampling and speculative-sampling acceptance on the host. Prefill stays eager.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import torch
 
 from ..model import Transformer
 from ..tokenizer import Tokenizer
+from . import decode
 from .cache import PagedLatentCache
 from .sampling import SamplingParams, distribution, distributions, draw, draws, residual, verify
 from .stream import TextStream
@@ -98,17 +100,21 @@ class Engine:
         self.running: dict[int, Request] = {}
         self.ids = itertools.count()
         self.drafted = self.accepted = 0
-        # compiled, decode steps run Transformer.decode_logits as one graph (and speculative drafts
-        # Transformer.draft_logits); eagerly the trunk over the cache is faster (it reads a lone
-        # sequence's context as a view; measured 2-16%)
+        # compiled, decode steps run decode.decode_logits as one graph (and speculative drafts
+        # decode.draft_logits); eagerly decode.trunk over the cache is faster (it reads a lone
+        # sequence's context as a view; docs/engine.md)
         self.compiled = self.compiled_draft = self.compiled_greedy = None
         if compile:
             options = {"cpp_wrapper": True} if self.device.type == "cpu" else None
             _configure_compiler()
-            self.compiled = torch.compile(model.decode_logits, dynamic=True, options=options)
+
+            def compiled(step):  # the model is a constant of the graph; its weights are inputs
+                return torch.compile(lambda *args: step(model, *args), dynamic=True, options=options)
+
+            self.compiled = compiled(decode.decode_logits)
             if speculative:
-                self.compiled_draft = torch.compile(model.draft_logits, dynamic=True, options=options)
-                self.compiled_greedy = torch.compile(model.greedy_speculative_step, dynamic=True, options=options)
+                self.compiled_draft = compiled(decode.draft_logits)
+                self.compiled_greedy = compiled(decode.greedy_speculative_step)
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -189,8 +195,7 @@ class Engine:
     def _trunk(self, reqs: list[Request], new: list[list[int]], absorb: bool) -> torch.Tensor:
         """Feed `new[i]` to request i's cached context; the final hidden states (B, T, D)."""
         self.cache.bind([r.id for r in reqs], [len(n) for n in new])
-        h, _ = self.model.trunk(self._batch(new), start_pos=self.cache.start_positions(), cache=self.cache,
-                                mask=self._mask(), absorb=absorb)
+        h = decode.trunk(self.model, self._batch(new), self.cache.start_positions(), self.cache, self._mask(), absorb)
         self.cache.commit()
         return h
 
@@ -213,8 +218,8 @@ class Engine:
                                                      [mtp.block.self_attn.absorbed_weights()], last)
             self.cache.store(c_kv, k_pe, first=mtp.block.layer_idx)
         else:
-            cos, sin = self.model.rope_from(self.cache.start_positions(), T, h.dtype)
-            out, _ = mtp(h, self.model.embed_tokens(self._batch(tokens, T)), cos, sin, self.cache, self._mask(), absorb)
+            out = decode.mtp_hidden(self.model, h, self._batch(tokens, T), self.cache.start_positions(), self.cache,
+                                    self._mask(), absorb)
             last = torch.stack([out[b, len(t) - 1] for b, t in enumerate(tokens)])
             logits = self.model.lm_head(mtp.shared_head.norm(last))
         self.cache.commit()
@@ -391,7 +396,7 @@ class Engine:
 
     def _greedy_speculative(self, reqs: list[Request], new: list[list[int]], starts: list[int]) -> list[Output]:
         """`_decode_speculative` for an all-greedy batch, compiled: verify and the next draft in one graph
-        (`Transformer.greedy_speculative_step`), then the host only emits what it settled."""
+        (`decode.greedy_speculative_step`), then the host only emits what it settled."""
         self.cache.bind([r.id for r in reqs], [len(n) for n in new])
         drafts = torch.tensor([n[1] if len(n) == 2 else -1 for n in new], device=self.device)
         absorbed = self._absorbed() + [self.model.mtp[0].block.self_attn.absorbed_weights()]
@@ -480,7 +485,7 @@ def _configure_compiler() -> None:
     # process that compiles for several models, e.g. a speedrun or the tests)
     dynamo.recompile_limit = max(dynamo.recompile_limit, 64)
     # the symbolic shape guards every call checks (batch, context and pool sizes), in C++ rather than
-    # Python: `tiny` at batch 1 decoded 9-31% faster, three alternating runs (docs/engine.md)
+    # Python: cheaper per call, which matters most at batch 1 (docs/engine.md)
     dynamo.enable_cpp_symbolic_shape_guards = True
     # no "duck" sizing (one symbol for sizes that happen to be equal when traced): warm_up's 4-token
     # context met `small`'s 4 heads and the graph was compiled twice, the first one specialised on it
