@@ -1,5 +1,9 @@
 """`nanoseek <command>`: one argparse subcommand per verb.
 
+Each command is a pair: `parser_NAME` declares its flags (for pretrain, sft, grpo and distill they
+live beside their typed configs in train/args.py and rl/args.py) and `cmd_NAME` turns the parsed
+flags into a config and calls the library. Nothing in the package imports this module.
+
 Run `nanoseek --help` for the list and `nanoseek COMMAND --help` for every flag of a command.
 Also runs as `python -m nanoseek`.
 """
@@ -15,10 +19,13 @@ from pathlib import Path
 
 from .config import PRESETS, SHAPE_ONLY, ConfigError, ModelConfig, preset
 from .data.shards import ShardError
+from .data.tasks import SPLITS, TASKS
+from .rl import args as rl_args
 from .tokenizer import TokenizerError
+from .train import args as train_args
 from .train.args import TrainError
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
 class UsageError(Exception):
@@ -31,6 +38,24 @@ def _config_from(args: argparse.Namespace) -> tuple[str, ModelConfig]:
     if args.preset:
         return args.preset, preset(args.preset)
     return args.config, ModelConfig.from_json(args.config)
+
+
+def _add_config_flags(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--preset", choices=list(PRESETS), help="a built-in model shape")
+    sp.add_argument("--config", metavar="PATH", help="a config.json file, or a model dir holding one")
+
+
+def parser_init(sub: argparse._SubParsersAction) -> None:
+    sp = sub.add_parser("init", help="write a randomly initialised model dir (HF deepseek_v3 layout)",
+                        description="Write a randomly initialised model dir (Hugging Face deepseek_v3 layout) "
+                                    "that nanoseek and transformers load.")
+    _add_config_flags(sp)
+    sp.add_argument("--out", required=True, metavar="DIR", help="model dir to write (replaced atomically)")
+    sp.add_argument("--seed", type=int, default=0, help="random seed for the initial weights (default 0)")
+    sp.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="weight dtype on disk (default fp32)")
+    sp.add_argument("--tokenizer", metavar="DIR",
+                    help="a trained tokenizer dir to ship with the model (default: the built-in byte-level one)")
+    sp.set_defaults(func=cmd_init)
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -55,19 +80,60 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_tokenizer(args: argparse.Namespace) -> int:
-    from .data.readers import iter_documents
-    from .tokenizer import Tokenizer
+def parser_tokenizer(sub: argparse._SubParsersAction) -> None:
+    sp = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer with DeepSeek's special tokens",
+                        description="Train a byte-level BPE tokenizer (HF tokenizers) on text files and write "
+                                    "tokenizer.json and tokenizer_config.json (with the chat template).")
+    sp.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                    help=".txt/.md/.jsonl(.gz)/.parquet files or directories (curated dirs included)")
+    sp.add_argument("--vocab-size", type=int, required=True, help="target vocabulary size (>= 265)")
+    sp.add_argument("--out", required=True, metavar="DIR", help="where to write the tokenizer files")
+    sp.add_argument("--text-field", help="jsonl / parquet field holding the text (default: text or content)")
+    sp.add_argument("--quiet", action="store_true", help="no progress bar")
+    sp.set_defaults(func=cmd_tokenizer)
 
-    problems: list[str] = []
-    texts = (text for _, text, _ in iter_documents(args.input, lambda r, w: problems.append(f"{r}: {w}"),
-                                                   args.text_field))
-    tok = Tokenizer.train(texts, args.vocab_size, show_progress=not args.quiet)
+
+def cmd_tokenizer(args: argparse.Namespace) -> int:
+    from .tokenizer import train_on_files
+
+    tok, problems = train_on_files(args.input, args.vocab_size, args.text_field, progress=not args.quiet)
     tok.save(args.out)
     for p in problems[:10]:
         print(f"skipped {p}", file=sys.stderr)
     print(f"wrote {args.out}: {tok.vocab_size} tokens ({len(problems)} input problems skipped)")
     return 0
+
+
+def parser_curate(sub: argparse._SubParsersAction) -> None:
+    from .data.curate import CurateConfig
+    d = CurateConfig()
+    sp = sub.add_parser("curate", help="clean, filter, de-duplicate and classify a corpus into shards",
+                        description="Normalise (NFC, control characters), filter by quality heuristics, remove "
+                                    "exact and near (MinHash LSH) duplicates, classify domain and language, and "
+                                    "write jsonl.gz shards with a report.")
+    sp.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                    help=".txt/.md/.jsonl(.gz)/.parquet files or directories")
+    sp.add_argument("--out", required=True, metavar="DIR", help="output dir (replaced atomically)")
+    sp.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                    help="processes analysing documents (default: all cores)")
+    sp.add_argument("--min-chars", type=int, default=d.min_chars, help=f"drop shorter texts (default {d.min_chars})")
+    sp.add_argument("--max-chars", type=int, default=d.max_chars, help=f"drop longer texts (default {d.max_chars})")
+    sp.add_argument("--min-alnum-ratio", type=float, default=d.min_alnum_ratio,
+                    help=f"min share of letters and digits among non-space characters (default {d.min_alnum_ratio})")
+    sp.add_argument("--max-symbol-ratio", type=float, default=d.max_symbol_ratio,
+                    help=f"max share of junk symbols (# $ %% & @ ^ _ | ~ {{}} [], emoji) (default {d.max_symbol_ratio})")
+    sp.add_argument("--max-dup-line-ratio", type=float, default=d.max_dup_line_ratio,
+                    help=f"max share of repeated lines (default {d.max_dup_line_ratio})")
+    sp.add_argument("--max-dup-ngram-ratio", type=float, default=d.max_dup_ngram_ratio,
+                    help=f"max share of repeated word 5-grams (default {d.max_dup_ngram_ratio})")
+    sp.add_argument("--near-dup-threshold", type=float, default=d.near_dup_threshold,
+                    help=f"Jaccard similarity above which texts are near duplicates (default {d.near_dup_threshold})")
+    sp.add_argument("--num-perm", type=int, default=d.num_perm, help=f"MinHash permutations (default {d.num_perm})")
+    sp.add_argument("--shard-records", type=int, default=d.shard_records,
+                    help=f"records per output shard (default {d.shard_records})")
+    sp.add_argument("--text-field", help="jsonl / parquet field holding the text (default: text or content)")
+    sp.add_argument("--quiet", action="store_true", help="no progress bar")
+    sp.set_defaults(func=cmd_curate)
 
 
 def cmd_curate(args: argparse.Namespace) -> int:
@@ -85,6 +151,18 @@ def cmd_curate(args: argparse.Namespace) -> int:
     return 0
 
 
+def parser_tokenize(sub: argparse._SubParsersAction) -> None:
+    sp = sub.add_parser("tokenize", help="turn a curated dir into token shards for training",
+                        description="Tokenize every curated shard (in parallel processes) into uint16/uint32 "
+                                    "token files with per-document offsets, domains and difficulties.")
+    sp.add_argument("--input", required=True, metavar="DIR", help="a dir written by `nanoseek curate`")
+    sp.add_argument("--tokenizer", required=True, metavar="DIR", help="a dir written by `nanoseek tokenizer`")
+    sp.add_argument("--out", required=True, metavar="DIR", help="output dir (replaced atomically)")
+    sp.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)")
+    sp.add_argument("--quiet", action="store_true", help="no progress bar")
+    sp.set_defaults(func=cmd_tokenize)
+
+
 def cmd_tokenize(args: argparse.Namespace) -> int:
     from .data.shards import tokenize_dir
 
@@ -92,6 +170,24 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}: {index['num_tokens']:,} tokens in {index['num_docs']:,} documents, "
           f"{len(index['shards'])} shard(s), {index['dtype']}")
     return 0
+
+
+def parser_tasks(sub: argparse._SubParsersAction) -> None:
+    sp = sub.add_parser("tasks", help="the synthetic reasoning tasks: sample problems, or write a raw corpus",
+                        description="Print problems of a synthetic task with their worked solutions, or write "
+                                    "a generated raw corpus for `nanoseek curate`.")
+    sp.add_argument("action", choices=["sample", "corpus"],
+                    help="sample: print problems with solutions; corpus: write a raw jsonl corpus "
+                         "(task solutions, prose, code, Chinese, junk and planted duplicates) to curate")
+    sp.add_argument("--task", choices=list(TASKS), help="which task (for sample)")
+    sp.add_argument("--out", metavar="DIR", help="where to write the corpus (for corpus)")
+    sp.add_argument("--megabytes", type=float, default=20, help="corpus size (for corpus; default 20)")
+    sp.add_argument("--split", choices=list(SPLITS), default="train", help="which split (default train)")
+    sp.add_argument("--n", type=int, default=3, help="how many problems (default 3)")
+    sp.add_argument("--level", type=int, help="one difficulty level (default: cycle through all)")
+    sp.add_argument("--seed", type=int, help="sampling seed (the test split is fixed without one; corpus: 0)")
+    sp.add_argument("--json", action="store_true", help="one JSON object per line")
+    sp.set_defaults(func=cmd_tasks)
 
 
 def cmd_tasks(args: argparse.Namespace) -> int:
@@ -121,6 +217,19 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
+def parser_cost(sub: argparse._SubParsersAction) -> None:
+    sp = sub.add_parser("cost", help="parameters, activated parameters, KV-cache bytes and FLOPs of a config",
+                        description="Print total and activated parameters, KV-cache bytes per token (MLA "
+                                    "against MHA and GQA-8), FLOPs per token and the cache of a 128K context.")
+    _add_config_flags(sp)
+    sp.add_argument("--seq-len", type=int, default=4096,
+                    help="context length for the attention FLOPs (default 4096)")
+    sp.add_argument("--dtype", choices=["bf16", "fp16", "fp32", "fp8"], default="bf16",
+                    help="cache element type (default bf16)")
+    sp.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    sp.set_defaults(func=cmd_cost)
+
+
 def cmd_cost(args: argparse.Namespace) -> int:
     from .cost import estimate, format_cost
 
@@ -136,16 +245,43 @@ def cmd_cost(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_pretrain(args: argparse.Namespace) -> int:
-    from .train.pretrain import main as pretrain
+def parser_pretrain(sub: argparse._SubParsersAction) -> None:
+    sp = sub.add_parser("pretrain", help="pretrain a model on token shards (CE + MTP, bias balancing)",
+                        description="Pretrain from a preset or config.json on token shards: next-token + MTP loss, "
+                                    "auxiliary-loss-free balancing, AdamW or Muon, WSD or cosine schedule, atomic "
+                                    "checkpoints with exact resume. Runs under torchrun for data parallel.")
+    train_args.add_arguments(sp)
+    sp.set_defaults(func=cmd_pretrain)
 
-    return pretrain(args)
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from .train import pretrain
+
+    pretrain.run(train_args.pretrain_config(args))
+    return 0
+
+
+def parser_sft(sub: argparse._SubParsersAction) -> None:
+    sp = sub.add_parser("sft", help="supervised fine-tuning on chat examples (assistant tokens only)",
+                        description="Fine-tune a model dir on jsonl chat examples with the loss on the assistant's "
+                                    "tokens only; packing or padding; the same loop, checkpoints and resume as "
+                                    "pretrain.")
+    train_args.add_sft_arguments(sp)
+    sp.set_defaults(func=cmd_sft)
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
-    from .train.sft import main as sft
+    from .train import sft
 
-    return sft(args)
+    sft.run(train_args.sft_config(args))
+    return 0
+
+
+def parser_plot(sub: argparse._SubParsersAction) -> None:
+    sp = sub.add_parser("plot", help="PNG plots of a training run: losses, lr, expert load",
+                        description="Write RUN/plots/loss.png, lr.png and expert_load.png from RUN/metrics.jsonl.")
+    sp.add_argument("run", metavar="RUN", help="a run dir written by pretrain or sft")
+    sp.set_defaults(func=cmd_plot)
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
@@ -160,12 +296,9 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-COMPILE_HELP = ("compile the decode step with torch.compile (needs g++): compiling takes from ~20 s (tiny) to a "
-                "minute or two (small) at start, then decoding is 1.7-3.9x faster (the README's engine "
-                "table); with --speculative the verify and draft steps are compiled too (small: ~4 minutes)")
-
-
-DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+COMPILE_HELP = ("compile the decode step with torch.compile (needs g++): compiling takes from seconds (tiny) to a "
+                "minute or two (small) at start, then decoding is several times faster (docs/benchmarks.md); with "
+                "--speculative the verify and draft steps are compiled too (a few minutes for small)")
 
 
 def _add_device_arguments(sp: argparse.ArgumentParser) -> None:
@@ -173,7 +306,7 @@ def _add_device_arguments(sp: argparse.ArgumentParser) -> None:
                     help="where the model runs: auto (the first GPU if torch sees one, else the CPU; default), "
                          "cpu, cuda or cuda:N")
     sp.add_argument("--dtype", choices=list(DTYPES), default="fp32",
-                    help="weights and KV cache: fp32 (default) or bf16 (half the memory; on CPUs measured slower "
+                    help="weights and KV cache: fp32 (default) or bf16 (half the memory; on CPUs often slower "
                          "than fp32)")
 
 
@@ -210,6 +343,28 @@ def _engine(model, tok, args: argparse.Namespace, **kwargs):
     return engine
 
 
+def parser_generate(sub: argparse._SubParsersAction) -> None:
+    sp = sub.add_parser("generate", help="continue a prompt with a model dir, streaming to the terminal",
+                        description="Generate from a model dir (its own tokenizer) through the latent-cache engine, "
+                                    "printing text as it is produced.")
+    sp.add_argument("--model", required=True, metavar="DIR", help="a model dir (or a training run dir)")
+    sp.add_argument("--prompt", required=True, help="the text to continue")
+    sp.add_argument("--max-tokens", type=int, default=128, help="most new tokens (default 128)")
+    sp.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default 0)")
+    sp.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1: off)")
+    sp.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default 0: off)")
+    sp.add_argument("--seed", type=int, help="sampling seed (same seed, same output)")
+    sp.add_argument("--stop", action="append", metavar="TEXT", help="stop before this text (repeatable)")
+    sp.add_argument("--speculative", action="store_true",
+                    help="MTP self-speculative decoding: the MTP module drafts a token, the main model checks it "
+                         "in the same forward (same greedy output; needs a model with an MTP layer)")
+    _add_device_arguments(sp)
+    sp.add_argument("--compile", action="store_true", help=COMPILE_HELP)
+    sp.add_argument("--verbose", action="store_true",
+                    help="print why generation finished, tokens/s and the draft acceptance rate")
+    sp.set_defaults(func=cmd_generate)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from .engine.sampling import SamplingParams
 
@@ -237,6 +392,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 CHAT_HELP = "/reset starts a new conversation, /quit (or Ctrl-D) leaves; Ctrl-C stops a reply."
+
+
+def parser_chat(sub: argparse._SubParsersAction) -> None:
+    sp = sub.add_parser("chat", help="multi-turn chat with a model dir in the terminal",
+                        description="Chat through the model's chat template. Reasoning (<think>...</think>) is "
+                                    "shown dimmed and left out of the history, as DeepSeek-R1 does. " + CHAT_HELP +
+                                    " Arrow keys edit and recall earlier lines (kept in "
+                                    "~/.local/state/nanoseek/chat_history).")
+    sp.add_argument("--model", required=True, metavar="DIR", help="a model dir (or a training run dir)")
+    sp.add_argument("--system", metavar="TEXT", help="a system message at the start of every conversation")
+    sp.add_argument("--max-tokens", type=int, default=512, help="most tokens per reply (default 512)")
+    sp.add_argument("--temperature", type=float, default=0.6, help="0 is greedy (default 0.6, as DeepSeek "
+                                                                   "recommends for R1)")
+    sp.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
+    sp.add_argument("--seed", type=int, help="sampling seed for every reply")
+    sp.add_argument("--speculative", action="store_true", help="MTP self-speculative decoding")
+    _add_device_arguments(sp)
+    sp.add_argument("--compile", action="store_true", help=COMPILE_HELP)
+    sp.set_defaults(func=cmd_chat)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -341,6 +515,37 @@ class _ChatHistory:
             pass
 
 
+def parser_serve(sub: argparse._SubParsersAction) -> None:
+    sp = sub.add_parser("serve", help="OpenAI-compatible HTTP server with streaming and a web chat page",
+                        description="Serve a model dir over HTTP: /v1/chat/completions (reasoning_content split as "
+                                    "DeepSeek-R1 does), /v1/completions (echo + logprobs for lm-evaluation-harness), "
+                                    "/v1/models, /health, and a chat page at /. All requests share the engine's "
+                                    "continuous batching; over --max-running + --max-queue requests get 503.")
+    sp.add_argument("--model", required=True, metavar="DIR", help="a model dir (or a training run dir)")
+    sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    sp.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    sp.add_argument("--api-key", metavar="KEY",
+                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $NANOSEEK_API_KEY, else none)")
+    sp.add_argument("--served-model-name", metavar="NAME", help="the model id clients send (default: the dir's name)")
+    sp.add_argument("--max-running", type=int, default=16, help="sequences decoded together (default 16)")
+    sp.add_argument("--max-queue", type=int, default=64,
+                    help="sequences waiting beyond those running before 503 (default 64)")
+    sp.add_argument("--prefill-hold", type=int, default=4, metavar="STEPS",
+                    help="hold requests that arrive while others decode for up to STEPS decode steps (less once "
+                         "enough gather to fill every free slot), so they share one prefill instead of each "
+                         "stalling the batch; trades a little time-to-first-token for throughput; 0 admits at "
+                         "once (default 4)")
+    sp.add_argument("--max-body", type=int, default=1 << 20, metavar="BYTES",
+                    help="largest request body; bigger ones get 413 (default 1 MiB)")
+    sp.add_argument("--reasoning-parser", choices=["deepseek_r1", "none"], default="deepseek_r1",
+                    help="deepseek_r1: text before </think> goes to reasoning_content (default); none: all content")
+    sp.add_argument("--speculative", action="store_true", help="MTP self-speculative decoding")
+    _add_device_arguments(sp)
+    sp.add_argument("--compile", action="store_true", help=COMPILE_HELP + "; compiled before the server listens")
+    sp.add_argument("--quiet", action="store_true", help="no access log")
+    sp.set_defaults(func=cmd_serve)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import logging
     import signal
@@ -383,14 +588,62 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0 if server.started else 1
 
 
+def parser_grpo(sub: argparse._SubParsersAction) -> None:
+    sp = sub.add_parser("grpo", help="GRPO reinforcement learning with rule rewards on a reasoning task",
+                        description="R1-style RL: G completions per problem from the engine, rule rewards (accuracy, "
+                                    "format, optional language consistency), group-normalised advantages, the clipped "
+                                    "GRPO loss with a k3 KL to a frozen reference. Checkpoints and --resume like "
+                                    "pretrain. See docs/grpo.md.")
+    rl_args.add_grpo_arguments(sp)
+    sp.set_defaults(func=cmd_grpo)
+
+
 def cmd_grpo(args: argparse.Namespace) -> int:
-    from .rl.train import main as grpo_main
-    return grpo_main(args)
+    from .rl import train
+
+    train.run(rl_args.grpo_run(args))
+    return 0
+
+
+def parser_distill(sub: argparse._SubParsersAction) -> None:
+    sp = sub.add_parser("distill", help="rejection-sample a teacher's verified answers and SFT a smaller student",
+                        description="R1-style distillation: k teacher samples per train problem, keep those the task "
+                                    "verifies, fine-tune the student on them, report teacher and student test "
+                                    "accuracy (RUN/report.json).")
+    rl_args.add_distill_arguments(sp)
+    sp.set_defaults(func=cmd_distill)
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from .rl.distill import main as distill_main
-    return distill_main(args)
+    from .rl import distill
+
+    distill.run(rl_args.distill_config(args))
+    return 0
+
+
+def parser_eval(sub: argparse._SubParsersAction) -> None:
+    sp = sub.add_parser("eval", help="accuracy on a reasoning task: pass@1 (greedy), pass@k and maj@k",
+                        description="Evaluate a model dir on a task's fixed split through the engine: greedy pass@1 "
+                                    "per problem, and with --k > 1, k samples per problem for pass@k (unbiased "
+                                    "estimator) and maj@k (majority vote on the extracted answers).")
+    sp.add_argument("--model", required=True, metavar="DIR", help="a model dir (or a training run dir)")
+    sp.add_argument("--task", required=True, choices=list(TASKS), help="which task")
+    sp.add_argument("--split", choices=list(SPLITS), default="test", help="which split (default test: fixed)")
+    sp.add_argument("--n", type=int, default=100, help="problems (default 100)")
+    sp.add_argument("--level", type=int, help="one difficulty level (default: all, cycling)")
+    sp.add_argument("--k", type=int, default=1, help="samples per problem for pass@k / maj@k (default 1: greedy only)")
+    sp.add_argument("--temperature", type=float, default=0.7, help="sampling temperature for k > 1 (default 0.7)")
+    sp.add_argument("--max-tokens", type=int, default=256, help="most tokens per answer (default 256)")
+    sp.add_argument("--template", choices=["chat", "r1-zero", "plain"], default="chat",
+                    help="chat: the chat template, as SFT teaches (default); r1-zero: R1-Zero's plain-text prompt; "
+                         "plain: the problem and a newline, as the pretraining corpus writes it (base models)")
+    sp.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    sp.add_argument("--max-running", type=int, default=32, help="sequences decoded together (default 32)")
+    _add_device_arguments(sp)
+    sp.add_argument("--compile", action="store_true", help=COMPILE_HELP)
+    sp.add_argument("--json", action="store_true", help="print one JSON object")
+    sp.add_argument("--per-problem", action="store_true", help="with --json: every problem's greedy output and result")
+    sp.set_defaults(func=cmd_eval)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -422,237 +675,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 MAX_EVAL_N = 2000  # speedrun's evaluations: 2,000 problems x 4 stages is hours on 2 cores already
 
 
-def cmd_speedrun(args: argparse.Namespace) -> int:
-    from .speedrun import main as speedrun
-
-    for name in ("pretrain_steps", "sft_steps", "grpo_steps", "eval_n"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
-    if args.eval_n is not None and args.eval_n > MAX_EVAL_N:
-        raise UsageError(f"--eval-n must be <= {MAX_EVAL_N:,} (got {args.eval_n:,}): each problem is generated and "
-                         f"answered at every evaluation stage; `nanoseek eval --n` takes larger runs of one model")
-    return speedrun(args)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="nanoseek", description="DeepSeek's LLM system in miniature.")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    def add_config_flags(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--preset", choices=list(PRESETS), help="a built-in model shape")
-        sp.add_argument("--config", metavar="PATH", help="a config.json file, or a model dir holding one")
-
-    sp = sub.add_parser("init", help="write a randomly initialised model dir (HF deepseek_v3 layout)",
-                        description="Write a randomly initialised model dir that nanoseek, transformers, "
-                                    "vLLM and SGLang load.")
-    add_config_flags(sp)
-    sp.add_argument("--out", required=True, metavar="DIR", help="model dir to write (replaced atomically)")
-    sp.add_argument("--seed", type=int, default=0, help="random seed for the initial weights (default 0)")
-    sp.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="weight dtype on disk (default fp32)")
-    sp.add_argument("--tokenizer", metavar="DIR",
-                    help="a trained tokenizer dir to ship with the model (default: the built-in byte-level one)")
-    sp.set_defaults(func=cmd_init)
-
-    sp = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer with DeepSeek's special tokens",
-                        description="Train a byte-level BPE tokenizer (HF tokenizers) on text files and write "
-                                    "tokenizer.json and tokenizer_config.json (with the chat template).")
-    sp.add_argument("--input", nargs="+", required=True, metavar="PATH",
-                    help=".txt/.md/.jsonl(.gz)/.parquet files or directories (curated dirs included)")
-    sp.add_argument("--vocab-size", type=int, required=True, help="target vocabulary size (>= 265)")
-    sp.add_argument("--out", required=True, metavar="DIR", help="where to write the tokenizer files")
-    sp.add_argument("--text-field", help="jsonl / parquet field holding the text (default: text or content)")
-    sp.add_argument("--quiet", action="store_true", help="no progress bar")
-    sp.set_defaults(func=cmd_tokenizer)
-
-    from .data.curate import CurateConfig
-    d = CurateConfig()
-    sp = sub.add_parser("curate", help="clean, filter, de-duplicate and classify a corpus into shards",
-                        description="Normalise (NFC, control characters), filter by quality heuristics, remove "
-                                    "exact and near (MinHash LSH) duplicates, classify domain and language, and "
-                                    "write jsonl.gz shards with a report.")
-    sp.add_argument("--input", nargs="+", required=True, metavar="PATH",
-                    help=".txt/.md/.jsonl(.gz)/.parquet files or directories")
-    sp.add_argument("--out", required=True, metavar="DIR", help="output dir (replaced atomically)")
-    sp.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                    help="processes analysing documents (default: all cores)")
-    sp.add_argument("--min-chars", type=int, default=d.min_chars, help=f"drop shorter texts (default {d.min_chars})")
-    sp.add_argument("--max-chars", type=int, default=d.max_chars, help=f"drop longer texts (default {d.max_chars})")
-    sp.add_argument("--min-alnum-ratio", type=float, default=d.min_alnum_ratio,
-                    help=f"min share of letters and digits among non-space characters (default {d.min_alnum_ratio})")
-    sp.add_argument("--max-symbol-ratio", type=float, default=d.max_symbol_ratio,
-                    help=f"max share of junk symbols (# $ %% & @ ^ _ | ~ {{}} [], emoji) (default {d.max_symbol_ratio})")
-    sp.add_argument("--max-dup-line-ratio", type=float, default=d.max_dup_line_ratio,
-                    help=f"max share of repeated lines (default {d.max_dup_line_ratio})")
-    sp.add_argument("--max-dup-ngram-ratio", type=float, default=d.max_dup_ngram_ratio,
-                    help=f"max share of repeated word 5-grams (default {d.max_dup_ngram_ratio})")
-    sp.add_argument("--near-dup-threshold", type=float, default=d.near_dup_threshold,
-                    help=f"Jaccard similarity above which texts are near duplicates (default {d.near_dup_threshold})")
-    sp.add_argument("--num-perm", type=int, default=d.num_perm, help=f"MinHash permutations (default {d.num_perm})")
-    sp.add_argument("--shard-records", type=int, default=d.shard_records,
-                    help=f"records per output shard (default {d.shard_records})")
-    sp.add_argument("--text-field", help="jsonl / parquet field holding the text (default: text or content)")
-    sp.add_argument("--quiet", action="store_true", help="no progress bar")
-    sp.set_defaults(func=cmd_curate)
-
-    sp = sub.add_parser("tokenize", help="turn a curated dir into token shards for training",
-                        description="Tokenize every curated shard (in parallel processes) into uint16/uint32 "
-                                    "token files with per-document offsets, domains and difficulties.")
-    sp.add_argument("--input", required=True, metavar="DIR", help="a dir written by `nanoseek curate`")
-    sp.add_argument("--tokenizer", required=True, metavar="DIR", help="a dir written by `nanoseek tokenizer`")
-    sp.add_argument("--out", required=True, metavar="DIR", help="output dir (replaced atomically)")
-    sp.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)")
-    sp.add_argument("--quiet", action="store_true", help="no progress bar")
-    sp.set_defaults(func=cmd_tokenize)
-
-    from .data.tasks import SPLITS, TASKS
-    sp = sub.add_parser("tasks", help="the synthetic reasoning tasks: sample problems, or write a raw corpus",
-                        description="Print problems of a synthetic task with their worked solutions, or write "
-                                    "a generated raw corpus for `nanoseek curate`.")
-    sp.add_argument("action", choices=["sample", "corpus"],
-                    help="sample: print problems with solutions; corpus: write a raw jsonl corpus "
-                         "(task solutions, prose, code, Chinese, junk and planted duplicates) to curate")
-    sp.add_argument("--task", choices=list(TASKS), help="which task (for sample)")
-    sp.add_argument("--out", metavar="DIR", help="where to write the corpus (for corpus)")
-    sp.add_argument("--megabytes", type=float, default=20, help="corpus size (for corpus; default 20)")
-    sp.add_argument("--split", choices=list(SPLITS), default="train", help="which split (default train)")
-    sp.add_argument("--n", type=int, default=3, help="how many problems (default 3)")
-    sp.add_argument("--level", type=int, help="one difficulty level (default: cycle through all)")
-    sp.add_argument("--seed", type=int, help="sampling seed (the test split is fixed without one; corpus: 0)")
-    sp.add_argument("--json", action="store_true", help="one JSON object per line")
-    sp.set_defaults(func=cmd_tasks)
-
-    sp = sub.add_parser("cost", help="parameters, activated parameters, KV-cache bytes and FLOPs of a config",
-                        description="Print total and activated parameters, KV-cache bytes per token (MLA "
-                                    "against MHA and GQA-8), FLOPs per token and the cache of a 128K context.")
-    add_config_flags(sp)
-    sp.add_argument("--seq-len", type=int, default=4096,
-                    help="context length for the attention FLOPs (default 4096)")
-    sp.add_argument("--dtype", choices=["bf16", "fp16", "fp32", "fp8"], default="bf16",
-                    help="cache element type (default bf16)")
-    sp.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    sp.set_defaults(func=cmd_cost)
-
-    def add_command(name, func, add_arguments, summary: str, description: str) -> None:
-        """A subcommand whose flags live beside its implementation (add_arguments fills the parser)."""
-        cmd = sub.add_parser(name, help=summary, description=description)
-        add_arguments(cmd)
-        cmd.set_defaults(func=func)
-
-    from .train.args import add_arguments as add_pretrain_arguments
-    from .train.args import add_sft_arguments
-    add_command("pretrain", cmd_pretrain, add_pretrain_arguments,
-                "pretrain a model on token shards (CE + MTP, bias balancing)",
-                "Pretrain from a preset or config.json on token shards: next-token + MTP loss, auxiliary-loss-free "
-                "balancing, AdamW or Muon, WSD or cosine schedule, atomic checkpoints with exact resume. Runs under "
-                "torchrun for data parallel.")
-    add_command("sft", cmd_sft, add_sft_arguments, "supervised fine-tuning on chat examples (assistant tokens only)",
-                "Fine-tune a model dir on jsonl chat examples with the loss on the assistant's tokens only; packing "
-                "or padding; the same loop, checkpoints and resume as pretrain.")
-
-    sp = sub.add_parser("generate", help="continue a prompt with a model dir, streaming to the terminal",
-                        description="Generate from a model dir (its own tokenizer) through the latent-cache engine, "
-                                    "printing text as it is produced.")
-    sp.add_argument("--model", required=True, metavar="DIR", help="a model dir (or a training run dir)")
-    sp.add_argument("--prompt", required=True, help="the text to continue")
-    sp.add_argument("--max-tokens", type=int, default=128, help="most new tokens (default 128)")
-    sp.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default 0)")
-    sp.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1: off)")
-    sp.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default 0: off)")
-    sp.add_argument("--seed", type=int, help="sampling seed (same seed, same output)")
-    sp.add_argument("--stop", action="append", metavar="TEXT", help="stop before this text (repeatable)")
-    sp.add_argument("--speculative", action="store_true",
-                    help="MTP self-speculative decoding: the MTP module drafts a token, the main model checks it "
-                         "in the same forward (same greedy output; needs a model with an MTP layer)")
-    _add_device_arguments(sp)
-    sp.add_argument("--compile", action="store_true", help=COMPILE_HELP)
-    sp.add_argument("--verbose", action="store_true",
-                    help="print why generation finished, tokens/s and the draft acceptance rate")
-    sp.set_defaults(func=cmd_generate)
-
-    sp = sub.add_parser("chat", help="multi-turn chat with a model dir in the terminal",
-                        description="Chat through the model's chat template. Reasoning (<think>...</think>) is "
-                                    "shown dimmed and left out of the history, as DeepSeek-R1 does. " + CHAT_HELP +
-                                    " Arrow keys edit and recall earlier lines (kept in "
-                                    "~/.local/state/nanoseek/chat_history).")
-    sp.add_argument("--model", required=True, metavar="DIR", help="a model dir (or a training run dir)")
-    sp.add_argument("--system", metavar="TEXT", help="a system message at the start of every conversation")
-    sp.add_argument("--max-tokens", type=int, default=512, help="most tokens per reply (default 512)")
-    sp.add_argument("--temperature", type=float, default=0.6, help="0 is greedy (default 0.6, as DeepSeek "
-                                                                   "recommends for R1)")
-    sp.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
-    sp.add_argument("--seed", type=int, help="sampling seed for every reply")
-    sp.add_argument("--speculative", action="store_true", help="MTP self-speculative decoding")
-    _add_device_arguments(sp)
-    sp.add_argument("--compile", action="store_true", help=COMPILE_HELP)
-    sp.set_defaults(func=cmd_chat)
-
-    sp = sub.add_parser("serve", help="OpenAI-compatible HTTP server with streaming and a web chat page",
-                        description="Serve a model dir over HTTP: /v1/chat/completions (reasoning_content split as "
-                                    "DeepSeek-R1 does), /v1/completions (echo + logprobs for lm-evaluation-harness), "
-                                    "/v1/models, /health, and a chat page at /. All requests share the engine's "
-                                    "continuous batching; over --max-running + --max-queue requests get 503.")
-    sp.add_argument("--model", required=True, metavar="DIR", help="a model dir (or a training run dir)")
-    sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
-    sp.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    sp.add_argument("--api-key", metavar="KEY",
-                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $NANOSEEK_API_KEY, else none)")
-    sp.add_argument("--served-model-name", metavar="NAME", help="the model id clients send (default: the dir's name)")
-    sp.add_argument("--max-running", type=int, default=16, help="sequences decoded together (default 16)")
-    sp.add_argument("--max-queue", type=int, default=64,
-                    help="sequences waiting beyond those running before 503 (default 64)")
-    sp.add_argument("--prefill-hold", type=int, default=4, metavar="STEPS",
-                    help="hold requests that arrive while others decode for up to STEPS decode steps (less once "
-                         "enough gather to fill every free slot), so they share one prefill instead of each "
-                         "stalling the batch; trades a little time-to-first-token for throughput; 0 admits at "
-                         "once (default 4)")
-    sp.add_argument("--max-body", type=int, default=1 << 20, metavar="BYTES",
-                    help="largest request body; bigger ones get 413 (default 1 MiB)")
-    sp.add_argument("--reasoning-parser", choices=["deepseek_r1", "none"], default="deepseek_r1",
-                    help="deepseek_r1: text before </think> goes to reasoning_content (default); none: all content")
-    sp.add_argument("--speculative", action="store_true", help="MTP self-speculative decoding")
-    _add_device_arguments(sp)
-    sp.add_argument("--compile", action="store_true", help=COMPILE_HELP + "; compiled before the server listens")
-    sp.add_argument("--quiet", action="store_true", help="no access log")
-    sp.set_defaults(func=cmd_serve)
-
-    from .rl.args import add_distill_arguments, add_grpo_arguments
-    add_command("grpo", cmd_grpo, add_grpo_arguments, "GRPO reinforcement learning with rule rewards on a reasoning task",
-                "R1-style RL: G completions per problem from the engine, rule rewards (accuracy, format, optional "
-                "language consistency), group-normalised advantages, the clipped GRPO loss with a k3 KL to a frozen "
-                "reference. Checkpoints and --resume like pretrain. See docs/grpo.md.")
-    add_command("distill", cmd_distill, add_distill_arguments,
-                "rejection-sample a teacher's verified answers and SFT a smaller student",
-                "R1-style distillation: k teacher samples per train problem, keep those the task verifies, fine-tune "
-                "the student on them, report teacher and student test accuracy (RUN/report.json).")
-
-    sp = sub.add_parser("eval", help="accuracy on a reasoning task: pass@1 (greedy), pass@k and maj@k",
-                        description="Evaluate a model dir on a task's fixed split through the engine: greedy pass@1 "
-                                    "per problem, and with --k > 1, k samples per problem for pass@k (unbiased "
-                                    "estimator) and maj@k (majority vote on the extracted answers).")
-    sp.add_argument("--model", required=True, metavar="DIR", help="a model dir (or a training run dir)")
-    sp.add_argument("--task", required=True, choices=list(TASKS), help="which task")
-    sp.add_argument("--split", choices=list(SPLITS), default="test", help="which split (default test: fixed)")
-    sp.add_argument("--n", type=int, default=100, help="problems (default 100)")
-    sp.add_argument("--level", type=int, help="one difficulty level (default: all, cycling)")
-    sp.add_argument("--k", type=int, default=1, help="samples per problem for pass@k / maj@k (default 1: greedy only)")
-    sp.add_argument("--temperature", type=float, default=0.7, help="sampling temperature for k > 1 (default 0.7)")
-    sp.add_argument("--max-tokens", type=int, default=256, help="most tokens per answer (default 256)")
-    sp.add_argument("--template", choices=["chat", "r1-zero", "plain"], default="chat",
-                    help="chat: the chat template, as SFT teaches (default); r1-zero: R1-Zero's plain-text prompt; "
-                         "plain: the problem and a newline, as the pretraining corpus writes it (base models)")
-    sp.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    sp.add_argument("--max-running", type=int, default=32, help="sequences decoded together (default 32)")
-    _add_device_arguments(sp)
-    sp.add_argument("--compile", action="store_true", help=COMPILE_HELP)
-    sp.add_argument("--json", action="store_true", help="print one JSON object")
-    sp.add_argument("--per-problem", action="store_true", help="with --json: every problem's greedy output and result")
-    sp.set_defaults(func=cmd_eval)
-
-    sp = sub.add_parser("plot", help="PNG plots of a training run: losses, lr, expert load",
-                        description="Write RUN/plots/loss.png, lr.png and expert_load.png from RUN/metrics.jsonl.")
-    sp.add_argument("run", metavar="RUN", help="a run dir written by pretrain or sft")
-    sp.set_defaults(func=cmd_plot)
-
+def parser_speedrun(sub: argparse._SubParsersAction) -> None:
     sp = sub.add_parser("speedrun", help="the main job: data to served reasoning model, with a report card",
                         description="Generate and curate a corpus, train a tokenizer, pretrain a DeepSeek-V3-style "
                                     "MoE + MLA model with MTP, SFT it on <= 500 labeled examples, teach it to "
@@ -674,14 +697,35 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, help="seed for data, initialisation and sampling (default 0)")
     sp.add_argument("--quiet", action="store_true", help="no progress bars or per-stage output")
     sp.set_defaults(func=cmd_speedrun)
+
+
+def cmd_speedrun(args: argparse.Namespace) -> int:
+    from . import speedrun
+
+    for name in ("pretrain_steps", "sft_steps", "grpo_steps", "eval_n"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
+    if args.eval_n is not None and args.eval_n > MAX_EVAL_N:
+        raise UsageError(f"--eval-n must be <= {MAX_EVAL_N:,} (got {args.eval_n:,}): each problem is generated and "
+                         f"answered at every evaluation stage; `nanoseek eval --n` takes larger runs of one model")
+    plan = speedrun.make_plan(args.quick, **{k: getattr(args, k) for k in ("pretrain_steps", "sft_steps", "grpo_steps",
+                                                                            "eval_n", "seed", "task")
+                                             if getattr(args, k) is not None})
+    return speedrun.run(args.out, plan, distill=args.distill, quiet=args.quiet)
+
+
+# `nanoseek --help` lists the commands in this order.
+PARSERS = (parser_init, parser_tokenizer, parser_curate, parser_tokenize, parser_tasks, parser_cost, parser_pretrain,
+           parser_sft, parser_generate, parser_chat, parser_serve, parser_grpo, parser_distill, parser_eval,
+           parser_plot, parser_speedrun)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nanoseek", description="DeepSeek's LLM system in miniature.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in PARSERS:
+        add(sub)
     return p
-
-
-def run_command(*argv) -> int:
-    """Run a nanoseek subcommand in this process as typed on a command line: the same flags, defaults and
-    checks (what `speedrun` and `distill` use to drive the other commands)."""
-    args = build_parser().parse_args([str(a) for a in argv])
-    return args.func(args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,6 +36,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from .io import write_atomic
+from .rl.args import DistillConfig, GRPOConfig, GRPORun
+from .train.args import PretrainConfig, SFTConfig, TrainConfig, TrainError
 
 
 @dataclass(frozen=True)
@@ -81,22 +83,17 @@ class Plan:
 
 # The corpus is mostly worked arithmetic solutions (levels 2 and 3 weighted up), with prose, code
 # and Chinese kept for the curation, classification and tokenizer to work on. The loader mixes by
-# documents; a prose document is ~6x a solution's length, so math=400,prose=2,code=1 puts about
-# 96% of the pretraining tokens on arithmetic (docs/grpo.md: the one strong GRPO base came from an
-# arithmetic-only corpus; with Countdown solutions and a 90% share the `small` model came out
-# weaker at arithmetic after the same steps). Countdown stays in the SFT set and the evaluations.
+# documents and a prose document is several solutions long, so the mix weights math far above the
+# rest to keep most pretraining tokens on arithmetic (docs/log.md has the corpora tried).
+# Countdown stays in the SFT set and the evaluations.
 CORPUS_KINDS = {"math": 0.9, "prose": 0.06, "code": 0.02, "chinese": 0.02}
 CORPUS_TASKS = {"arithmetic": (1, 2, 2, 3, 3)}
 
 PLANS = {
-    # The labeled set: 500 answers, 40% of the arithmetic ones with the working written out. The SFT
-    # model then answers briefly when greedy and works the columns in a share of its samples; GRPO's
-    # rewards make working the default (R1-Zero's growing responses). With every label worked, SFT
-    # alone reached what GRPO could not add to (runs/r3: -6 points; docs/grpo.md). GRPO: the
-    # two-stage recipe of docs/grpo.md (plain GRPO, then dynamic sampling anchored at the first
-    # stage's policy, here from step 51) at lr 2e-4 after a warm-up, on level 2, where the SFT
-    # model's worked samples were right 19% of the time (9% at level 3). At lr 3e-4 (70 steps) the
-    # same start gained 16 points, at 2e-4 (100 steps) 32.6 (docs/grpo.md).
+    # The labeled set: 500 answers, a share (sft_worked) of the arithmetic ones with the working
+    # written out. GRPO: the two-stage recipe of docs/grpo.md (plain GRPO, then dynamic sampling
+    # anchored at the first stage's policy) after an lr warm-up, on level 2. docs/log.md has the
+    # runs behind these choices.
     "full": Plan(preset="small", corpus_mb=12, vocab_size=4096, mix="math=400,prose=2,code=1",
                  pretrain_steps=1400, pretrain_lr=3e-3, batch_size=8, seq_len=256,
                  sft_examples=500, sft_steps=150, sft_lr=5e-4, sft_worked=0.4, task="arithmetic", levels=(1, 2, 3),
@@ -132,15 +129,6 @@ def _finished(run: Path) -> None:
     """Training commands export the final model at the top of RUN, weights last, only when every step ran."""
     if not any(run.glob("*.safetensors")):
         raise Stopped(run)
-
-
-def _cli(*argv) -> None:
-    """Run a nanoseek subcommand in this process, as the user would type it."""
-    from .cli import run_command
-
-    rc = run_command(*argv)
-    if rc:
-        raise SpeedrunError(f"`nanoseek {' '.join(map(str, argv))}` failed (exit status {rc})")
 
 
 def _mean(rows: list[dict], key: str) -> float | None:
@@ -247,38 +235,44 @@ class Speedrun:
         curated.pop("shards")
         return {"raw_megabytes": raw_mb, "curate": curated, "sft_examples": counts}
 
-    def _run(self, *argv, trains: Path | None = None) -> None:
-        """A nanoseek command (quiet when the speedrun is); for a training command, `trains` is its run dir
-        and it must have finished every step (Ctrl-C leaves it stopped at a checkpoint)."""
-        _cli(*argv, *(["--quiet"] if self.quiet else []))
-        if trains is not None:
-            _finished(trains)
+    def _train(self, **settings) -> TrainConfig:
+        """A training stage's loop settings: the plan's batch shape, resuming a stopped run."""
+        return TrainConfig(batch_size=self.plan.batch_size, seq_len=self.plan.seq_len, resume=True, quiet=self.quiet,
+                           **settings)
 
-    def _pretrain(self, run: Path, shape: list, steps: int) -> None:
+    def _pretrain(self, run: Path, steps: int, **model) -> None:
+        from .train import pretrain
+
         p = self.plan
-        self._run("pretrain", *shape, "--data", self.out / "data" / "tokens", "--tokenizer", self.out / "tokenizer",
-                  "--out", run, "--steps", steps, "--lr", p.pretrain_lr, "--batch-size", p.batch_size,
-                  "--seq-len", p.seq_len, "--mix", p.mix, "--warmup", max(1, min(50, steps // 10)), "--seed", p.seed,
-                  "--save-every", max(10, steps // 8), "--resume", trains=run)
+        pretrain.run(PretrainConfig(
+            data=str(self.out / "data" / "tokens"), tokenizer=str(self.out / "tokenizer"), mix=p.mix, **model,
+            train=self._train(out=str(run), steps=steps, lr=p.pretrain_lr, warmup=max(1, min(50, steps // 10)),
+                              seed=p.seed, save_every=max(10, steps // 8))))
+        _finished(run)
 
     def _sft(self, start: Path, run: Path, seed: int) -> None:
+        from .train import sft
+
         p = self.plan
-        self._run("sft", "--model", start, "--data", self.out / "data" / "sft.jsonl", "--out", run,
-                  "--steps", p.sft_steps, "--lr", p.sft_lr, "--warmup", max(1, p.sft_steps // 10), "--seed", seed,
-                  "--save-every", max(10, p.sft_steps // 3), "--resume", trains=run)
+        sft.run(SFTConfig(
+            model=str(start), data=[str(self.out / "data" / "sft.jsonl")],
+            train=self._train(out=str(run), steps=p.sft_steps, lr=p.sft_lr, warmup=max(1, p.sft_steps // 10), seed=seed,
+                              save_every=max(10, p.sft_steps // 3))))
+        _finished(run)
 
     def stage_tokenizer(self) -> dict:
+        from .tokenizer import train_on_files
+
         out = self.out / "tokenizer"
-        self._run("tokenizer", "--input", self.out / "data" / "curated", "--vocab-size", self.plan.vocab_size,
-                  "--out", out)
-        from .tokenizer import Tokenizer
-        return {"vocab_size": Tokenizer.load(out).vocab_size}
+        tok, _ = train_on_files([self.out / "data" / "curated"], self.plan.vocab_size, progress=not self.quiet)
+        tok.save(out)
+        return {"vocab_size": tok.vocab_size}
 
     def stage_tokens(self) -> dict:
-        out = self.out / "data" / "tokens"
-        self._run("tokenize", "--input", self.out / "data" / "curated", "--tokenizer", self.out / "tokenizer",
-                  "--out", out)
-        index = json.loads((out / "index.json").read_text())
+        from .data.shards import tokenize_dir
+
+        index = tokenize_dir(self.out / "data" / "curated", self.out / "tokenizer", self.out / "data" / "tokens",
+                             workers=os.cpu_count() or 1, progress=not self.quiet)
         return {"tokens": index["num_tokens"], "documents": index["num_docs"]}
 
     def _train_record(self, run: Path) -> dict:
@@ -293,7 +287,7 @@ class Speedrun:
 
     def stage_pretrain(self) -> dict:
         run = self.out / "pretrain"
-        self._pretrain(run, ["--preset", self.plan.preset], self.plan.pretrain_steps)
+        self._pretrain(run, self.plan.pretrain_steps, preset=self.plan.preset)
         return {**self._train_record(run), "eval": self._evaluate(self._load(run), "plain")}
 
     def stage_sft(self) -> dict:
@@ -310,14 +304,17 @@ class Speedrun:
 
     def stage_rl(self) -> dict:
         from .plot import read_metrics
+        from .rl import train as rl_train
 
         p, run = self.plan, self.out / "rl"
-        self._run("grpo", "--model", self.out / "sft", "--task", p.task, "--out", run, "--steps", p.grpo_steps,
-                  "--prompts", p.grpo_prompts, "--group", p.grpo_group, "--max-tokens", p.max_tokens,
-                  "--lr", p.grpo_lr, "--beta", p.grpo_beta, "--level", p.grpo_level, "--seed", p.seed,
-                  "--warmup", p.grpo_warmup, "--averaging", p.grpo_averaging, "--normalize", p.grpo_normalize,
-                  "--resample", p.grpo_resample, "--resample-from", p.grpo_stage2, "--ref-refresh", p.grpo_stage2,
-                  "--save-every", max(5, p.grpo_steps // 6), "--resume", trains=run)
+        rl_train.run(GRPORun(
+            model=str(self.out / "sft"), out=str(run), steps=p.grpo_steps, save_every=max(5, p.grpo_steps // 6),
+            resume=True, quiet=self.quiet,
+            grpo=GRPOConfig(p.task, prompts=p.grpo_prompts, group=p.grpo_group, max_tokens=p.max_tokens, lr=p.grpo_lr,
+                            beta=p.grpo_beta, level=p.grpo_level, seed=p.seed, warmup=p.grpo_warmup,
+                            averaging=p.grpo_averaging, normalize=p.grpo_normalize, resample=p.grpo_resample,
+                            resample_from=p.grpo_stage2, ref_refresh=p.grpo_stage2)))
+        _finished(run)
         rows, loaded = read_metrics(run), self._load(run)
         seconds = sum(r["seconds"] for r in rows)
         generated = sum(r["response_length"] * r.get("draws", 1) * p.grpo_prompts * p.grpo_group for r in rows)
@@ -332,13 +329,13 @@ class Speedrun:
     def stage_distill(self) -> dict:
         """R1's distillation in miniature: a smaller pretrained student SFT'd on the RL model's verified answers."""
         p, run, student = self.plan, self.out / "distill", self.out / "distill-student"
-        self._pretrain(student, ["--config", self._student_config()], p.distill_pretrain_steps)
+        self._pretrain(student, p.distill_pretrain_steps, config=str(self._student_config()))
         if not (run / "report.json").exists():  # distill reuses its samples and resumes its SFT on a rerun
-            from .train.args import TrainError
+            from .rl import distill
             try:
-                self._run("distill", "--teacher", self.out / "rl", "--student", student, "--task", p.task,
-                          "--out", run, "--problems", p.distill_problems, "--steps", p.distill_steps,
-                          "--max-tokens", p.max_tokens, "--eval-n", p.eval_n, "--seed", p.seed)
+                distill.run(DistillConfig(teacher=str(self.out / "rl"), student=str(student), task=p.task,
+                                          out=str(run), problems=p.distill_problems, steps=p.distill_steps,
+                                          max_tokens=p.max_tokens, eval_n=p.eval_n, seed=p.seed, quiet=self.quiet))
             except TrainError as e:  # e.g. a teacher that solved nothing: the report says so
                 self._say(f"  distillation skipped: {e}")
                 return {"skipped": str(e)}
@@ -451,12 +448,10 @@ def make_plan(quick: bool, **overrides) -> Plan:
     return plan
 
 
-def main(args) -> int:
-    plan = make_plan(args.quick, **{k: getattr(args, k) for k in ("pretrain_steps", "sft_steps", "grpo_steps",
-                                                                   "eval_n", "seed", "task")
-                                    if getattr(args, k) is not None})
+def run(out: str | Path, plan: Plan, distill: bool = False, quiet: bool = False) -> int:
+    """The speedrun of `plan` in `out` (continuing one stopped there); the exit status of `nanoseek speedrun`."""
     try:
-        Speedrun(args.out, plan, distill=args.distill, quiet=args.quiet).run()
+        Speedrun(out, plan, distill=distill, quiet=quiet).run()
     except SpeedrunError as e:
         print(f"nanoseek speedrun: error: {e}", file=sys.stderr)
         return 2

@@ -197,6 +197,18 @@ class Tokenizer:
         return ids, mask
 
 
+def train_on_files(paths: Sequence[str | os.PathLike], vocab_size: int, text_field: str | None = None,
+                   progress: bool = False) -> tuple[Tokenizer, list[str]]:
+    """A tokenizer trained on the documents under `paths` (`nanoseek tokenizer`), and the inputs it skipped,
+    each as "why: where"."""
+    from .data.readers import iter_documents
+
+    skipped: list[str] = []
+    texts = (text for _, text, _ in iter_documents(paths, lambda why, where: skipped.append(f"{why}: {where}"),
+                                                   text_field))
+    return Tokenizer.train(texts, vocab_size, show_progress=progress), skipped
+
+
 def _byte_of_char() -> dict[str, int]:
     """Byte-level BPE's alphabet: printable bytes stand for themselves, the other bytes take the
     characters from U+0100 on, in byte order."""

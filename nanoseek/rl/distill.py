@@ -6,7 +6,7 @@
    through the engine); only completions the task's verifier accepts are kept, at most
    --keep-per-problem per problem, duplicates dropped (DeepSeek-R1 kept ~600K verified samples
    this way). They are written to RUN/distill.jsonl in the chat format.
-2. The student is fine-tuned on them with `nanoseek sft` (RUN/student is that SFT run; its
+2. The student is fine-tuned on them with `sft.run` (RUN/student is that SFT run; its
    final model dir is the distilled student).
 3. Teacher and student are evaluated greedily on the same fixed test problems; RUN/report.json
    holds both accuracies and the data statistics.
@@ -23,7 +23,9 @@ from ..data.tasks import get_task
 from ..engine.engine import Engine
 from ..io import write_atomic
 from ..tokenizer import Tokenizer
-from ..train.args import TrainError
+from ..train import sft
+from ..train.args import SFTConfig, TrainConfig, TrainError
+from .args import DistillConfig
 from .evaluate import answer_params, completion_text, evaluate, prompt_ids
 
 
@@ -51,35 +53,34 @@ def rejection_sample(engine: Engine, task, problems, k: int, temperature: float,
                       "examples": len(examples)}
 
 
-def main(args) -> int:
-    from ..cli import run_command
-
+def run(cfg: DistillConfig) -> dict:
+    """Distil as `cfg` says; returns (and writes to RUN/report.json) the teacher's and student's accuracies."""
     for name in ("problems", "k", "keep_per_problem", "max_tokens", "eval_n", "steps"):
-        if getattr(args, name) < 1:
-            raise TrainError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
-    if not args.temperature >= 0 or not args.lr > 0:
-        raise TrainError(f"--temperature must be >= 0 and --lr > 0 (got {args.temperature}, {args.lr})")
+        if getattr(cfg, name) < 1:
+            raise TrainError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(cfg, name)})")
+    if not cfg.temperature >= 0 or not cfg.lr > 0:
+        raise TrainError(f"--temperature must be >= 0 and --lr > 0 (got {cfg.temperature}, {cfg.lr})")
     try:
-        task = get_task(args.task)
-        problems = task.problems("train", args.problems, seed=args.seed)
-        test = task.problems("test", args.eval_n)
+        task = get_task(cfg.task)
+        problems = task.problems("train", cfg.problems, seed=cfg.seed)
+        test = task.problems("test", cfg.eval_n)
     except ValueError as e:
         raise TrainError(str(e)) from None
-    run = Path(args.out)
+    run = Path(cfg.out)
     run.mkdir(parents=True, exist_ok=True)
     data = run / "distill.jsonl"
-    tok = Tokenizer.load(args.teacher)
+    tok = Tokenizer.load(cfg.teacher)
     device = resolve_device()  # sampling and evaluation on a GPU if there is one, as the student's SFT
-    teacher = Engine(load_model(args.teacher, device=device), tok, max_running=args.max_running)
+    teacher = Engine(load_model(cfg.teacher, device=device), tok, max_running=cfg.max_running)
     t0 = time.perf_counter()
     if data.exists() and (run / "samples.json").exists():  # a rerun reuses the sampled data
         stats = json.loads((run / "samples.json").read_text())
         print(f"reusing {data} ({stats['examples']} examples)")
     else:
-        examples, stats = rejection_sample(teacher, task, problems, args.k, args.temperature, args.max_tokens,
-                                           args.keep_per_problem, args.seed)
+        examples, stats = rejection_sample(teacher, task, problems, cfg.k, cfg.temperature, cfg.max_tokens,
+                                           cfg.keep_per_problem, cfg.seed)
         if not examples:
-            raise TrainError(f"the teacher solved none of the {len(problems)} problems in {args.k} tries each; "
+            raise TrainError(f"the teacher solved none of the {len(problems)} problems in {cfg.k} tries each; "
                              f"nothing to distil (train the teacher more, or raise --k)")
         write_atomic(data, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples))
         write_atomic(run / "samples.json", json.dumps(stats, indent=2))  # last: marks the data complete
@@ -87,14 +88,14 @@ def main(args) -> int:
               f"{stats['problems_solved']} of {len(problems)} problems solved, {stats['examples']} examples "
               f"({time.perf_counter() - t0:.0f} s)")
     student_run = run / "student"
-    run_command("sft", "--model", args.student, "--data", data, "--out", student_run, "--steps", args.steps,
-                "--lr", args.lr, "--seed", args.seed, *(["--resume"] if (student_run / "checkpoints").exists() else []),
-                *(["--quiet"] if args.quiet else []))
-    student = Engine(load_model(student_run, device=device), Tokenizer.load(student_run), max_running=args.max_running)
-    before = evaluate(Engine(load_model(args.student, device=device), Tokenizer.load(args.student),
-                             max_running=args.max_running), task, test, max_tokens=args.max_tokens)
-    t_rep = evaluate(teacher, task, test, max_tokens=args.max_tokens)
-    s_rep = evaluate(student, task, test, max_tokens=args.max_tokens)
+    sft.run(SFTConfig(model=cfg.student, data=[str(data)],
+                      train=TrainConfig(out=str(student_run), steps=cfg.steps, lr=cfg.lr, seed=cfg.seed,
+                                        resume=(student_run / "checkpoints").exists(), quiet=cfg.quiet)))
+    student = Engine(load_model(student_run, device=device), Tokenizer.load(student_run), max_running=cfg.max_running)
+    before = evaluate(Engine(load_model(cfg.student, device=device), Tokenizer.load(cfg.student),
+                             max_running=cfg.max_running), task, test, max_tokens=cfg.max_tokens)
+    t_rep = evaluate(teacher, task, test, max_tokens=cfg.max_tokens)
+    s_rep = evaluate(student, task, test, max_tokens=cfg.max_tokens)
     report = {"task": task.name, "test_problems": len(test), "teacher_pass1": t_rep.pass1,
               "student_before_pass1": before.pass1, "student_after_pass1": s_rep.pass1, **stats,
               "teacher_parameters": teacher.model.num_parameters(),
@@ -102,4 +103,4 @@ def main(args) -> int:
     write_atomic(run / "report.json", json.dumps(report, indent=2))
     print(f"{task.name} test pass@1 (greedy, {len(test)} problems): teacher {t_rep.pass1:.1%}; student "
           f"{before.pass1:.1%} before, {s_rep.pass1:.1%} after distillation")
-    return 0
+    return report

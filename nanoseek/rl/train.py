@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -33,40 +33,14 @@ from ..engine.engine import Engine
 from ..io import write_atomic
 from ..model import Transformer
 from ..tokenizer import Tokenizer
-from ..train.args import TrainError
+from ..train.args import TrainError, settings
 from ..train.common import (MetricsLog, OptimConfig, complete_checkpoints, graceful_sigint, load_training_state, lr_at,
                             save_checkpoint, set_rng_state)
 from ..train.pretrain import export_final
+from .args import GRPOConfig, GRPORun
 from .evaluate import answer_params, completion_text, prompt_ids
 from .grpo import group_advantages, grpo_loss
 from .rewards import RewardConfig, score
-
-
-@dataclass
-class GRPOConfig:
-    task: str
-    level: int | None = None
-    prompts: int = 8  # P problems per step
-    group: int = 8  # G completions per problem
-    max_tokens: int = 256
-    temperature: float = 1.0
-    inner_updates: int = 1  # optimizer steps per batch of rollouts (mu)
-    minibatch: int = 16  # sequences per forward/backward
-    clip_eps: float = 0.2
-    beta: float = 0.04
-    averaging: str = "sequence"
-    normalize: str = "signal"  # signal: mean over the groups with reward variance; batch: over all P groups
-    ref_refresh: int = 0  # steps between reference refreshes; 0: never
-    resample: int = 0  # extra draws of P problems per step while fewer than P groups have signal (DAPO)
-    resample_from: int = 0  # the first step (0-based) that resamples
-    lr: float = 1e-5
-    warmup: int = 0  # steps of linear lr warm-up
-    weight_decay: float = 0.0
-    clip: float = 1.0
-    format_weight: float = 0.1
-    language_weight: float = 0.0
-    template: str = "chat"
-    seed: int = 0
 
 
 class _Steps:
@@ -229,38 +203,40 @@ def grpo_step(policy: Transformer, ref: Transformer | None, optim, engine: Engin
     return m
 
 
-def main(args) -> int:
+def run(r: GRPORun) -> Transformer:
+    """A GRPO run as `r` says; returns the policy (RUN holds it once every step ran)."""
     from tqdm import tqdm
 
-    for name in ("steps", "prompts", "group", "max_tokens", "inner_updates", "minibatch", "save_every", "keep"):
-        if getattr(args, name) < 1:
-            raise TrainError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
-    if args.warmup < 0:
-        raise TrainError(f"--warmup must be >= 0 (got {args.warmup})")
+    cfg = r.grpo
+    for name, value in [(n, getattr(r, n)) for n in ("steps", "save_every", "keep")] + \
+                       [(n, getattr(cfg, n)) for n in ("prompts", "group", "max_tokens", "inner_updates", "minibatch")]:
+        if value < 1:
+            raise TrainError(f"--{name.replace('_', '-')} must be >= 1 (got {value})")
+    if cfg.warmup < 0:
+        raise TrainError(f"--warmup must be >= 0 (got {cfg.warmup})")
     for name in ("temperature", "beta", "lr", "clip_eps", "clip"):
-        if not getattr(args, name) >= 0 or (name in ("lr", "clip_eps") and getattr(args, name) == 0):
+        if not getattr(cfg, name) >= 0 or (name in ("lr", "clip_eps") and getattr(cfg, name) == 0):
             raise TrainError(f"--{name.replace('_', '-')} must be {'> 0' if name in ('lr', 'clip_eps') else '>= 0'} "
-                             f"(got {getattr(args, name)})")
-    if args.resample < 0 or args.resample_from < 0:
-        raise TrainError(f"--resample and --resample-from must be >= 0 (got {args.resample}, {args.resample_from})")
-    if args.group < 2:
+                             f"(got {getattr(cfg, name)})")
+    if cfg.resample < 0 or cfg.resample_from < 0:
+        raise TrainError(f"--resample and --resample-from must be >= 0 (got {cfg.resample}, {cfg.resample_from})")
+    if cfg.group < 2:
         raise TrainError("--group must be >= 2: advantages compare completions within a group")
-    if args.max_running is not None and args.max_running < 1:
-        raise TrainError(f"--max-running must be >= 1 (got {args.max_running})")
+    if r.max_running is not None and r.max_running < 1:
+        raise TrainError(f"--max-running must be >= 1 (got {r.max_running})")
     try:
-        task = get_task(args.task)
+        task = get_task(cfg.task)
     except ValueError as e:
         raise TrainError(str(e)) from None
-    cfg = GRPOConfig(**{k: getattr(args, k) for k in GRPOConfig.__dataclass_fields__})
-    run = Path(args.out)
+    run = Path(r.out)
     done = complete_checkpoints(run)
-    if done and not args.resume:
+    if done and not r.resume:
         raise TrainError(f"{run} already has checkpoints (newest: {done[-1].name}); pass --resume to continue it "
                          f"or choose another --out")
-    saved = load_training_state(done[-1]) if (args.resume and done) else None
+    saved = load_training_state(done[-1]) if (r.resume and done) else None
     device = resolve_device()  # rollouts and updates on a GPU if there is one
-    policy = load_model(done[-1] if saved else args.model).to(device)
-    tok = Tokenizer.load(args.model)
+    policy = load_model(done[-1] if saved else r.model).to(device)
+    tok = Tokenizer.load(r.model)
     tok.check_fits(policy.cfg.vocab_size)
     ref = None
     if cfg.beta:  # the frozen reference: the starting policy, kept in RUN/reference for resumes
@@ -268,11 +244,11 @@ def main(args) -> int:
         ref.requires_grad_(False)
         if saved and cfg.ref_refresh and saved["trainer"]["step"] % cfg.ref_refresh == 0:
             ref.load_state_dict(policy.state_dict())  # stopped between a refresh's checkpoint and its reference
-    # not fused=True (35 -> 13 ms a step for `small`): torch's fused AdamW writes the weights without bumping
-    # their version counters, which the engine's absorbed-weights cache (MLA.absorbed_weights) keys on
+    # not fused=True: torch's fused AdamW writes the weights without bumping their version counters, which the
+    # engine's absorbed-weights cache (MLA.absorbed_weights) keys on
     optim = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
-    engine = Engine(policy, tok, max_running=args.max_running or args.prompts * args.group, compile=args.compile)
-    if args.compile:
+    engine = Engine(policy, tok, max_running=r.max_running or cfg.prompts * cfg.group, compile=r.compile)
+    if r.compile:
         try:
             engine.warm_up()  # compile now; later steps reuse the graph (the weights are its inputs)
         except RuntimeError as e:
@@ -283,17 +259,17 @@ def main(args) -> int:
         steps.step_num = saved["trainer"]["step"]
         set_rng_state(saved["rng"])
     run.mkdir(parents=True, exist_ok=True)
-    write_atomic(run / "grpo_args.json", json.dumps(vars(args), indent=2, default=str))
+    write_atomic(run / "grpo_args.json", json.dumps(settings(r), indent=2, default=str))
     if ref is not None and not saved:
         save_model(ref, run / "reference")
     log = MetricsLog(run, True, steps.step_num)
     files = tok.files(policy.cfg.max_position_embeddings)
     schedule = OptimConfig(lr=cfg.lr, warmup=cfg.warmup, decay_frac=0.0)  # linear warm-up, then constant
-    bar = tqdm(total=args.steps, initial=steps.step_num, disable=args.quiet, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=r.steps, initial=steps.step_num, disable=r.quiet, unit="step", dynamic_ncols=True)
     with graceful_sigint() as stop:
         try:
-            while steps.step_num < args.steps:
-                lr = lr_at(steps.step_num, args.steps, schedule)
+            while steps.step_num < r.steps:
+                lr = lr_at(steps.step_num, r.steps, schedule)
                 for group in optim.param_groups:
                     group["lr"] = lr
                 m = {**grpo_step(policy, ref, optim, engine, task, cfg, steps.step_num, tok), "lr": lr}
@@ -303,8 +279,8 @@ def main(args) -> int:
                 bar.set_postfix(reward=f"{m['reward']:.3f}", acc=f"{m['accuracy']:.2f}",
                                 len=f"{m['response_length']:.0f}", refresh=False)
                 refresh = ref is not None and cfg.ref_refresh and steps.step_num % cfg.ref_refresh == 0
-                if refresh or steps.step_num % args.save_every == 0 or steps.step_num == args.steps or stop["now"]:
-                    save_checkpoint(run, policy, optim, steps, {"config": asdict(cfg)}, files, args.keep)
+                if refresh or steps.step_num % r.save_every == 0 or steps.step_num == r.steps or stop["now"]:
+                    save_checkpoint(run, policy, optim, steps, {"config": asdict(cfg)}, files, r.keep)
                 if refresh:  # after its checkpoint: a resume never finds a reference newer than its step
                     ref.load_state_dict(policy.state_dict())
                     save_model(ref, run / "reference")
@@ -313,6 +289,6 @@ def main(args) -> int:
         finally:
             bar.close()
             log.close()
-    if steps.step_num == args.steps:
+    if steps.step_num == r.steps:
         export_final(policy, run, files)
-    return 0
+    return policy

@@ -1,8 +1,17 @@
-"""Command-line flags of pretrain and sft (kept free of torch so `nanoseek --help` starts fast)."""
+"""The typed configs of `pretrain` and `sft`, and the command-line flags that fill them.
+
+    cfg = PretrainConfig(data="runs/x/data/tokens", preset="small", train=TrainConfig(out="runs/x/base",
+                                                                                      steps=1000, lr=3e-3))
+    pretrain.run(cfg)                  # what `nanoseek pretrain --preset small --data ... --out ...` does
+
+The flags take their defaults from the dataclasses, so a config built in code and one parsed from
+argv agree. No torch import here, so `nanoseek --help` stays fast.
+"""
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import MISSING, dataclass, fields, is_dataclass
 
 from ..config import PRESETS, SHAPE_ONLY
 
@@ -11,44 +20,140 @@ class TrainError(RuntimeError):
     """A training run cannot start or continue; the message says why and what to do."""
 
 
+@dataclass(kw_only=True)
+class TrainConfig:
+    """The training loop's settings, shared by pretrain and sft (`train_loop`)."""
+    out: str  # the run dir: checkpoints, metrics, the final model
+    steps: int
+    lr: float  # peak learning rate
+    batch_size: int = 8  # sequences per micro-batch per process
+    seq_len: int = 256
+    grad_accum: int = 1
+    min_lr_ratio: float = 0.1
+    warmup: int = 50
+    schedule: str = "wsd"  # wsd (warmup-stable-decay) or cosine
+    decay_frac: float = 0.2
+    weight_decay: float = 0.1
+    optimizer: str = "adamw"  # adamw, or muon for hidden matrices
+    clip: float = 1.0
+    mtp_weight: float = 0.3  # lambda
+    balance_weight: float = 1e-4  # alpha
+    bias_gamma: float = 1e-3  # gamma; 0 disables bias balancing
+    precision: str = "auto"
+    seed: int = 0
+    save_every: int = 100
+    keep: int = 2
+    resume: bool = False
+    max_bad_steps: int = 10
+    tensorboard: bool = False
+    wandb: bool = False
+    quiet: bool = False
+
+
+@dataclass(kw_only=True)
+class PretrainConfig:
+    data: str  # token shards from `nanoseek tokenize`
+    train: TrainConfig
+    preset: str | None = None  # exactly one of preset and config
+    config: str | None = None  # a config.json or a model dir
+    tokenizer: str | None = None  # default: the byte-level tokenizer
+    mix: str | None = None  # domain=weight,...
+    curriculum: bool = False
+
+
+@dataclass(kw_only=True)
+class SFTConfig:
+    model: str  # the model dir to fine-tune
+    data: list[str]  # jsonl chat examples
+    train: TrainConfig
+    tokenizer: str | None = None  # default: the model dir's
+    no_packing: bool = False
+
+
+def settings(cfg) -> dict:
+    """A command config as one flat dict (what RUN/train_args.json and the metrics loggers record)."""
+    flat = {}
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        flat.update(settings(value) if is_dataclass(value) else {f.name: value})
+    return flat
+
+
+def from_args(cls, args: argparse.Namespace, **given):
+    """A dataclass from the parsed flags of the same names (and `given` values for the rest)."""
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if f.name not in given and hasattr(args, f.name)},
+               **given)
+
+
+def pretrain_config(args: argparse.Namespace) -> PretrainConfig:
+    return from_args(PretrainConfig, args, train=from_args(TrainConfig, args))
+
+
+def sft_config(args: argparse.Namespace) -> SFTConfig:
+    return from_args(SFTConfig, args, train=from_args(TrainConfig, args))
+
+
+def default(cls, name: str):
+    """A dataclass field's default (for the flag of the same name)."""
+    f = next(f for f in fields(cls) if f.name == name)
+    return f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+
+
+def shown(value) -> str:
+    """A default as a help text writes it: 1e-4, not 0.0001."""
+    if isinstance(value, float):
+        return f"{value:.0e}".replace("e-0", "e-") if 0 < abs(value) < 1e-2 else f"{value:g}"
+    return str(value)
+
+
 def add_common_arguments(p: argparse.ArgumentParser, default_lr: float, default_steps: int) -> None:
-    """Flags shared by pretrain and sft."""
+    """Flags shared by pretrain and sft: the fields of TrainConfig."""
+    d = lambda name: default(TrainConfig, name)  # noqa: E731
     p.add_argument("--out", required=True, metavar="RUN", help="run dir: checkpoints, metrics, the final model")
     p.add_argument("--tokenizer", metavar="DIR",
                    help="tokenizer dir (default: pretrain: the byte-level one; sft: the model dir's)")
     p.add_argument("--steps", type=int, default=default_steps, help=f"optimizer steps (default {default_steps})")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch per process (default 8)")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    p.add_argument("--batch-size", type=int, default=d("batch_size"),
+                   help=f"sequences per micro-batch per process (default {d('batch_size')})")
+    p.add_argument("--seq-len", type=int, default=d("seq_len"), help=f"tokens per sequence (default {d('seq_len')})")
+    p.add_argument("--grad-accum", type=int, default=d("grad_accum"),
+                   help=f"micro-batches per optimizer step (default {d('grad_accum')})")
     p.add_argument("--lr", type=float, default=default_lr, help=f"peak learning rate (default {default_lr})")
-    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr / peak lr (default 0.1)")
-    p.add_argument("--warmup", type=int, default=50, help="linear warm-up steps (default 50)")
-    p.add_argument("--schedule", choices=["wsd", "cosine"], default="wsd",
-                   help="warmup-stable-decay or cosine (default wsd)")
-    p.add_argument("--decay-frac", type=float, default=0.2, help="wsd: share of steps spent decaying (default 0.2)")
-    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on matrices (default 0.1)")
-    p.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw",
-                   help="adamw, or muon for hidden matrices with AdamW for the rest (default adamw)")
-    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (default 1.0)")
-    p.add_argument("--mtp-weight", type=float, default=0.3, help="lambda, the MTP loss weight (default 0.3)")
-    p.add_argument("--balance-weight", type=float, default=1e-4,
-                   help="alpha, the sequence-wise balance loss weight (default 1e-4)")
-    p.add_argument("--bias-gamma", type=float, default=1e-3,
-                   help="gamma, the balancing-bias step per optimizer step; 0 disables (default 1e-3)")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+    p.add_argument("--min-lr-ratio", type=float, default=d("min_lr_ratio"),
+                   help=f"final lr / peak lr (default {d('min_lr_ratio')})")
+    p.add_argument("--warmup", type=int, default=d("warmup"), help=f"linear warm-up steps (default {d('warmup')})")
+    p.add_argument("--schedule", choices=["wsd", "cosine"], default=d("schedule"),
+                   help=f"warmup-stable-decay or cosine (default {d('schedule')})")
+    p.add_argument("--decay-frac", type=float, default=d("decay_frac"),
+                   help=f"wsd: share of steps spent decaying (default {d('decay_frac')})")
+    p.add_argument("--weight-decay", type=float, default=d("weight_decay"),
+                   help=f"AdamW weight decay on matrices (default {d('weight_decay')})")
+    p.add_argument("--optimizer", choices=["adamw", "muon"], default=d("optimizer"),
+                   help=f"adamw, or muon for hidden matrices with AdamW for the rest (default {d('optimizer')})")
+    p.add_argument("--clip", type=float, default=d("clip"), help=f"gradient-norm clip (default {d('clip')})")
+    p.add_argument("--mtp-weight", type=float, default=d("mtp_weight"),
+                   help=f"lambda, the MTP loss weight (default {d('mtp_weight')})")
+    p.add_argument("--balance-weight", type=float, default=d("balance_weight"),
+                   help=f"alpha, the sequence-wise balance loss weight (default {shown(d('balance_weight'))})")
+    p.add_argument("--bias-gamma", type=float, default=d("bias_gamma"),
+                   help="gamma, the balancing-bias step per optimizer step; 0 disables "
+                        f"(default {shown(d('bias_gamma'))})")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=d("precision"),
                    help="auto: bf16 autocast where the device supports it (default auto)")
-    p.add_argument("--seed", type=int, default=0, help="seed for init and data order (default 0)")
-    p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (default 100)")
-    p.add_argument("--keep", type=int, default=2, help="checkpoints to keep (default 2)")
+    p.add_argument("--seed", type=int, default=d("seed"), help=f"seed for init and data order (default {d('seed')})")
+    p.add_argument("--save-every", type=int, default=d("save_every"),
+                   help=f"checkpoint every N steps (default {d('save_every')})")
+    p.add_argument("--keep", type=int, default=d("keep"), help=f"checkpoints to keep (default {d('keep')})")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in RUN")
-    p.add_argument("--max-bad-steps", type=int, default=10,
-                   help="stop after this many non-finite steps in a row (default 10)")
+    p.add_argument("--max-bad-steps", type=int, default=d("max_bad_steps"),
+                   help=f"stop after this many non-finite steps in a row (default {d('max_bad_steps')})")
     p.add_argument("--tensorboard", action="store_true", help="also log to RUN/tensorboard (needs tensorboard)")
     p.add_argument("--wandb", action="store_true", help="also log to Weights & Biases (needs wandb)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """`nanoseek pretrain`'s flags: the fields of PretrainConfig and TrainConfig."""
     p.add_argument("--preset", choices=[k for k in PRESETS if k not in SHAPE_ONLY], help="model shape")
     p.add_argument("--config", metavar="PATH", help="a config.json (or a model dir) instead of --preset")
     p.add_argument("--data", required=True, metavar="DIR", help="token shards from `nanoseek tokenize`")
@@ -58,6 +163,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_sft_arguments(p: argparse.ArgumentParser) -> None:
+    """`nanoseek sft`'s flags: the fields of SFTConfig and TrainConfig."""
     p.add_argument("--model", required=True, metavar="DIR", help="the model dir to fine-tune (e.g. a pretrain RUN)")
     p.add_argument("--data", nargs="+", required=True, metavar="JSONL",
                    help='chat examples, one {"messages": [...]} per line')

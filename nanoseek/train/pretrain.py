@@ -27,11 +27,9 @@ from ..model import Transformer
 from ..perf import matmul_peak
 from ..tokenizer import Tokenizer
 from . import dist
+from .args import PretrainConfig, TrainConfig, TrainError, settings
 from .common import (LossConfig, MetricsLog, OptimConfig, Trainer, build_optimizer, complete_checkpoints,
                      graceful_sigint, load_training_state, save_checkpoint, set_rng_state)
-
-
-from .args import TrainError
 
 
 def parse_mix(text: str | None) -> dict[str, float] | None:
@@ -44,10 +42,10 @@ def parse_mix(text: str | None) -> dict[str, float] | None:
         raise TrainError(f"--mix must look like math=2,prose=1 (got {text!r})") from None
 
 
-def model_config(args) -> ModelConfig:
-    if bool(args.preset) == bool(args.config):
+def model_config(cfg: PretrainConfig) -> ModelConfig:
+    if bool(cfg.preset) == bool(cfg.config):
         raise TrainError("give exactly one of --preset NAME or --config PATH")
-    return preset(args.preset) if args.preset else ModelConfig.from_json(args.config)
+    return preset(cfg.preset) if cfg.preset else ModelConfig.from_json(cfg.config)
 
 
 def config_differences(a: ModelConfig, b: ModelConfig) -> list[str]:
@@ -55,13 +53,13 @@ def config_differences(a: ModelConfig, b: ModelConfig) -> list[str]:
             for f in dataclasses.fields(a) if f.compare and getattr(a, f.name) != getattr(b, f.name)]
 
 
-def start_or_resume(args, cfg: ModelConfig, run: Path, fresh: Callable[[], Transformer]):
+def start_or_resume(resume: bool, cfg: ModelConfig, run: Path, fresh: Callable[[], Transformer]):
     """(model, saved state or None): `fresh()`, or the newest complete checkpoint with --resume."""
     done = complete_checkpoints(run)
-    if done and not args.resume:
+    if done and not resume:
         raise TrainError(f"{run} already has checkpoints (newest: {done[-1].name}); pass --resume to continue it "
                          f"or choose another --out")
-    if not (args.resume and done):
+    if not (resume and done):
         return fresh(), None
     newest = done[-1]
     diffs = config_differences(ModelConfig.from_json(newest), cfg)
@@ -87,36 +85,38 @@ def export_final(model: Transformer, run: Path, tokenizer_files: dict[str, str])
     tmp.rmdir()
 
 
-def train_loop(args, model: Transformer, saved: dict | None, next_micro_batch, data_state, tok: Tokenizer,
-               world: dist.World, run: Path, extra_state_fn=None) -> Transformer:
-    """The loop pretrain and sft share: step, log, checkpoint, stop on Ctrl-C, export at the end."""
+def train_loop(tc: TrainConfig, model: Transformer, saved: dict | None, next_micro_batch, data_state,
+               tok: Tokenizer, world: dist.World, command: dict, extra_state_fn=None) -> Transformer:
+    """The loop pretrain and sft share: step, log, checkpoint, stop on Ctrl-C, export at the end. `command` is the
+    whole command's settings, recorded in RUN/train_args.json and the metrics loggers."""
     from tqdm import tqdm
 
-    oc = OptimConfig(lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup=args.warmup, schedule=args.schedule,
-                     decay_frac=args.decay_frac, weight_decay=args.weight_decay, optimizer=args.optimizer,
-                     clip=args.clip)
-    lc = LossConfig(args.mtp_weight, args.balance_weight, args.bias_gamma)
+    run = Path(tc.out)
+    oc = OptimConfig(lr=tc.lr, min_lr_ratio=tc.min_lr_ratio, warmup=tc.warmup, schedule=tc.schedule,
+                     decay_frac=tc.decay_frac, weight_decay=tc.weight_decay, optimizer=tc.optimizer,
+                     clip=tc.clip)
+    lc = LossConfig(tc.mtp_weight, tc.balance_weight, tc.bias_gamma)
     if world.main:
         run.mkdir(parents=True, exist_ok=True)
-        (run / "train_args.json").write_text(json.dumps(vars(args), indent=2, default=str))
+        (run / "train_tc.json").write_text(json.dumps(command, indent=2, default=str))
     model.to(world.device)
     optim = build_optimizer(model, oc)
-    trainer = Trainer(model, optim, oc, lc, args.steps, world, args.precision, args.max_bad_steps)
+    trainer = Trainer(model, optim, oc, lc, tc.steps, world, tc.precision, tc.max_bad_steps)
     if saved:
         optim.load_state_dict(saved["optimizer"])
         trainer.load_state_dict(saved["trainer"])
         data_state.load_state_dict(saved["data"])
         set_rng_state(saved["rng"])
-    log = MetricsLog(run, world.main, trainer.step_num, args.tensorboard, args.wandb, vars(args))
+    log = MetricsLog(run, world.main, trainer.step_num, tc.tensorboard, tc.wandb, command)
     peak = matmul_peak(trainer.amp or torch.float32, seconds=0.3, device=world.device)
-    flops_per_token = estimate(model.cfg, seq_len=args.seq_len).flops_per_token_train
+    flops_per_token = estimate(model.cfg, seq_len=tc.seq_len).flops_per_token_train
     tokenizer_files = tok.files(model.cfg.max_position_embeddings)
-    bar = tqdm(total=args.steps, initial=trainer.step_num, disable=args.quiet or not world.main, unit="step",
+    bar = tqdm(total=tc.steps, initial=trainer.step_num, disable=tc.quiet or not world.main, unit="step",
                dynamic_ncols=True)
     with graceful_sigint() as stop:
         try:
-            while trainer.step_num < args.steps:
-                m = trainer.step([next_micro_batch() for _ in range(args.grad_accum)])
+            while trainer.step_num < tc.steps:
+                m = trainer.step([next_micro_batch() for _ in range(tc.grad_accum)])
                 if "seconds" in m:
                     m["tokens_per_s"] = m["tokens"] / m["seconds"]
                     m["mfu"] = flops_per_token * m["tokens_per_s"] / peak
@@ -127,13 +127,13 @@ def train_loop(args, model: Transformer, saved: dict | None, next_micro_batch, d
                 bar.update(1)
                 bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{m['lr']:.2e}",
                                 tok_s=f"{m.get('tokens_per_s', 0):.0f}", refresh=False)
-                last = trainer.step_num == args.steps
-                if trainer.step_num % args.save_every == 0 or last or stop["now"]:
+                last = trainer.step_num == tc.steps
+                if trainer.step_num % tc.save_every == 0 or last or stop["now"]:
                     if world.main:
                         try:
                             save_checkpoint(run, model, optim, trainer,
                                             {"data": data_state.state_dict(), **(extra_state_fn() if extra_state_fn else {})},
-                                            tokenizer_files, args.keep)
+                                            tokenizer_files, tc.keep)
                         except OSError as e:
                             done = complete_checkpoints(run)
                             raise TrainError(f"could not save a checkpoint in {run}: {e.strerror or e}; "
@@ -144,7 +144,7 @@ def train_loop(args, model: Transformer, saved: dict | None, next_micro_batch, d
         finally:
             bar.close()
             log.close()
-    if trainer.step_num == args.steps and world.main:
+    if trainer.step_num == tc.steps and world.main:
         export_final(model, run, tokenizer_files)
     return model
 
@@ -162,24 +162,24 @@ def training_world():
         dist.shutdown(world)
 
 
-def main(args) -> int:
+def run(cfg: PretrainConfig) -> Transformer:
+    """Pretrain as `cfg` says; returns the trained model (RUN holds it once every step ran)."""
     from ..data.shards import Loader
 
-    run = Path(args.out)
+    tc = cfg.train
     with training_world() as world:
-        cfg = model_config(args)
-        tok = Tokenizer.load(args.tokenizer) if args.tokenizer else Tokenizer.byte_level()
-        tok.check_fits(cfg.vocab_size)
-        index_path = Path(args.data) / "index.json"
+        mcfg = model_config(cfg)
+        tok = Tokenizer.load(cfg.tokenizer) if cfg.tokenizer else Tokenizer.byte_level()
+        tok.check_fits(mcfg.vocab_size)
+        index_path = Path(cfg.data) / "index.json"
         if index_path.exists():
             shards_vocab = json.loads(index_path.read_text()).get("vocab_size")
             if shards_vocab != tok.vocab_size:
                 raise TrainError(f"{index_path}: the shards were tokenized with a {shards_vocab}-token tokenizer, "
                                  f"not this {tok.vocab_size}-token one; pass the tokenizer the shards were made with")
-        if args.seq_len > cfg.max_position_embeddings:
-            raise TrainError(f"--seq-len {args.seq_len} exceeds max_position_embeddings={cfg.max_position_embeddings}")
-        model, saved = start_or_resume(args, cfg, run, lambda: _seeded_model(cfg, args.seed))
-        loader = Loader(args.data, args.seq_len, args.batch_size, parse_mix(args.mix), args.curriculum, args.seed,
+        if tc.seq_len > mcfg.max_position_embeddings:
+            raise TrainError(f"--seq-len {tc.seq_len} exceeds max_position_embeddings={mcfg.max_position_embeddings}")
+        model, saved = start_or_resume(tc.resume, mcfg, Path(tc.out), lambda: _seeded_model(mcfg, tc.seed))
+        loader = Loader(cfg.data, tc.seq_len, tc.batch_size, parse_mix(cfg.mix), cfg.curriculum, tc.seed,
                         world.rank, world.world_size)
-        train_loop(args, model, saved, loader.next_batch, loader, tok, world, run)
-    return 0
+        return train_loop(tc, model, saved, loader.next_batch, loader, tok, world, settings(cfg))

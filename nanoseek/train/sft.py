@@ -19,8 +19,9 @@ import torch
 
 from ..checkpoint import load_model
 from ..config import ModelConfig
+from ..model import Transformer
 from ..tokenizer import Tokenizer, TokenizerError
-from .args import TrainError
+from .args import SFTConfig, TrainError, settings
 from .pretrain import start_or_resume, train_loop, training_world
 
 
@@ -108,17 +109,17 @@ class ChatBatches:
         self.epoch, self.position, self.carry = s["epoch"], s["position"], (list(s["carry"][0]), list(s["carry"][1]))
 
 
-def main(args) -> int:
-    run = Path(args.out)
+def run(cfg: SFTConfig) -> Transformer:
+    """Fine-tune as `cfg` says; returns the trained model (RUN holds it once every step ran)."""
+    tc = cfg.train
     with training_world() as world:
-        base_cfg = ModelConfig.from_json(args.model)
-        tok = Tokenizer.load(args.tokenizer or args.model)
+        base_cfg = ModelConfig.from_json(cfg.model)
+        tok = Tokenizer.load(cfg.tokenizer or cfg.model)
         tok.check_fits(base_cfg.vocab_size)
-        convs = read_conversations(args.data, tok)
-        model, saved = start_or_resume(args, base_cfg, run, lambda: load_model(args.model))
-        batches = ChatBatches(convs, args.seq_len, args.batch_size, tok.pad_id, not args.no_packing, args.seed,
+        convs = read_conversations(cfg.data, tok)
+        model, saved = start_or_resume(tc.resume, base_cfg, Path(tc.out), lambda: load_model(cfg.model))
+        batches = ChatBatches(convs, tc.seq_len, tc.batch_size, tok.pad_id, not cfg.no_packing, tc.seed,
                               world.rank, world.world_size)
         if world.main and batches.truncated:
             print(f"note: {batches.truncated} conversation(s) longer than --seq-len are cut", flush=True)
-        train_loop(args, model, saved, batches.next_batch, batches, tok, world, run)
-    return 0
+        return train_loop(tc, model, saved, batches.next_batch, batches, tok, world, settings(cfg))
