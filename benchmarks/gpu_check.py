@@ -1,6 +1,6 @@
 """nanoseek's CUDA paths, checked and timed on one GPU in one short run.
 
-    python benchmarks/gpu_check.py --out gpu                      # everything below, ~5 minutes
+    python benchmarks/gpu_check.py --out gpu                      # everything below
     python benchmarks/gpu_check.py --out gpu --spec-model DIR     # + speculative decoding on a trained model
 
 The test suite runs on CPUs only (CI has no GPU); this script is what to run when a GPU is at hand.

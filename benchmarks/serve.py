@@ -10,8 +10,8 @@ token), TPOT ((end-to-end - TTFT) / (tokens - 1)), ITL (time between streamed ch
 and output tokens/s, with mean, median and p99; first with --concurrency clients at once, then
 the same kind of requests one at a time, and the ratio of their tokens/s (--compile: the server's
 decode step compiled with torch.compile, before it listens). The two runs alternate
-for --rounds rounds (each round's ratio is printed) and the table sums them, because this
-machine's speed drifts by 10-20% from minute to minute.
+for --rounds rounds (each round's ratio is printed) and the table sums them, because a shared
+machine's speed drifts from minute to minute.
 """
 
 from __future__ import annotations

@@ -250,7 +250,7 @@ def _yarn(factor: float, original: int, mscale: float = 1.0) -> dict[str, Any]:
             "mscale_all_dim": mscale, "original_max_position_embeddings": original}
 
 
-# Shapes from ../shared/reference/deepseek.md and DeepSeek's public config.json files.
+# `tiny` and `small` are ours; the deepseek-* shapes are those of DeepSeek's published config.json files.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(
         vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,

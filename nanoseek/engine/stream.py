@@ -29,7 +29,7 @@ class TextStream:
     def _decoded(self) -> str:
         """The text of every id so far. With a byte-level decoder only the ids after the last point
         where the text ended on a whole character are decoded again; decoding the whole sequence at
-        every token made a token cost more the longer the output (159 us a token over 1,024 tokens)."""
+        every token made a token cost more the longer the output."""
         if not self._in_pieces:
             return self.tok.decode(self.ids)
         tail = self.tok.decode(self.ids[self._cut:])
