@@ -605,6 +605,22 @@ def cmd_grpo(args: argparse.Namespace) -> int:
     return 0
 
 
+def parser_rft(sub: argparse._SubParsersAction) -> None:
+    sp = sub.add_parser("rft", help="rejection-sampling fine-tuning: GRPO's compute-matched control",
+                        description="Draw as many completions as a GRPO run sampled from its start, keep those the "
+                                    "task verifies, and fine-tune the start on them (RFT). GRPO counts as a win only "
+                                    "where it beats this.")
+    rl_args.add_rft_arguments(sp)
+    sp.set_defaults(func=cmd_rft)
+
+
+def cmd_rft(args: argparse.Namespace) -> int:
+    from .rl import rft
+
+    rft.run(rl_args.rft_config(args))
+    return 0
+
+
 def parser_distill(sub: argparse._SubParsersAction) -> None:
     sp = sub.add_parser("distill", help="rejection-sample a teacher's verified answers and SFT a smaller student",
                         description="R1-style distillation: k teacher samples per train problem, keep those the task "
@@ -716,8 +732,8 @@ def cmd_speedrun(args: argparse.Namespace) -> int:
 
 # `nanoseek --help` lists the commands in this order.
 PARSERS = (parser_init, parser_tokenizer, parser_curate, parser_tokenize, parser_tasks, parser_cost, parser_pretrain,
-           parser_sft, parser_generate, parser_chat, parser_serve, parser_grpo, parser_distill, parser_eval,
-           parser_plot, parser_speedrun)
+           parser_sft, parser_generate, parser_chat, parser_serve, parser_grpo, parser_rft, parser_distill,
+           parser_eval, parser_plot, parser_speedrun)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -434,3 +434,38 @@ def test_normalize_batch_scales_the_step_by_the_share_of_groups_with_signal(sft_
     share = trained["batch"] / 16
     assert torch.allclose(deltas["batch"], deltas["signal"] * share, rtol=1e-4, atol=1e-7)
     assert deltas["signal"].abs().max() > 0
+
+
+def test_rft_keeps_only_verified_samples_and_draws_the_count_asked(sft_tiny, tmp_path):
+    """The RFT control draws exactly --samples completions (a GRPO run's count), --group per problem, keeps only
+    those the task verifies (distinct per problem), fine-tunes the start on them into RUN, and reuses the samples
+    when rerun."""
+    import json
+
+    from nanoseek import load_model
+    from nanoseek.cli import main
+    from nanoseek.data.tasks import Problem
+    from nanoseek.rl.args import RFTConfig
+    from nanoseek.rl.rft import run
+
+    run_dir = tmp_path / "rft"
+    flags = ["--model", str(sft_tiny), "--task", "arithmetic", "--level", "1", "--out", str(run_dir),
+             "--group", "4", "--max-tokens", "64", "--steps", "2", "--quiet"]
+    assert main(["rft", *flags, "--samples", "30"]) == 2  # not a whole number of groups
+    assert main(["rft", *flags, "--samples", "128"]) == 0
+    stats = json.loads((run_dir / "samples.json").read_text())
+    assert stats["samples"] == 128 and stats["problems"] == 32
+    assert 0 < stats["examples"] <= stats["correct_samples"] < 128  # the tiny model is right only sometimes
+    task = TASKS["arithmetic"]
+    rows = [json.loads(line)["messages"] for line in (run_dir / "rft.jsonl").read_text().splitlines()]
+    assert len(rows) == stats["examples"]
+    for user, assistant in rows:
+        problem = next(p for p in task.problems("train", 32, level=1, seed=-1) if p.prompt == user["content"])
+        assert isinstance(problem, Problem) and task.verify(problem, assistant["content"])
+    assert len({(u["content"], a["content"]) for u, a in rows}) == len(rows)
+    assert load_model(run_dir).cfg == load_model(sft_tiny).cfg  # RUN is the fine-tuned model dir
+    assert not torch.equal(load_model(run_dir).lm_head.weight, load_model(sft_tiny).lm_head.weight)
+    before = (run_dir / "rft.jsonl").read_text()
+    again = run(RFTConfig(model=str(sft_tiny), task="arithmetic", level=1, out=str(run_dir), samples=128, group=4,
+                          max_tokens=64, steps=2, quiet=True))
+    assert again == stats and (run_dir / "rft.jsonl").read_text() == before

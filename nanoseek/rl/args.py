@@ -1,7 +1,8 @@
-"""The typed configs of `nanoseek grpo` and `nanoseek distill`, and the flags that fill them.
+"""The typed configs of `nanoseek grpo`, `rft` and `distill`, and the flags that fill them.
 
     rl.train.run(GRPORun(model="runs/x/sft", out="runs/x/rl", steps=100, grpo=GRPOConfig("arithmetic")))
     rl.distill.run(DistillConfig(teacher="runs/x/rl", student="runs/x/student", task="arithmetic", out=...))
+    rl.rft.run(RFTConfig(model="runs/x/sft", task="arithmetic", out="runs/x/rft", samples=12800))
 
 The flags take their defaults from the dataclasses. No torch import, so `nanoseek --help` stays fast.
 """
@@ -80,12 +81,39 @@ class DistillConfig:
     quiet: bool = False
 
 
+@dataclass(kw_only=True)
+class RFTConfig:
+    """A `nanoseek rft` run: sample the start, keep its verified completions, fine-tune the start on them."""
+    model: str  # the start (the GRPO run's --model)
+    task: str
+    out: str
+    samples: int = 1024  # completions drawn in all: GRPO's steps x prompts x group (x draws)
+    group: int = 8  # completions per problem
+    level: int | None = None
+    temperature: float = 1.0
+    max_tokens: int = 256
+    keep_per_problem: int = 0  # distinct verified completions kept per problem; 0: all
+    steps: int = 100  # SFT steps
+    lr: float = 5e-4
+    warmup: int = 10
+    batch_size: int = 8
+    seq_len: int = 256
+    save_every: int = 50
+    seed: int = 0
+    max_running: int = 64
+    quiet: bool = False
+
+
 def grpo_run(args: argparse.Namespace) -> GRPORun:
     return from_args(GRPORun, args, grpo=from_args(GRPOConfig, args))
 
 
 def distill_config(args: argparse.Namespace) -> DistillConfig:
     return from_args(DistillConfig, args)
+
+
+def rft_config(args: argparse.Namespace) -> RFTConfig:
+    return from_args(RFTConfig, args)
 
 
 def add_grpo_arguments(p: argparse.ArgumentParser) -> None:
@@ -179,6 +207,39 @@ def add_distill_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-n", type=int, default=d("eval_n"),
                    help=f"test problems for the report (default {d('eval_n')})")
     p.add_argument("--seed", type=int, default=d("seed"), help=f"seed (default {d('seed')})")
+    p.add_argument("--max-running", type=int, default=d("max_running"),
+                   help=f"sequences decoded together (default {d('max_running')})")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_rft_arguments(p: argparse.ArgumentParser) -> None:
+    """`nanoseek rft`'s flags: the fields of RFTConfig."""
+    d = lambda name: default(RFTConfig, name)  # noqa: E731
+    p.add_argument("--model", required=True, metavar="DIR", help="the start: the model dir a GRPO run starts from")
+    p.add_argument("--task", required=True, choices=list(TASKS), help="which task")
+    p.add_argument("--out", required=True, metavar="RUN",
+                   help="run dir: the samples, the SFT run and, at the end, the fine-tuned model")
+    p.add_argument("--samples", type=int, default=d("samples"),
+                   help="completions to draw in all; to match a GRPO run, its steps x prompts x group (x its "
+                        f"resample draws) (default {d('samples')})")
+    p.add_argument("--group", type=int, default=d("group"),
+                   help=f"completions per problem, as GRPO's G (default {d('group')})")
+    p.add_argument("--level", type=int, help="problems of one difficulty level (default: all, cycling)")
+    p.add_argument("--temperature", type=float, default=d("temperature"),
+                   help=f"sampling temperature (default {d('temperature'):g}, as GRPO's rollouts)")
+    p.add_argument("--max-tokens", type=int, default=d("max_tokens"),
+                   help=f"longest completion (default {d('max_tokens')})")
+    p.add_argument("--keep-per-problem", type=int, default=d("keep_per_problem"),
+                   help="distinct correct completions kept per problem (default 0: all)")
+    p.add_argument("--steps", type=int, default=d("steps"), help=f"SFT steps (default {d('steps')})")
+    p.add_argument("--lr", type=float, default=d("lr"), help=f"SFT peak learning rate (default {shown(d('lr'))})")
+    p.add_argument("--warmup", type=int, default=d("warmup"), help=f"SFT warm-up steps (default {d('warmup')})")
+    p.add_argument("--batch-size", type=int, default=d("batch_size"),
+                   help=f"sequences per SFT step (default {d('batch_size')})")
+    p.add_argument("--seq-len", type=int, default=d("seq_len"), help=f"tokens per SFT row (default {d('seq_len')})")
+    p.add_argument("--save-every", type=int, default=d("save_every"),
+                   help=f"checkpoint every N SFT steps (default {d('save_every')})")
+    p.add_argument("--seed", type=int, default=d("seed"), help=f"seed for problems and sampling (default {d('seed')})")
     p.add_argument("--max-running", type=int, default=d("max_running"),
                    help=f"sequences decoded together (default {d('max_running')})")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

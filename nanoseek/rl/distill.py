@@ -26,31 +26,8 @@ from ..tokenizer import Tokenizer
 from ..train import sft
 from ..train.args import SFTConfig, TrainConfig, TrainError
 from .args import DistillConfig
-from .evaluate import answer_params, completion_text, evaluate, prompt_ids
-
-
-def rejection_sample(engine: Engine, task, problems, k: int, temperature: float, max_tokens: int,
-                     keep_per_problem: int, seed: int) -> tuple[list[dict], dict]:
-    """Verified-correct teacher completions as chat examples, and counts."""
-    tok = engine.tok
-    ids = [prompt_ids(tok, p, "chat") for p in problems]
-    params = [answer_params(tok, temperature=temperature, max_tokens=max_tokens, seed=seed * 1_000_003 + i)
-              for i in range(len(problems) * k)]
-    reqs = engine.generate([x for x in ids for _ in range(k)], params)
-    examples, correct, solved = [], 0, 0
-    for i, p in enumerate(problems):
-        kept: list[str] = []
-        for r in reqs[i * k:(i + 1) * k]:
-            text = completion_text(tok, r).strip()
-            if task.verify(p, text):
-                correct += 1
-                if text not in kept and len(kept) < keep_per_problem:
-                    kept.append(text)
-        solved += bool(kept)
-        examples += [{"messages": [{"role": "user", "content": p.prompt}, {"role": "assistant", "content": t}]}
-                     for t in kept]
-    return examples, {"samples": len(reqs), "correct_samples": correct, "problems_solved": solved,
-                      "examples": len(examples)}
+from .evaluate import evaluate
+from .rft import rejection_sample
 
 
 def run(cfg: DistillConfig) -> dict:
