@@ -469,3 +469,29 @@ def test_rft_keeps_only_verified_samples_and_draws_the_count_asked(sft_tiny, tmp
     again = run(RFTConfig(model=str(sft_tiny), task="arithmetic", level=1, out=str(run_dir), samples=128, group=4,
                           max_tokens=64, steps=2, quiet=True))
     assert again == stats and (run_dir / "rft.jsonl").read_text() == before
+
+
+def test_grpo_eval_every_logs_the_held_out_curve_and_resumes_it(sft_tiny, tmp_path):
+    """--eval-every N: greedy pass@1 on held-out test problems of the run's level at step 0, every N steps and at
+    the end (RUN/eval.jsonl); step 0 is the start model's own score; a resumed run continues the curve."""
+    import json
+
+    from nanoseek import load_model
+    from nanoseek.cli import main
+    from nanoseek.engine.engine import Engine
+    from nanoseek.rl.evaluate import evaluate
+    from nanoseek.tokenizer import Tokenizer
+    run = tmp_path / "rl"
+    flags = ["--model", str(sft_tiny), "--task", "arithmetic", "--level", "1", "--prompts", "2", "--group", "4",
+             "--max-tokens", "48", "--lr", "1e-4", "--save-every", "2", "--eval-every", "2", "--eval-n", "6",
+             "--out", str(run), "--quiet"]
+    assert main(["grpo", *flags, "--steps", "3"]) == 0
+    rows = [json.loads(x) for x in (run / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 2, 3] and all(r["n"] == 6 for r in rows)
+    task = TASKS["arithmetic"]
+    start = evaluate(Engine(load_model(sft_tiny), Tokenizer.load(sft_tiny)), task,
+                     task.problems("test", 6, level=1), max_tokens=48)
+    assert rows[0]["pass1"] == start.pass1 and rows[0]["mean_tokens"] == start.mean_tokens
+    assert main(["grpo", *flags, "--steps", "4", "--resume"]) == 0
+    assert [json.loads(x)["step"] for x in (run / "eval.jsonl").read_text().splitlines()] == [0, 2, 3, 4]
+    assert main(["grpo", *flags, "--steps", "4", "--eval-n", "0"]) == 2

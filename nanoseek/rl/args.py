@@ -53,6 +53,8 @@ class GRPORun:
     out: str  # the run dir: metrics, checkpoints, the final model
     grpo: GRPOConfig
     steps: int = 100
+    eval_every: int = 0  # greedy pass@1 on held-out test problems every N steps (and at 0 and the end); 0: never
+    eval_n: int = 100  # test problems of that evaluation (of GRPO's level, in its template)
     max_running: int | None = None  # default: prompts x group, one rollout in one batch
     compile: bool = False
     save_every: int = 20
@@ -172,6 +174,12 @@ def add_grpo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--template", choices=list(TEMPLATES), default=g("template"),
                    help="prompt template: chat (default), r1-zero (R1-Zero's plain text), plain (problem + newline)")
     p.add_argument("--seed", type=int, default=g("seed"), help="seed for problems and sampling (default 0)")
+    p.add_argument("--eval-every", type=int, default=r("eval_every"), metavar="N",
+                   help="every N steps (and before the first and after the last), greedy pass@1 on --eval-n held-out "
+                        "test problems of the run's level and template, logged to RUN/eval.jsonl with the mean "
+                        "response length: the curve of R1-Zero's Figure 2 (default 0: never)")
+    p.add_argument("--eval-n", type=int, default=r("eval_n"),
+                   help=f"test problems of each --eval-every evaluation (default {r('eval_n')})")
     p.add_argument("--max-running", type=int,
                    help="sequences the engine decodes together (default: prompts x group, one rollout in one batch)")
     p.add_argument("--compile", action="store_true",

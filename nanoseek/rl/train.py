@@ -13,8 +13,9 @@ trains on the first P groups that do (from step --resample-from on). The referen
 refreshed to the current policy every --ref-refresh steps.
 
 RUN/ holds metrics.jsonl (reward, accuracy, format rate, response length, KL, clip fraction,
-entropy, zero-variance groups, timings per step), checkpoints/step-N/ (committed atomically;
---resume continues from the newest, bit for bit) and, at the end, the final model dir.
+entropy, zero-variance groups, timings per step), with --eval-every eval.jsonl (greedy pass@1 and
+response length on held-out test problems over the steps), checkpoints/step-N/ (committed
+atomically; --resume continues from the newest, bit for bit) and, at the end, the final model dir.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from ..train.common import (MetricsLog, OptimConfig, complete_checkpoints, grace
                             save_checkpoint, set_rng_state)
 from ..train.pretrain import export_final
 from .args import GRPOConfig, GRPORun
-from .evaluate import answer_params, completion_text, prompt_ids
+from .evaluate import answer_params, completion_text, evaluate, prompt_ids
 from .grpo import group_advantages, grpo_loss
 from .rewards import RewardConfig, score
 
@@ -224,8 +225,11 @@ def run(r: GRPORun) -> Transformer:
         raise TrainError("--group must be >= 2: advantages compare completions within a group")
     if r.max_running is not None and r.max_running < 1:
         raise TrainError(f"--max-running must be >= 1 (got {r.max_running})")
+    if r.eval_every < 0 or r.eval_n < 1:
+        raise TrainError(f"--eval-every must be >= 0 and --eval-n >= 1 (got {r.eval_every}, {r.eval_n})")
     try:
         task = get_task(cfg.task)
+        held_out = task.problems("test", r.eval_n, level=cfg.level, strict=False) if r.eval_every else []
     except ValueError as e:
         raise TrainError(str(e)) from None
     run = Path(r.out)
@@ -263,6 +267,15 @@ def run(r: GRPORun) -> Transformer:
     if ref is not None and not saved:
         save_model(ref, run / "reference")
     log = MetricsLog(run, True, steps.step_num)
+    curve = MetricsLog(run, bool(held_out), steps.step_num, name="eval.jsonl")
+
+    def evaluate_held_out() -> None:
+        report = evaluate(engine, task, held_out, max_tokens=cfg.max_tokens, template=cfg.template)
+        curve.write({"step": steps.step_num, "pass1": report.pass1, "format": report.format_rate,
+                     "mean_tokens": report.mean_tokens, "n": report.n})
+
+    if held_out and steps.step_num == 0:
+        evaluate_held_out()
     files = tok.files(policy.cfg.max_position_embeddings)
     schedule = OptimConfig(lr=cfg.lr, warmup=cfg.warmup, decay_frac=0.0)  # linear warm-up, then constant
     bar = tqdm(total=r.steps, initial=steps.step_num, disable=r.quiet, unit="step", dynamic_ncols=True)
@@ -278,6 +291,8 @@ def run(r: GRPORun) -> Transformer:
                 bar.update(1)
                 bar.set_postfix(reward=f"{m['reward']:.3f}", acc=f"{m['accuracy']:.2f}",
                                 len=f"{m['response_length']:.0f}", refresh=False)
+                if held_out and (steps.step_num % r.eval_every == 0 or steps.step_num == r.steps):
+                    evaluate_held_out()
                 refresh = ref is not None and cfg.ref_refresh and steps.step_num % cfg.ref_refresh == 0
                 if refresh or steps.step_num % r.save_every == 0 or steps.step_num == r.steps or stop["now"]:
                     save_checkpoint(run, policy, optim, steps, {"config": asdict(cfg)}, files, r.keep)
@@ -289,6 +304,7 @@ def run(r: GRPORun) -> Transformer:
         finally:
             bar.close()
             log.close()
+            curve.close()
     if steps.step_num == r.steps:
         export_final(policy, run, files)
     return policy

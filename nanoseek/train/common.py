@@ -336,11 +336,12 @@ def _step_of(line: str) -> float:
 
 
 class MetricsLog:
-    """metrics.jsonl (append; on resume, lines past the resumed step are dropped) + optional TB / W&B."""
+    """metrics.jsonl, or another `name` (append; on resume, lines past the resumed step are dropped) + optional
+    TB / W&B."""
 
     def __init__(self, run: Path, enabled: bool, resume_step: int = 0, tensorboard: bool = False,
-                 wandb: bool = False, config: dict | None = None):
-        self.enabled, self.path = enabled, run / "metrics.jsonl"
+                 wandb: bool = False, config: dict | None = None, name: str = "metrics.jsonl"):
+        self.enabled, self.path = enabled, run / name
         self.tb = self.wb = None
         if not enabled:
             return
