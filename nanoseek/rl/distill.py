@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 from ..checkpoint import load_model, resolve_device
@@ -27,7 +26,7 @@ from ..train import sft
 from ..train.args import SFTConfig, TrainConfig, TrainError
 from .args import DistillConfig
 from .evaluate import evaluate
-from .rft import rejection_sample
+from .rft import rejection_sample, sample_once
 
 
 def run(cfg: DistillConfig) -> dict:
@@ -49,21 +48,13 @@ def run(cfg: DistillConfig) -> dict:
     tok = Tokenizer.load(cfg.teacher)
     device = resolve_device()  # sampling and evaluation on a GPU if there is one, as the student's SFT
     teacher = Engine(load_model(cfg.teacher, device=device), tok, max_running=cfg.max_running)
-    t0 = time.perf_counter()
-    if data.exists() and (run / "samples.json").exists():  # a rerun reuses the sampled data
-        stats = json.loads((run / "samples.json").read_text())
-        print(f"reusing {data} ({stats['examples']} examples)")
-    else:
-        examples, stats = rejection_sample(teacher, task, problems, cfg.k, cfg.temperature, cfg.max_tokens,
-                                           cfg.keep_per_problem, cfg.seed)
-        if not examples:
-            raise TrainError(f"the teacher solved none of the {len(problems)} problems in {cfg.k} tries each; "
-                             f"nothing to distil (train the teacher more, or raise --k)")
-        write_atomic(data, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples))
-        write_atomic(run / "samples.json", json.dumps(stats, indent=2))  # last: marks the data complete
-        print(f"rejection sampling: {stats['correct_samples']} of {stats['samples']} samples correct, "
-              f"{stats['problems_solved']} of {len(problems)} problems solved, {stats['examples']} examples "
-              f"({time.perf_counter() - t0:.0f} s)")
+    stats = sample_once(run, data.name, lambda: rejection_sample(teacher, task, problems, cfg.k, cfg.temperature,
+                                                                 cfg.max_tokens, cfg.keep_per_problem, cfg.seed),
+                        f"the teacher solved none of the {len(problems)} problems in {cfg.k} tries each; nothing "
+                        f"to distil (train the teacher more, or raise --k)")
+    print(f"rejection sampling: {stats['correct_samples']} of {stats['samples']} samples correct, "
+          f"{stats['problems_solved']} of {len(problems)} problems solved, {stats['examples']} examples "
+          f"({stats.get('seconds', 0):.0f} s)")
     student_run = run / "student"
     sft.run(SFTConfig(model=cfg.student, data=[str(data)],
                       train=TrainConfig(out=str(student_run), steps=cfg.steps, lr=cfg.lr, seed=cfg.seed,

@@ -19,11 +19,13 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Callable
 
 from ..checkpoint import load_model, resolve_device
 from ..data.tasks import Problem, Task, get_task
 from ..engine.engine import Engine
 from ..io import write_atomic
+from ..tokenizer import Tokenizer
 from ..train import sft
 from ..train.args import SFTConfig, TrainConfig, TrainError
 from .args import RFTConfig
@@ -55,6 +57,22 @@ def rejection_sample(engine: Engine, task: Task, problems: list[Problem], k: int
                       "problems_solved": solved, "examples": len(examples)}
 
 
+def sample_once(run: Path, name: str, sample: Callable[[], tuple[list[dict], dict]], none_kept: str) -> dict:
+    """The counts of the chat examples in RUN/name: drawn by `sample()` and written (the examples, then
+    RUN/samples.json, atomically: the counts mark them complete), or a previous run's, reused."""
+    data, counts = run / name, run / "samples.json"
+    if data.exists() and counts.exists():
+        return json.loads(counts.read_text())
+    t0 = time.perf_counter()
+    examples, stats = sample()
+    if not examples:
+        raise TrainError(none_kept)
+    write_atomic(data, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples))
+    stats["seconds"] = time.perf_counter() - t0
+    write_atomic(counts, json.dumps(stats, indent=2))
+    return stats
+
+
 def run(cfg: RFTConfig) -> dict:
     """RFT as `cfg` says; returns the sampling counts (RUN/samples.json). RUN is the fine-tuned model dir once
     every SFT step ran."""
@@ -75,23 +93,15 @@ def run(cfg: RFTConfig) -> dict:
         raise TrainError(str(e)) from None
     run_dir = Path(cfg.out)
     run_dir.mkdir(parents=True, exist_ok=True)
-    data, counts = run_dir / "rft.jsonl", run_dir / "samples.json"
-    if data.exists() and counts.exists():  # a rerun reuses the samples and resumes the SFT
-        stats = json.loads(counts.read_text())
-    else:
-        from ..tokenizer import Tokenizer
-
-        t0 = time.perf_counter()
+    def sample() -> tuple[list[dict], dict]:
         engine = Engine(load_model(cfg.model, device=resolve_device()), Tokenizer.load(cfg.model),
                         max_running=cfg.max_running)
-        examples, stats = rejection_sample(engine, task, problems, cfg.group, cfg.temperature, cfg.max_tokens,
-                                           cfg.keep_per_problem, cfg.seed)
-        if not examples:
-            raise TrainError(f"none of the {stats['samples']} samples was correct: nothing to fine-tune on "
-                             f"(an easier --level, or more --samples)")
-        write_atomic(data, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples))
-        stats["seconds"] = time.perf_counter() - t0
-        write_atomic(counts, json.dumps(stats, indent=2))  # last: marks the samples complete
+        return rejection_sample(engine, task, problems, cfg.group, cfg.temperature, cfg.max_tokens,
+                                cfg.keep_per_problem, cfg.seed)
+
+    data = run_dir / "rft.jsonl"
+    stats = sample_once(run_dir, data.name, sample, f"none of the {cfg.samples} samples was correct: nothing to "
+                                                    f"fine-tune on (an easier --level, or more --samples)")
     if not cfg.quiet:
         print(f"rejection sampling: {stats['correct_samples']} of {stats['samples']} samples correct, "
               f"{stats['problems_solved']} of {stats['problems']} problems solved, {stats['examples']} examples")
