@@ -119,6 +119,8 @@ def test_pretrain_writes_checkpoints_metrics_and_a_final_model(data, tmp_path):
     ck = load_model(run / "checkpoints" / "step-00000006")
     assert all(torch.equal(a, b) for a, b in zip(final.state_dict().values(), ck.state_dict().values()))
     assert Tokenizer.load(run).vocab_size == 265
+    settings = json.loads((run / "train_args.json").read_text())  # every setting of the command, flat
+    assert settings["steps"] == 6 and settings["preset"] == "tiny" and settings["save_every"] == 2
 
 
 def test_resume_after_sigkill_is_bit_exact(data, tmp_path):

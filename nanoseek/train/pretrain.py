@@ -98,7 +98,7 @@ def train_loop(tc: TrainConfig, model: Transformer, saved: dict | None, next_mic
     lc = LossConfig(tc.mtp_weight, tc.balance_weight, tc.bias_gamma)
     if world.main:
         run.mkdir(parents=True, exist_ok=True)
-        (run / "train_tc.json").write_text(json.dumps(command, indent=2, default=str))
+        (run / "train_args.json").write_text(json.dumps(command, indent=2, default=str))
     model.to(world.device)
     optim = build_optimizer(model, oc)
     trainer = Trainer(model, optim, oc, lc, tc.steps, world, tc.precision, tc.max_bad_steps)
