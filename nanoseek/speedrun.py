@@ -236,9 +236,8 @@ class Speedrun:
         return {"raw_megabytes": raw_mb, "curate": curated, "sft_examples": counts}
 
     def _train(self, **settings) -> TrainConfig:
-        """A training stage's loop settings: the plan's batch shape, resuming a stopped run."""
-        return TrainConfig(batch_size=self.plan.batch_size, seq_len=self.plan.seq_len, resume=True, quiet=self.quiet,
-                           **settings)
+        """A training stage's loop settings, resuming a stopped run."""
+        return TrainConfig(resume=True, quiet=self.quiet, **settings)
 
     def _pretrain(self, run: Path, steps: int, **model) -> None:
         from .train import pretrain
@@ -247,7 +246,8 @@ class Speedrun:
         pretrain.run(PretrainConfig(
             data=str(self.out / "data" / "tokens"), tokenizer=str(self.out / "tokenizer"), mix=p.mix, **model,
             train=self._train(out=str(run), steps=steps, lr=p.pretrain_lr, warmup=max(1, min(50, steps // 10)),
-                              seed=p.seed, save_every=max(10, steps // 8))))
+                              batch_size=p.batch_size, seq_len=p.seq_len, seed=p.seed,
+                              save_every=max(10, steps // 8))))
         _finished(run)
 
     def _sft(self, start: Path, run: Path, seed: int) -> None:
@@ -264,8 +264,9 @@ class Speedrun:
         from .tokenizer import train_on_files
 
         out = self.out / "tokenizer"
-        tok, _ = train_on_files([self.out / "data" / "curated"], self.plan.vocab_size, progress=not self.quiet)
+        tok, skipped = train_on_files([self.out / "data" / "curated"], self.plan.vocab_size, progress=not self.quiet)
         tok.save(out)
+        self._say(f"  wrote {out}: {tok.vocab_size} tokens ({len(skipped)} input problems skipped)")
         return {"vocab_size": tok.vocab_size}
 
     def stage_tokens(self) -> dict:
@@ -273,6 +274,7 @@ class Speedrun:
 
         index = tokenize_dir(self.out / "data" / "curated", self.out / "tokenizer", self.out / "data" / "tokens",
                              workers=os.cpu_count() or 1, progress=not self.quiet)
+        self._say(f"  {index['num_tokens']:,} tokens in {index['num_docs']:,} documents")
         return {"tokens": index["num_tokens"], "documents": index["num_docs"]}
 
     def _train_record(self, run: Path) -> dict:

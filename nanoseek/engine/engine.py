@@ -34,6 +34,7 @@ head), with sampling and speculative-sampling acceptance on the host. Prefill st
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -108,8 +109,8 @@ class Engine:
             options = {"cpp_wrapper": True} if self.device.type == "cpu" else None
             _configure_compiler()
 
-            def compiled(step):  # the model is a constant of the graph; its weights are inputs
-                return torch.compile(lambda *args: step(model, *args), dynamic=True, options=options)
+            def compiled(step):  # each step its own code object, so its own graph cache and recompile limit
+                return torch.compile(functools.partial(step, model), dynamic=True, options=options)
 
             self.compiled = compiled(decode.decode_logits)
             if speculative:

@@ -13,7 +13,7 @@ import argparse
 from dataclasses import dataclass
 
 from ..data.tasks import TASKS
-from ..train.args import default, from_args, shown
+from ..train.args import check_choice, default, from_args, shown
 
 TEMPLATES = ("chat", "r1-zero", "plain")  # plain: the problem then a newline, as the pretraining corpus writes it
 
@@ -44,6 +44,11 @@ class GRPOConfig:
     language_weight: float = 0.0
     template: str = "chat"
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_choice("averaging", self.averaging, ("sequence", "token"))
+        check_choice("normalize", self.normalize, ("signal", "batch"))
+        check_choice("template", self.template, TEMPLATES)
 
 
 @dataclass(kw_only=True)

@@ -232,6 +232,8 @@ def run(r: GRPORun) -> Transformer:
         held_out = task.problems("test", r.eval_n, level=cfg.level, strict=False) if r.eval_every else []
     except ValueError as e:
         raise TrainError(str(e)) from None
+    if r.eval_every and not held_out:
+        raise TrainError(f"--eval-every: {task.name} has no test problems at level {cfg.level}")
     run = Path(r.out)
     done = complete_checkpoints(run)
     if done and not r.resume:

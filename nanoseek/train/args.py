@@ -20,6 +20,12 @@ class TrainError(RuntimeError):
     """A training run cannot start or continue; the message says why and what to do."""
 
 
+def check_choice(name: str, value, choices: tuple) -> None:
+    """What argparse's `choices` checks on the command line, for configs built in code."""
+    if value not in choices:
+        raise TrainError(f"--{name.replace('_', '-')} must be one of {', '.join(map(str, choices))} (got {value!r})")
+
+
 @dataclass(kw_only=True)
 class TrainConfig:
     """The training loop's settings, shared by pretrain and sft (`train_loop`)."""
@@ -48,6 +54,11 @@ class TrainConfig:
     tensorboard: bool = False
     wandb: bool = False
     quiet: bool = False
+
+    def __post_init__(self) -> None:
+        check_choice("schedule", self.schedule, ("wsd", "cosine"))
+        check_choice("optimizer", self.optimizer, ("adamw", "muon"))
+        check_choice("precision", self.precision, ("auto", "fp32", "bf16"))
 
 
 @dataclass(kw_only=True)
