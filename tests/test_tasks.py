@@ -65,6 +65,29 @@ def test_countdown_division_is_exact():
     assert countdown.check(p, "(4 + 6) / 2")
 
 
+def test_countdown_solutions_are_searches_whose_misses_are_computed_and_miss():
+    import re
+    misses = []
+    for p in countdown.problems("train", 200, seed=3):
+        text = countdown.solution(p)
+        assert text == countdown.solution(p) and countdown.verify(p, text)  # the same every time, and right
+        lines = text.split("\n")[1:-1]
+        assert lines[-1].endswith(f"that reaches {p.meta['target']}") and len(lines) <= 1 + countdown.MAX_MISSES
+        misses.append(len(lines) - 1)
+        for line in lines:
+            steps = re.findall(r"(\d+) ([-+x/]) (\d+) = (\d+)", line)
+            assert len(steps) == p.level - 1
+            used = [int(steps[0][0])] + [int(s[2]) for s in steps]
+            assert sorted(used) == sorted(p.meta["numbers"])
+            for (a, op, b, c), nxt in zip(steps, steps[1:] + [None]):
+                a, b, c = int(a), int(b), int(c)
+                assert c == {"+": a + b, "-": a - b, "x": a * b, "/": a // b}[op] and (op != "/" or a % b == 0)
+                assert nxt is None or int(nxt[0]) == c
+            if line.endswith(", not " + str(p.meta["target"])):
+                assert int(steps[-1][3]) != p.meta["target"]
+    assert set(misses) == set(range(countdown.MAX_MISSES + 1))  # searches of every length occur
+
+
 def test_extract_answer():
     assert extract_answer("<answer>\n42\n</answer>") == "42"
     assert extract_answer("<answer>1</answer> <answer>2</answer>") is None

@@ -121,6 +121,8 @@ def test_pretrain_writes_checkpoints_metrics_and_a_final_model(data, tmp_path):
     assert Tokenizer.load(run).vocab_size == 265
     settings = json.loads((run / "train_args.json").read_text())  # every setting of the command, flat
     assert settings["steps"] == 6 and settings["preset"] == "tiny" and settings["save_every"] == 2
+    precision = json.loads((run / "precision.json").read_text())  # what it computed in, and why
+    assert precision == {"precision": "fp32", "reason": "--precision fp32", "tokens_per_s": None}
 
 
 def test_resume_after_sigkill_is_bit_exact(data, tmp_path):

@@ -269,8 +269,36 @@ class Countdown(Task):
                        {"numbers": shown, "target": value, "steps": steps})
 
     def solution(self, p):
-        steps = "\n".join(p.meta["steps"])
-        return f"<think>\n{steps}\nthat reaches {p.meta['target']}\n</think> <answer>{p.answer}</answer>"
+        """A worked search: up to `MAX_MISSES` tries that miss the target (each a random order and
+        choice of operations, every step computed), then the path that reaches it. Seeded by the
+        problem, so a problem always has the same solution."""
+        rng = random.Random(f"search/{p.key}")
+        target, misses, seen = p.meta["target"], [], {tuple(p.meta["steps"])}
+        want = rng.randint(0, self.MAX_MISSES)
+        for _ in range(8 * want):  # a draw may repeat an earlier one or hit the target
+            if len(misses) == want:
+                break
+            steps, value = self._attempt(rng, p.meta["numbers"])
+            if value != target and tuple(steps) not in seen:
+                seen.add(tuple(steps))
+                misses.append(f"{', '.join(steps)}, not {target}")
+        tries = misses + [f"{', '.join(p.meta['steps'])}, that reaches {target}"]
+        return "<think>\n" + "\n".join(tries) + f"\n</think> <answer>{p.answer}</answer>"
+
+    MAX_MISSES = 3
+
+    @staticmethod
+    def _attempt(rng: random.Random, numbers: list[int]) -> tuple[list[str], int]:
+        order = numbers[:]
+        rng.shuffle(order)
+        value, steps = order[0], []
+        for n in order[1:]:
+            ops = ["+", "x"] + (["-"] if value > n else []) + (["/"] if n > 1 and value % n == 0 else [])
+            op = rng.choice(ops)
+            new = value + n if op == "+" else value * n if op == "x" else value - n if op == "-" else value // n
+            steps.append(f"{value} {op} {n} = {new}")
+            value = new
+        return steps, value
 
     def brief(self, p):
         return f"<think>\n{p.answer} = {p.meta['target']}\n</think> <answer>{p.answer}</answer>"

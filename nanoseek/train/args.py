@@ -150,7 +150,10 @@ def add_common_arguments(p: argparse.ArgumentParser, default_lr: float, default_
                    help="gamma, the balancing-bias step per optimizer step; 0 disables "
                         f"(default {shown(d('bias_gamma'))})")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=d("precision"),
-                   help="auto: bf16 autocast where the device supports it (default auto)")
+                   help="fp32, bf16 (autocast) or auto: on a CPU with bf16 instructions, time a few forward+backward "
+                        "passes in both and keep bf16 only if it is 1.1x faster; bf16 on a GPU that has it; fp32 "
+                        "elsewhere. The choice and its reason go to RUN/precision.json; --resume keeps it "
+                        "(default auto)")
     p.add_argument("--seed", type=int, default=d("seed"), help=f"seed for init and data order (default {d('seed')})")
     p.add_argument("--save-every", type=int, default=d("save_every"),
                    help=f"checkpoint every N steps (default {d('save_every')})")

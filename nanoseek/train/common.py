@@ -4,7 +4,7 @@ pretrain.py and sft.py differ only in where batches come from; both call `Traine
 `save_checkpoint` / `load_checkpoint` from here.
 
 One step (DeepSeek-V3 recipe): for each micro-batch, loss = CE + mtp_weight * MTP CE +
-balance_weight * sequence-wise balance loss, under bf16 autocast where the device supports it;
+balance_weight * sequence-wise balance loss, in fp32 or under bf16 autocast (precision.py);
 gradients averaged over data-parallel ranks; a non-finite loss or gradient norm skips the step;
 clip to `clip`; optimizer step at the scheduled lr; then the auxiliary-loss-free balancing bias
 of every MoE layer moves by gamma toward balance, from the step's expert loads summed over ranks.
@@ -31,6 +31,7 @@ from ..io import COMMIT, atomic_dir
 from ..model import MoE, Transformer
 from .args import TrainError
 from .dist import World, all_reduce, average_gradients
+from .precision import choose, measure
 
 
 @dataclass
@@ -174,31 +175,18 @@ class LossConfig:
     bias_gamma: float = 1e-3  # gamma; 0 turns bias balancing off
 
 
-def autocast_dtype(device: torch.device, requested: str) -> torch.dtype | None:
-    """bf16 where the device supports it (requested 'auto'), else None (fp32)."""
-    if requested == "fp32":
-        return None
-    if requested == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    return torch.bfloat16 if torch.backends.mkldnn.is_available() and _cpu_has_bf16() else None
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 class Trainer:
     def __init__(self, model: Transformer, optim: Optimizers, optim_cfg: OptimConfig, loss_cfg: LossConfig,
-                 total_steps: int, world: World, precision: str = "auto", max_bad_steps: int = 10):
+                 total_steps: int, world: World, precision: str = "auto", max_bad_steps: int = 10,
+                 batch_shape: tuple[int, int] = (8, 256), resumed_precision: str | None = None):
+        """`precision`: fp32, bf16 or auto (measured at `batch_shape`, see precision.py);
+        `resumed_precision`: what a resumed run computed in, which `auto` keeps."""
         self.model, self.optim, self.oc, self.lc = model, optim, optim_cfg, loss_cfg
         self.total, self.world = total_steps, world
-        self.amp = autocast_dtype(world.device, precision)
+        self.requested = precision
+        self.precision = choose(precision, world.device, lambda: self._measure(batch_shape),
+                                f"batch {batch_shape[0]} x {batch_shape[1]} tokens", resumed_precision)
+        self.amp = self.precision.dtype
         self.step_num = 0  # optimizer steps taken (or skipped) so far
         self.skipped, self.bad_in_a_row, self.max_bad = 0, 0, max_bad_steps
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -250,11 +238,21 @@ class Trainer:
         metrics["seconds"] = time.perf_counter() - t0
         return metrics
 
+    def _measure(self, batch_shape: tuple[int, int]) -> dict[str, float]:
+        """Both precisions' rates, averaged over ranks so that every rank makes the same choice."""
+        r = measure(self.model, self.world.device, *batch_shape, self.lc.mtp_weight, self.lc.balance_weight)
+        t = all_reduce(torch.tensor([r["fp32"], r["bf16"]], dtype=torch.float64), self.world, average=True)
+        return {"fp32": t[0].item(), "bf16": t[1].item()}
+
     def state_dict(self) -> dict:
-        return {"step": self.step_num, "skipped": self.skipped, "bad_in_a_row": self.bad_in_a_row}
+        return {"step": self.step_num, "skipped": self.skipped, "bad_in_a_row": self.bad_in_a_row,
+                "precision": self.precision.name}
 
     def load_state_dict(self, s: dict) -> None:
         self.step_num, self.skipped, self.bad_in_a_row = s["step"], s["skipped"], s["bad_in_a_row"]
+        if self.requested == "auto" and s.get("precision") and s["precision"] != self.precision.name:
+            self.precision = choose("auto", self.world.device, None, resumed=s["precision"])
+            self.amp = self.precision.dtype
 
 
 # ---- random state -----------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import torch
 from ..checkpoint import load_model, write_model
 from ..config import ConfigError, ModelConfig, preset
 from ..cost import estimate
+from ..io import write_atomic
 from ..model import Transformer
 from ..perf import matmul_peak
 from ..tokenizer import Tokenizer
@@ -101,7 +102,14 @@ def train_loop(tc: TrainConfig, model: Transformer, saved: dict | None, next_mic
         (run / "train_args.json").write_text(json.dumps(command, indent=2, default=str))
     model.to(world.device)
     optim = build_optimizer(model, oc)
-    trainer = Trainer(model, optim, oc, lc, tc.steps, world, tc.precision, tc.max_bad_steps)
+    trainer = Trainer(model, optim, oc, lc, tc.steps, world, tc.precision, tc.max_bad_steps,
+                      batch_shape=(tc.batch_size, tc.seq_len),
+                      resumed_precision=saved["trainer"].get("precision") if saved else None)
+    choice = trainer.precision
+    if world.main:
+        print(f"precision: {choice.name} ({choice.reason})", file=sys.stderr, flush=True)
+        write_atomic(run / "precision.json", json.dumps(
+            {"precision": choice.name, "reason": choice.reason, "tokens_per_s": choice.rates}, indent=2))
     if saved:
         optim.load_state_dict(saved["optimizer"])
         trainer.load_state_dict(saved["trainer"])

@@ -1,0 +1,73 @@
+"""--precision auto: the decision from measured rates, the measurement's lack of side effects, and resume."""
+
+import pytest
+import torch
+
+from nanoseek import Transformer, preset
+from nanoseek.train import common, precision
+from nanoseek.train.common import LossConfig, OptimConfig, Trainer, build_optimizer
+from nanoseek.train.dist import World
+
+
+def never():
+    raise AssertionError("measured when it should not have")
+
+
+@pytest.mark.parametrize("fp32, bf16, chosen", [(1000, 2500, "bf16"), (3295, 1308, "fp32"), (1000, 1050, "fp32"),
+                                                (1000, 1100, "bf16")])
+def test_auto_takes_bf16_only_when_measured_faster_by_the_margin(fp32, bf16, chosen):
+    c = precision.decide({"fp32": fp32, "bf16": bf16}, "batch 8 x 256 tokens")
+    assert c.name == chosen and c.dtype == (torch.bfloat16 if chosen == "bf16" else None)
+    assert f"{fp32:,.0f}" in c.reason and f"{bf16:,.0f}" in c.reason and "batch 8 x 256" in c.reason
+
+
+def test_choose_measures_only_for_auto_on_a_cpu_with_bf16(monkeypatch):
+    cpu = torch.device("cpu")
+    assert precision.choose("fp32", cpu, never).dtype is None
+    assert precision.choose("bf16", cpu, never).dtype is torch.bfloat16
+    assert precision.choose("auto", cpu, never, resumed="bf16").dtype is torch.bfloat16
+    assert precision.choose("auto", cpu, never, resumed="fp32").dtype is None
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
+    c = precision.choose("auto", cpu, never)
+    assert c.dtype is None and "no avx512_bf16" in c.reason
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
+    assert precision.choose("auto", cpu, lambda: {"fp32": 3295.0, "bf16": 1308.0}).name == "fp32"
+    assert precision.choose("auto", cpu, lambda: {"fp32": 205.0, "bf16": 927.0}).name == "bf16"
+    with pytest.raises(ValueError, match="fp16"):
+        precision.choose("fp16", cpu, never)
+
+
+def test_measuring_leaves_weights_gradients_and_rng_alone():
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny"))
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    model.eval()
+    rates = precision.measure(model, torch.device("cpu"), 2, 16, rounds=1)
+    assert set(rates) == {"fp32", "bf16"} and all(r > 0 for r in rates.values())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(p.grad, torch.full_like(p, 0.5)) for p in model.parameters())
+    assert torch.equal(torch.get_rng_state(), rng) and not model.training
+
+
+def test_trainer_uses_the_measured_choice_and_a_resume_keeps_it(monkeypatch):
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
+    rates = {"fp32": 1000.0, "bf16": 3000.0}
+    monkeypatch.setattr(common, "measure", lambda *a, **k: dict(rates))
+    model = Transformer(preset("tiny"))
+    oc = OptimConfig(warmup=1)
+
+    def trainer(**kw):
+        return Trainer(model, build_optimizer(model, oc), oc, LossConfig(), 10, World(), "auto",
+                       batch_shape=(4, 32), **kw)
+
+    t = trainer()
+    assert t.amp is torch.bfloat16 and t.state_dict()["precision"] == "bf16"
+    rates.update(bf16=500.0)  # a later measurement would pick fp32 ...
+    assert trainer().amp is None
+    assert trainer(resumed_precision="bf16").amp is torch.bfloat16  # ... but a resumed run keeps bf16
+    t = trainer()
+    t.load_state_dict({"step": 3, "skipped": 0, "bad_in_a_row": 0, "precision": "bf16"})
+    assert t.amp is torch.bfloat16 and t.step_num == 3
