@@ -8,7 +8,7 @@ the labeled set (the issue's protocol wants every label worked: a plan with sft_
 each seed, from that one pretrained model:
 
     base     the pretrained model, scored under the plain and the R1-Zero template; the one better on the
-             RL task counts (picked on the test problems themselves, so the base's score leans high)
+             headline task counts (picked on the test problems themselves, so the base's score leans high)
     r1zero   GRPO straight from the base, rule rewards only (R1-Zero), in --zero-template
     sft      cold-start SFT on the labeled set (every label worked, as a real labeled set is)
     rl       GRPO from the SFT model (R1's first RL stage)
@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from nanoseek.checkpoint import load_model, resolve_device
-from nanoseek.data.tasks import TASKS
+from nanoseek.data.tasks import TASKS, Mixture, get_task, task_name
 from nanoseek.engine.engine import Engine
 from nanoseek.io import write_atomic
 from nanoseek.plot import read_metrics
@@ -112,7 +112,7 @@ def run_seed(seed: int, a, problems: dict, results: dict, save) -> None:
     def base_stage() -> dict:
         plain = score(base / "pretrain", "plain", problems, a.k, a.max_tokens, seed)
         zero = score(base / "pretrain", "r1-zero", problems, a.k, a.max_tokens, seed)
-        best = max((plain, zero), key=lambda r: r[a.task]["pass1"])
+        best = max((plain, zero), key=lambda r: r[a.headline]["pass1"])
         return {"eval": best, "plain": plain, "r1-zero": zero}
 
     stage("base", base_stage)
@@ -186,8 +186,10 @@ def main(argv=None) -> int:
     p.add_argument("--zero-template", choices=["r1-zero", "plain"], default="r1-zero",
                    help="the prompt template of the R1-Zero arm (default r1-zero; plain: the problem and a newline, "
                         "as the pretraining corpus writes it)")
-    p.add_argument("--task", default="arithmetic", choices=list(TASKS), help="the task RL trains on")
-    p.add_argument("--level", type=int, default=2, help="GRPO's and RFT's level (default 2)")
+    p.add_argument("--task", default="arithmetic", type=task_name,
+                   help="the task RL trains on: a name, or a mixture of tasks and levels such as "
+                        "arithmetic@2,arithmetic@3,countdown@3 (the first task is the headline; default arithmetic)")
+    p.add_argument("--level", type=int, default=2, help="GRPO's and RFT's level for a single task (default 2)")
     p.add_argument("--levels", type=int, nargs="+", default=[1, 2, 3],
                    help="the RL task's test levels, as the speedrun's plan (default 1 2 3)")
     p.add_argument("--n", type=int, default=300, help="test problems per task (default 300)")
@@ -204,11 +206,14 @@ def main(argv=None) -> int:
     p.add_argument("--sft-lr", type=float, default=5e-4, help="SFT and RFT learning rate (default 5e-4)")
     p.add_argument("--curve-n", type=int, default=100, help="held-out problems of each GRPO curve point (default 100)")
     a = p.parse_args(argv)
+    mixed = isinstance(get_task(a.task), Mixture)
+    a.headline = get_task(a.task).entries[0][0].name if mixed else a.task
+    a.level = None if mixed else a.level
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
     results = json.loads(path.read_text()) if path.exists() else {}
-    problems = test_problems(a.n, a.task, a.levels)
+    problems = test_problems(a.n, a.headline, a.levels)
     levels = {t: sorted({p.level for p in ps}) for t, ps in problems.items()}
 
     def save() -> None:

@@ -495,3 +495,28 @@ def test_grpo_eval_every_logs_the_held_out_curve_and_resumes_it(sft_tiny, tmp_pa
     assert main(["grpo", *flags, "--steps", "4", "--resume"]) == 0
     assert [json.loads(x)["step"] for x in (run / "eval.jsonl").read_text().splitlines()] == [0, 2, 3, 4]
     assert main(["grpo", *flags, "--steps", "4", "--eval-n", "0"]) == 2
+
+
+def test_grpo_on_a_mixture_of_tasks_and_levels(sft_tiny, tmp_path, capsys):
+    """--task NAME@LEVEL,...: one run practises several tasks and levels, each problem rewarded by its own
+    verifier; its held-out curve is over the same mixture; --level with a mixture is a clear error."""
+    import json
+
+    from nanoseek.cli import main
+    from nanoseek.data.tasks import get_task
+    from nanoseek.rl.args import GRPOConfig
+    from nanoseek.train.args import TrainError
+    run = tmp_path / "rl"
+    flags = ["--model", str(sft_tiny), "--task", "arithmetic@1,countdown@3", "--prompts", "2", "--group", "2",
+             "--max-tokens", "24", "--eval-every", "1", "--eval-n", "4", "--out", str(run), "--quiet"]
+    assert main(["grpo", *flags, "--steps", "1"]) == 0
+    assert [json.loads(x)["n"] for x in (run / "eval.jsonl").read_text().splitlines()] == [4, 4]
+    held_out = get_task("arithmetic@1,countdown@3").problems("test", 4)
+    assert [p.task for p in held_out] == ["arithmetic", "countdown"] * 2
+    assert main(["grpo", *flags, "--level", "1", "--out", str(tmp_path / "b")]) == 2
+    assert "a mixture names its levels" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse's usage error
+        main(["grpo", *flags[:2], "--task", "arithmetic@9", *flags[4:]])
+    assert "arithmetic has levels [1, 2, 3, 4, 5]" in capsys.readouterr().err
+    with pytest.raises(TrainError, match="unknown task"):
+        GRPOConfig("algebra")

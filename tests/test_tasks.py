@@ -198,3 +198,22 @@ def test_corpus_mix_and_levels_are_honoured_and_checked(tmp_path):
         write_corpus(tmp_path / "c", 0.01, tasks={"chess": ()})
     with pytest.raises(ValueError, match="corpus kinds"):
         write_corpus(tmp_path / "d", 0.01, kinds={"poetry": 1.0})
+
+
+def test_a_mixture_interleaves_its_pairs_and_verifies_each_problem_by_its_own_task():
+    mix = get_task("arithmetic@2,arithmetic@3,countdown@3")
+    ps = mix.problems("train", 7, seed=4)
+    assert [(p.task, p.level) for p in ps] == [("arithmetic", 2), ("arithmetic", 3), ("countdown", 3)] * 2 + [
+        ("arithmetic", 2)]
+    assert ps[:3] == [arith.problems("train", 3, level=2, seed=4)[0], arith.problems("train", 2, level=3, seed=4)[0],
+                      countdown.problems("train", 2, level=3, seed=4)[0]]
+    assert all(mix.verify(p, mix.solution(p)) and not mix.verify(p, "<answer>-1</answer>") for p in ps)
+    assert mix.levels == (2, 3) and get_task("countdown").name == "countdown"
+    assert [(t.name, lv) for t, lv in get_task("countdown,arithmetic@1").entries] == [
+        ("countdown", 3), ("countdown", 4), ("arithmetic", 1)]
+    with pytest.raises(ValueError, match="arithmetic has levels"):
+        get_task("arithmetic@7,countdown@3")
+    with pytest.raises(ValueError, match="unknown task 'arith@2'"):
+        get_task("arith@2")
+    with pytest.raises(ValueError, match="levels are in its name"):
+        mix.problems("test", 3, level=2)

@@ -16,6 +16,7 @@ never share a problem whatever the seeds. Adding a task is one small class: `nam
 from __future__ import annotations
 
 import hashlib
+import itertools
 import random
 import re
 from dataclasses import dataclass, field
@@ -319,7 +320,63 @@ class Countdown(Task):
 TASKS: dict[str, Task] = {t.name: t for t in (Arithmetic(), Countdown())}
 
 
+class Mixture(Task):
+    """Several (task, level) pairs trained or evaluated as one task, e.g. `arithmetic@2,countdown@3`:
+    problems cycle through the pairs, and each is verified by its own task. What lets one GRPO run
+    practise a curriculum of levels, or two tasks at once."""
+
+    def __init__(self, entries: list[tuple[Task, int]]):
+        self.entries = entries
+        self.name = ",".join(f"{t.name}@{lv}" for t, lv in entries)
+        self.levels = tuple(sorted({lv for _, lv in entries}))
+        self.description = "a mixture of " + ", ".join(f"{t.name} level {lv}" for t, lv in entries)
+
+    def solution(self, problem):
+        return TASKS[problem.task].solution(problem)
+
+    def brief(self, problem):
+        return TASKS[problem.task].brief(problem)
+
+    def check(self, problem, answer):
+        return TASKS[problem.task].check(problem, answer)
+
+    def problems(self, split, n, level=None, seed=None, strict=True):
+        """n problems, the pairs' shares interleaved (so any P consecutive ones mix them); `level` must be None."""
+        if level is not None:
+            raise ValueError(f"{self.name}: a mixture's levels are in its name; give no separate level")
+        share = [task.problems(split, n // len(self.entries) + (i < n % len(self.entries)), level=lv, seed=seed,
+                               strict=strict) for i, (task, lv) in enumerate(self.entries)]
+        return [p for row in itertools.zip_longest(*share) for p in row if p is not None]
+
+
 def get_task(name: str) -> Task:
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; choose one of: {', '.join(TASKS)}")
-    return TASKS[name]
+    """A task by name, or a mixture `NAME@LEVEL,NAME@LEVEL,...` (a bare NAME in a mixture: all its levels)."""
+    if name in TASKS:
+        return TASKS[name]
+    entries = []
+    for part in name.split(",") if ("," in name or "@" in name) else []:
+        task_name, _, level = part.strip().partition("@")
+        if task_name not in TASKS:
+            break
+        task = TASKS[task_name]
+        if not level:
+            entries += [(task, lv) for lv in task.levels]
+            continue
+        if not level.isdigit() or int(level) not in task.levels:
+            raise ValueError(f"{part!r} in task {name!r}: {task_name} has levels {list(task.levels)}")
+        entries.append((task, int(level)))
+    else:
+        if entries:
+            return Mixture(entries)
+    raise ValueError(f"unknown task {name!r}; choose one of: {', '.join(TASKS)}, or a mixture such as "
+                     f"arithmetic@2,arithmetic@3,countdown@3")
+
+
+def task_name(name: str) -> str:
+    """argparse type for --task: the name, checked (a clear error names the choices)."""
+    import argparse
+    try:
+        get_task(name)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return name

@@ -12,9 +12,11 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from ..data.tasks import TASKS
-from ..train.args import check_choice, default, from_args, shown
+from ..data.tasks import TASKS, Mixture, get_task, task_name
+from ..train.args import TrainError, check_choice, default, from_args, shown
 
+TASK_HELP = (f"which task: {', '.join(TASKS)}, or a mixture of tasks and levels cycled through, "
+             "e.g. arithmetic@2,arithmetic@3,countdown@3")
 TEMPLATES = ("chat", "r1-zero", "plain")  # plain: the problem then a newline, as the pretraining corpus writes it
 
 
@@ -49,6 +51,7 @@ class GRPOConfig:
         check_choice("averaging", self.averaging, ("sequence", "token"))
         check_choice("normalize", self.normalize, ("signal", "batch"))
         check_choice("template", self.template, TEMPLATES)
+        check_task(self.task, self.level)
 
 
 @dataclass(kw_only=True)
@@ -87,6 +90,9 @@ class DistillConfig:
     max_running: int = 64
     quiet: bool = False
 
+    def __post_init__(self) -> None:
+        check_task(self.task, None)
+
 
 @dataclass(kw_only=True)
 class RFTConfig:
@@ -110,6 +116,21 @@ class RFTConfig:
     max_running: int = 64
     quiet: bool = False
 
+    def __post_init__(self) -> None:
+        check_task(self.task, self.level)
+
+
+def check_task(task: str, level: int | None) -> None:
+    """What --task's type checks on the command line, for configs built in code; and a level only for one task."""
+    try:
+        t = get_task(task)
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+    if level is not None and isinstance(t, Mixture):
+        raise TrainError(f"--level {level} with the mixture {task!r}: a mixture names its levels; drop --level")
+    if level is not None and level not in t.levels:
+        raise TrainError(f"--level must be one of {list(t.levels)} for {task} (got {level})")
+
 
 def grpo_run(args: argparse.Namespace) -> GRPORun:
     return from_args(GRPORun, args, grpo=from_args(GRPOConfig, args))
@@ -128,7 +149,7 @@ def add_grpo_arguments(p: argparse.ArgumentParser) -> None:
     g = lambda name: default(GRPOConfig, name)  # noqa: E731
     r = lambda name: default(GRPORun, name)  # noqa: E731
     p.add_argument("--model", required=True, metavar="DIR", help="the starting policy (an SFT'd model dir)")
-    p.add_argument("--task", required=True, choices=list(TASKS), help="which task")
+    p.add_argument("--task", required=True, type=task_name, metavar="TASK", help=TASK_HELP)
     p.add_argument("--out", required=True, metavar="RUN", help="run dir: metrics, checkpoints, the final model")
     p.add_argument("--level", type=int, help="train on one difficulty level (default: all, cycling)")
     p.add_argument("--steps", type=int, default=r("steps"), help=f"GRPO steps (default {r('steps')})")
@@ -204,7 +225,7 @@ def add_distill_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", required=True, metavar="DIR", help="the model to learn from (e.g. a GRPO run)")
     p.add_argument("--student", required=True, metavar="DIR",
                    help="the model to train (a smaller model dir with the same tokenizer)")
-    p.add_argument("--task", required=True, choices=list(TASKS), help="which task")
+    p.add_argument("--task", required=True, type=task_name, metavar="TASK", help=TASK_HELP)
     p.add_argument("--out", required=True, metavar="RUN", help="run dir: data, the student's SFT run, report.json")
     p.add_argument("--problems", type=int, default=d("problems"),
                    help=f"train problems to sample (default {d('problems')})")
@@ -229,7 +250,7 @@ def add_rft_arguments(p: argparse.ArgumentParser) -> None:
     """`nanoseek rft`'s flags: the fields of RFTConfig."""
     d = lambda name: default(RFTConfig, name)  # noqa: E731
     p.add_argument("--model", required=True, metavar="DIR", help="the start: the model dir a GRPO run starts from")
-    p.add_argument("--task", required=True, choices=list(TASKS), help="which task")
+    p.add_argument("--task", required=True, type=task_name, metavar="TASK", help=TASK_HELP)
     p.add_argument("--out", required=True, metavar="RUN",
                    help="run dir: the samples, the SFT run and, at the end, the fine-tuned model")
     p.add_argument("--samples", type=int, default=d("samples"),
