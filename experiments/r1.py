@@ -87,6 +87,7 @@ def finished(run: Path) -> Path:
 def grpo(start: Path, out: Path, template: str, seed: int, a) -> dict:
     cfg = GRPOConfig(a.task, level=a.level, prompts=a.prompts, group=a.group, max_tokens=a.max_tokens, lr=a.grpo_lr,
                      beta=a.beta, seed=seed, warmup=a.warmup, averaging="token", normalize="signal",
+                     advantage_scale=a.advantage_scale,
                      resample=a.resample, resample_from=a.steps // 2, ref_refresh=a.steps // 2, template=template)
     rl_train.run(GRPORun(model=str(start), out=str(out), grpo=cfg, steps=a.steps, save_every=max(5, a.steps // 6),
                          eval_every=max(1, a.steps // 10), eval_n=a.curve_n, resume=True, quiet=True))
@@ -200,6 +201,8 @@ def main(argv=None) -> int:
     p.add_argument("--group", type=int, default=8, help="GRPO completions per problem (default 8)")
     p.add_argument("--grpo-lr", type=float, default=2e-4, help="GRPO learning rate (default 2e-4)")
     p.add_argument("--beta", type=float, default=0.04, help="GRPO KL weight (default 0.04)")
+    p.add_argument("--advantage-scale", choices=["std", "none"], default="std",
+                   help="GRPO's advantage: (r - mean) / std, or r - mean as Dr. GRPO (default std)")
     p.add_argument("--warmup", type=int, default=10, help="GRPO warm-up steps (default 10)")
     p.add_argument("--resample", type=int, default=2, help="GRPO dynamic-sampling draws from mid-run (default 2)")
     p.add_argument("--sft-steps", type=int, default=150, help="cold-start SFT steps (default 150)")

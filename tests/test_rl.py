@@ -64,6 +64,11 @@ def test_group_advantages():
     assert adv[0].tolist() == pytest.approx([a, -a, -a, a])
     assert flat.tolist() == [False, True, False] and adv[1].tolist() == [0, 0, 0, 0]
     assert adv[2].sum().item() == pytest.approx(0, abs=1e-5) and adv[2, 3] > 0
+    adv, flat = group_advantages(r, scale="none")  # Dr. GRPO: r - mean, no division by std
+    assert adv.tolist() == [[0.5, -0.5, -0.5, 0.5], [0, 0, 0, 0], [-0.75, -0.75, -0.75, 2.25]]
+    assert flat.tolist() == [False, True, False]
+    with pytest.raises(ValueError, match="scale"):
+        group_advantages(r, scale="max")
 
 
 def test_grpo_loss_equals_a_hand_computation():

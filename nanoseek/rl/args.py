@@ -34,6 +34,7 @@ class GRPOConfig:
     clip_eps: float = 0.2
     beta: float = 0.04
     averaging: str = "sequence"
+    advantage_scale: str = "std"  # std: (r - mean) / std (GRPO); none: r - mean (Dr. GRPO)
     normalize: str = "signal"  # signal: mean over the groups with reward variance; batch: over all P groups
     ref_refresh: int = 0  # steps between reference refreshes; 0: never
     resample: int = 0  # extra draws of P problems per step while fewer than P groups have signal (DAPO)
@@ -50,6 +51,7 @@ class GRPOConfig:
     def __post_init__(self) -> None:
         check_choice("averaging", self.averaging, ("sequence", "token"))
         check_choice("normalize", self.normalize, ("signal", "batch"))
+        check_choice("advantage_scale", self.advantage_scale, ("std", "none"))
         check_choice("template", self.template, TEMPLATES)
         check_task(self.task, self.level)
 
@@ -171,6 +173,9 @@ def add_grpo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--averaging", choices=["sequence", "token"], default=g("averaging"),
                    help="sequence: mean over each completion's tokens, then over completions (GRPO as published); "
                         "token: mean over all tokens of the batch (default sequence)")
+    p.add_argument("--advantage-scale", choices=["std", "none"], default=g("advantage_scale"),
+                   help="std: advantage (r - mean) / std over the group (GRPO, default); none: r - mean (Dr. GRPO: "
+                        "groups nearly all right or all wrong are not weighted up)")
     p.add_argument("--normalize", choices=["signal", "batch"], default=g("normalize"),
                    help="what the loss averages over: signal — the completions of groups with reward variance "
                         "only (default; a step with 2 such groups moves as far as one with 16); batch — all P x G "

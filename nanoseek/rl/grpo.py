@@ -22,15 +22,21 @@ from dataclasses import dataclass
 import torch
 
 
-def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+def group_advantages(rewards: torch.Tensor, eps: float = 1e-4, scale: str = "std") -> tuple[torch.Tensor, torch.Tensor]:
     """rewards (P, G) -> advantages (P, G) and a (P,) mask of groups with zero variance.
 
-    std is the sample standard deviation (unbiased, as TRL); a group whose completions all scored
-    the same gets advantage 0 everywhere, so it contributes no gradient.
+    scale "std": (r - mean) / std, std the sample standard deviation (unbiased, as TRL); "none":
+    r - mean, Dr. GRPO's form, which does not weight groups that are nearly all right or all wrong
+    up to the others. A group whose completions all scored the same gets advantage 0 everywhere,
+    so it contributes no gradient.
     """
+    if scale not in ("std", "none"):
+        raise ValueError(f"scale must be 'std' or 'none' (got {scale!r})")
     mean = rewards.mean(-1, keepdim=True)
-    std = rewards.std(-1, keepdim=True) if rewards.shape[-1] > 1 else torch.zeros_like(mean)
     flat = (rewards == rewards[:, :1]).all(-1)
+    if scale == "none":
+        return (rewards - mean).masked_fill(flat[:, None], 0.0), flat
+    std = rewards.std(-1, keepdim=True) if rewards.shape[-1] > 1 else torch.zeros_like(mean)
     adv = (rewards - mean) / (std + eps)
     return adv.masked_fill(flat[:, None], 0.0), flat
 

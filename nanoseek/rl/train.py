@@ -155,7 +155,7 @@ def grpo_step(policy: Transformer, ref: Transformer | None, optim, engine: Engin
             break
     t_roll = time.perf_counter() - t0
     rewards = torch.tensor([[s.reward for s in row] for row in scores])
-    adv, flat = group_advantages(rewards)
+    adv, flat = group_advantages(rewards, scale=cfg.advantage_scale)
     groups = [i for i in range(len(scores)) if not flat[i]][: cfg.prompts]  # at most P groups train
     keep = [(i, j) for i in groups for j in range(cfg.group)]
     lengths = [len(r.output) for r in reqs]
