@@ -47,11 +47,12 @@ from nanoseek.train.args import SFTConfig, TrainConfig, TrainError
 ARMS = ("base", "r1zero", "sft", "rl", "rft")
 
 
-def test_problems(n: int, task_name: str, task_levels: list[int]) -> dict[str, list]:
-    """The fixed test problems every stage is scored on: n per task, spread evenly over its levels (the given
-    ones for the RL task)."""
+def test_problems(n: int, task_name: str, task_levels: list[int], names: list[str]) -> dict[str, list]:
+    """The fixed test problems every stage is scored on: n per task of `names`, spread evenly over its levels
+    (the given ones for the headline task)."""
     out = {}
-    for name, task in TASKS.items():
+    for name in names:
+        task = TASKS[name]
         levels = [lv for lv in task_levels if lv in task.levels] if name == task_name else list(task.levels)
         out[name] = [p for i, lv in enumerate(levels)
                      for p in task.problems("test", n // len(levels) + (i < n % len(levels)), level=lv, strict=False)]
@@ -189,10 +190,12 @@ def main(argv=None) -> int:
                         "as the pretraining corpus writes it)")
     p.add_argument("--task", default="arithmetic", type=task_name,
                    help="the task RL trains on: a name, or a mixture of tasks and levels such as "
-                        "arithmetic@2,arithmetic@3,countdown@3 (the first task is the headline; default arithmetic)")
+                        "arithmetic@2,arithmetic@3,sort@4 (the first task is the headline; default arithmetic)")
     p.add_argument("--level", type=int, default=2, help="GRPO's and RFT's level for a single task (default 2)")
     p.add_argument("--levels", type=int, nargs="+", default=[1, 2, 3],
                    help="the RL task's test levels, as the speedrun's plan (default 1 2 3)")
+    p.add_argument("--eval-tasks", nargs="+", choices=list(TASKS), default=["arithmetic", "sort"],
+                   help="the tasks every stage is scored on (default arithmetic sort)")
     p.add_argument("--n", type=int, default=300, help="test problems per task (default 300)")
     p.add_argument("--k", type=int, default=8, help="samples per test problem for pass@k (default 8)")
     p.add_argument("--max-tokens", type=int, default=200, help="longest completion (default 200)")
@@ -216,7 +219,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
     results = json.loads(path.read_text()) if path.exists() else {}
-    problems = test_problems(a.n, a.headline, a.levels)
+    problems = test_problems(a.n, a.headline, a.levels, list(dict.fromkeys([a.headline] + a.eval_tasks)))
     levels = {t: sorted({p.level for p in ps}) for t, ps in problems.items()}
 
     def save() -> None:

@@ -53,10 +53,11 @@ class TokenizerError(ValueError):
 
 
 def _pre_tokenizer():
-    """Every digit is a piece of its own (with the space before a number kept on its first digit),
-    as DeepSeek LLM and LLaMA split numbers: column arithmetic then sees digits, never "95" as one
-    opaque token. Then GPT-2-style byte-level pieces."""
-    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r" ?\p{N}"), behavior="isolated"),
+    """Every digit is a piece of its own, as DeepSeek LLM and LLaMA split numbers: column arithmetic
+    then sees digits, never "95" as one opaque token. The space before a number is a piece of its
+    own too, so a digit is one token wherever it stands and copying it from the prompt into the
+    working is copying the same token. Then GPT-2-style byte-level pieces."""
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"\p{N}"), behavior="isolated"),
                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
 
 

@@ -34,7 +34,7 @@ def test_tokens_round_trip_and_workers_agree(data, tmp_path):
     root, tok = data
     tokenize_dir(root / "curated", root / "tok", tmp_path / "t1", workers=1)
     index = json.loads((root / "tokens" / "index.json").read_text())
-    assert index["dtype"] == "uint16" and index["num_docs"] == 360
+    assert index["dtype"] == "uint16" and index["num_docs"] == 510
     for shard in index["shards"]:
         assert (tmp_path / "t1" / shard["tokens"]).read_bytes() == (root / "tokens" / shard["tokens"]).read_bytes()
     tokens = np.fromfile(root / "tokens" / index["shards"][0]["tokens"], dtype=np.uint16)
@@ -52,6 +52,29 @@ def test_rows_are_packed_with_bos_per_document(data):
     assert x[0, 0] == tok.bos_id
     text = tok.decode(x[0].tolist())
     assert text.count("<｜begin▁of▁sentence｜>") == (x[0] == tok.bos_id).sum()
+
+
+def test_a_document_that_fits_a_row_is_never_cut_from_its_beginning(data):
+    """A task's working is always trained after its prompt: a document that does not fit in a row's rest
+    starts the next row whole. Only a document longer than a row continues across rows."""
+    root, tok = data
+    loader = Loader(root / "tokens", seq_len=256, batch_size=1, seed=0, weights={"math": 1.0})
+    assert int(loader.docs["math"][:, 2].max()) < 256
+    whole = 0
+    for _ in range(60):
+        x, y = loader.next_batch()
+        row = torch.cat([x[0], y[0, -1:]]).tolist()
+        assert row[0] == tok.bos_id
+        starts = [i for i, t in enumerate(row) if t == tok.bos_id] + [len(row)]
+        for a, b in zip(starts, starts[1:]):
+            text = tok.decode(row[a + 1:b])
+            assert any(text.startswith(s) or s.startswith(text) for s in ("What is", "Using the numbers", "Sort ")), text
+            whole += b < len(row)
+            assert b == len(row) or text.endswith("</answer>")
+    assert whole > 60
+    long = Loader(root / "tokens", seq_len=16, batch_size=1, seed=0, weights={"prose": 1.0})
+    rows = [torch.cat([x[0], y[0, -1:]]) for x, y in (long.next_batch() for _ in range(3))]
+    assert rows[0][0] == tok.bos_id and rows[1][0] != tok.bos_id  # a story continues into the next row
 
 
 def test_deterministic_for_a_seed(data):
@@ -123,7 +146,7 @@ def test_cli_tokenizer_and_tokenize(data, tmp_path, capsys):
                  str(tmp_path / "tok"), "--quiet"]) == 0
     assert main(["tokenize", "--input", str(root / "curated"), "--tokenizer", str(tmp_path / "tok"),
                  "--out", str(tmp_path / "tokens"), "--quiet"]) == 0
-    assert "360 documents" in capsys.readouterr().out
+    assert "510 documents" in capsys.readouterr().out
     assert main(["tokenize", "--input", str(tmp_path), "--tokenizer", str(tmp_path / "tok"),
                  "--out", str(tmp_path / "x"), "--quiet"]) == 2
 

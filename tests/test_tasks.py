@@ -5,6 +5,7 @@ from fractions import Fraction
 
 arith = TASKS["arithmetic"]
 countdown = TASKS["countdown"]
+sort = TASKS["sort"]
 P_ADD = Problem("arithmetic", "123+456", "What is 123 + 456?", "579", 3, {"a": 123, "b": 456, "op": "+"})
 P_SUB = Problem("arithmetic", "12-456", "What is 12 - 456?", "-444", 3, {"a": 12, "b": 456, "op": "-"})
 P_CD = Problem("countdown", "3,7,25->46", "...", "25 + 3 * 7", 3, {"numbers": [3, 7, 25], "target": 46})
@@ -88,6 +89,46 @@ def test_countdown_solutions_are_searches_whose_misses_are_computed_and_miss():
     assert set(misses) == set(range(countdown.MAX_MISSES + 1))  # searches of every length occur
 
 
+def test_multiplication_is_by_one_digit_and_worked_digit_by_digit():
+    import re
+    muls = [p for p in arith.problems("train", 600, level=3, seed=5) if p.meta["op"] == "x"]
+    assert muls and all(2 <= p.meta["b"] <= 9 for p in muls)
+    for p in muls:
+        a, b = p.meta["a"], p.meta["b"]
+        lines = arith.solution(p).split("\n")[1:-1]
+        steps = [re.fullmatch(r"(\d) x (\d) \+ carry (\d) = (\d+), write (\d), carry (\d)", ln) for ln in lines]
+        steps = [[int(g) for g in m.groups()] for m in steps if m]
+        assert [s[0] for s in steps] == [int(c) for c in reversed(str(a))]
+        carry, written = 0, []
+        for x, y, c, total, write, out in steps:
+            assert y == b and c == carry and total == x * y + c and (write, out) == (total % 10, total // 10)
+            carry, written = out, written + [write]
+        last = [f"write the last carry {carry}"] if carry else []
+        assert lines[len(steps):] == last + [f"so {a} x {b} = {a * b}"]
+        assert int("".join(map(str, reversed(written + ([carry] if carry else []))))) == a * b
+
+
+P_SORT = Problem("sort", "42, 7, 19", "Sort 42, 7, 19 from smallest to largest.", "7, 19, 42", 3,
+                 {"numbers": [42, 7, 19]})
+
+
+@pytest.mark.parametrize("answer, ok", [
+    ("7, 19, 42", True), ("7,19,42", True),
+    ("42, 19, 7", False), ("7, 19", False), ("7, 19, 42, 42", False), ("7, 19, 42,", False),
+    ("7 19 42", False), ("07, 19, 42", True),  # the numbers, not their spelling
+    ("7, 19, 4２", False), ("[7, 19, 42]", False), ("", False),
+])
+def test_sort_verifier(answer, ok):
+    assert sort.verify(P_SORT, f"<think>t</think> <answer>{answer}</answer>") is ok
+
+
+def test_sort_solutions_pick_the_smallest_left_each_line():
+    assert sort.solution(P_SORT) == ("<think>\nsmallest of 42, 7, 19 is 7\nsmallest of 42, 19 is 19\n"
+                                     "42 is left\n</think> <answer>7, 19, 42</answer>")
+    for p in sort.problems("test", 40):
+        assert len(set(p.meta["numbers"])) == p.level and len(sort.solution(p).split("\n")) == p.level + 2
+
+
 def test_extract_answer():
     assert extract_answer("<answer>\n42\n</answer>") == "42"
     assert extract_answer("<answer>1</answer> <answer>2</answer>") is None
@@ -140,7 +181,7 @@ def test_levels(name):
 
 def test_arithmetic_levels_are_digit_counts():
     for p in arith.problems("train", 50, level=4, seed=0):
-        assert len(str(p.meta["a"])) == 4 and len(str(p.meta["b"])) == 4
+        assert len(str(p.meta["a"])) == 4 and len(str(p.meta["b"])) == (1 if p.meta["op"] == "x" else 4)
 
 
 def test_exhausted_split_is_a_clear_error():

@@ -41,12 +41,14 @@ def test_training_learns_merges(trained):
 
 
 def test_numbers_are_split_into_digits():
-    """However often a number occurs, no token holds two digits; a leading space rides on the first."""
-    tok = Tokenizer.train(["What is 95 + 80? so 95 + 80 = 175\n" * 200, "year 2024, 3.14159 ١٢٣\n" * 200], 400)
-    digit_tokens = [t for t in tok.tk.get_vocab() if sum(c.isdigit() for c in tok.tk.decoder.decode([t])) > 1]
-    assert digit_tokens == []
-    pieces = [tok.decode([i]) for i in tok.encode("What is 95 + 80?")]
-    assert pieces[pieces.index(" 9"):pieces.index(" 9") + 2] == [" 9", "5"]
+    """However often a number occurs, every digit is a token of its own, with nothing else on it: the 9 of
+    " 95" in a prompt is the same token as the 9 at the start of a line of working."""
+    tok = Tokenizer.train(["What is 95 + 80? so 95 + 80 = 175\n9 + 8\n" * 200, "year 2024, 3.14159 ١٢٣\n" * 200], 400)
+    texts = [tok.tk.decoder.decode([t]) for t in tok.tk.get_vocab()]
+    assert [t for t in texts if any(c.isdigit() for c in t) and len(t) > 1] == []
+    pieces = [tok.decode([i]) for i in tok.encode("What is 95 + 80?\n9 + 8")]
+    assert pieces[pieces.index("9") - 1:pieces.index("9") + 2] == [" ", "9", "5"]
+    assert pieces[-4:] == ["9", " +", " ", "8"]
     assert tok.decode(tok.encode("95 + 80 = 175")) == "95 + 80 = 175"
 
 

@@ -118,13 +118,15 @@ def _digits(n: int) -> list[int]:
 
 class Arithmetic(Task):
     name = "arithmetic"
-    levels = (1, 2, 3, 4, 5)  # digits per operand
-    description = "multi-digit +, -, x with worked column arithmetic"
+    levels = (1, 2, 3, 4, 5)  # digits per operand (the multiplier of x has one)
+    description = "multi-digit +, - and x by one digit, worked column by column"
 
     def make(self, rng, level):
         lo, hi = (0 if level == 1 else 10 ** (level - 1)), 10**level - 1
         a, b = rng.randint(lo, hi), rng.randint(lo, hi)
         op = rng.choice("+-x")
+        if op == "x" and level > 1:
+            b = 2 + b % 8  # a one-digit multiplier, drawn without another rng call (+ and - stay as they were)
         value = a + b if op == "+" else a - b if op == "-" else a * b
         return Problem(self.name, f"{a}{op}{b}", f"What is {a} {op} {b}?", str(value), level,
                        {"a": a, "b": b, "op": op})
@@ -168,12 +170,15 @@ class Arithmetic(Task):
 
     @staticmethod
     def _mul_steps(a, b):
-        lines, total = [], 0
-        for i, d in enumerate(_digits(b)):
-            part = a * d * 10**i
-            lines.append(f"{a} x {d * 10**i} = {part}")
-            lines.append(f"running sum {total} + {part} = {total + part}")
-            total += part
+        """Column by column like addition, each line one digit of a times the one-digit b plus the
+        carry: a product written in one line (141 x 60 = 8460) is beyond a small model."""
+        lines, carry = [], 0
+        for x in _digits(a):
+            s = x * b + carry
+            lines.append(f"{x} x {b} + carry {carry} = {s}, write {s % 10}, carry {s // 10}")
+            carry = s // 10
+        if carry:
+            lines.append(f"write the last carry {carry}")
         return "\n".join(lines + [f"so {a} x {b} = {a * b}"])
 
     def check(self, p, answer):
@@ -317,7 +322,43 @@ class Countdown(Task):
         return value == p.meta["target"]
 
 
-TASKS: dict[str, Task] = {t.name: t for t in (Arithmetic(), Countdown())}
+# ---- sorting ----------------------------------------------------------------------------------
+
+_LIST = re.compile(r"[0-9]{1,3}(?:, ?[0-9]{1,3}){0,15}")
+
+
+class Sort(Task):
+    """Not arithmetic: put a few two-digit numbers in order. The worked solution is selection sort,
+    one "smallest of ... is ..." line per pick, so each line compares the numbers still left."""
+
+    name = "sort"
+    levels = (3, 4, 5, 6)  # how many numbers
+    description = "sort distinct numbers below 100, picking the smallest left each line"
+
+    def make(self, rng, level):
+        numbers = rng.sample(range(100), level)
+        shown = ", ".join(map(str, numbers))
+        return Problem(self.name, shown, f"Sort {shown} from smallest to largest.",
+                       ", ".join(map(str, sorted(numbers))), level, {"numbers": numbers})
+
+    def solution(self, p):
+        left, lines = list(p.meta["numbers"]), []
+        while len(left) > 1:
+            smallest = min(left)
+            lines.append(f"smallest of {', '.join(map(str, left))} is {smallest}")
+            left.remove(smallest)
+        lines.append(f"{left[0]} is left")
+        return "<think>\n" + "\n".join(lines) + f"\n</think> <answer>{p.answer}</answer>"
+
+    def brief(self, p):
+        return f"<think>\nin order: {p.answer}\n</think> <answer>{p.answer}</answer>"
+
+    def check(self, p, answer):
+        return bool(_LIST.fullmatch(answer)) and \
+            [int(x) for x in answer.split(",")] == sorted(p.meta["numbers"])
+
+
+TASKS: dict[str, Task] = {t.name: t for t in (Arithmetic(), Countdown(), Sort())}
 
 
 class Mixture(Task):

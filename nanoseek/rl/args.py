@@ -16,7 +16,7 @@ from ..data.tasks import TASKS, Mixture, get_task, task_name
 from ..train.args import TrainError, check_choice, default, from_args, shown
 
 TASK_HELP = (f"which task: {', '.join(TASKS)}, or a mixture of tasks and levels cycled through, "
-             "e.g. arithmetic@2,arithmetic@3,countdown@3")
+             "e.g. arithmetic@2,arithmetic@3,sort@4")
 TEMPLATES = ("chat", "r1-zero", "plain")  # plain: the problem then a newline, as the pretraining corpus writes it
 
 
