@@ -236,7 +236,7 @@ def sft_tiny(tmp_path_factory):
         ids += tok.render_chat([{"role": "user", "content": p.prompt},
                                 {"role": "assistant", "content": task.solution(p)}])[0]
     d = tmp_path_factory.mktemp("sft") / "m"
-    save_model(train_tiny(ids, steps=150), d, extra_files=tok.files())
+    save_model(train_tiny(ids, steps=300), d, extra_files=tok.files())
     return d
 
 
@@ -455,7 +455,7 @@ def test_rft_keeps_only_verified_samples_and_draws_the_count_asked(sft_tiny, tmp
 
     run_dir = tmp_path / "rft"
     flags = ["--model", str(sft_tiny), "--task", "arithmetic", "--level", "1", "--out", str(run_dir),
-             "--group", "4", "--max-tokens", "64", "--steps", "2", "--quiet"]
+             "--group", "4", "--max-tokens", "128", "--steps", "2", "--quiet"]
     assert main(["rft", *flags, "--samples", "30"]) == 2  # not a whole number of groups
     assert main(["rft", *flags, "--samples", "128"]) == 0
     stats = json.loads((run_dir / "samples.json").read_text())
