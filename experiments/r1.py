@@ -47,13 +47,13 @@ from nanoseek.train.args import SFTConfig, TrainConfig, TrainError
 ARMS = ("base", "r1zero", "sft", "rl", "rft")
 
 
-def test_problems(n: int, task_name: str, task_levels: list[int], names: list[str]) -> dict[str, list]:
+def test_problems(n: int, headline: str, task_levels: list[int], names: list[str]) -> dict[str, list]:
     """The fixed test problems every stage is scored on: n per task of `names`, spread evenly over its levels
     (the given ones for the headline task)."""
     out = {}
     for name in names:
         task = TASKS[name]
-        levels = [lv for lv in task_levels if lv in task.levels] if name == task_name else list(task.levels)
+        levels = [lv for lv in task_levels if lv in task.levels] if name == headline else list(task.levels)
         out[name] = [p for i, lv in enumerate(levels)
                      for p in task.problems("test", n // len(levels) + (i < n % len(levels)), level=lv, strict=False)]
     return out
@@ -212,8 +212,9 @@ def main(argv=None) -> int:
     p.add_argument("--sft-lr", type=float, default=5e-4, help="SFT and RFT learning rate (default 5e-4)")
     p.add_argument("--curve-n", type=int, default=100, help="held-out problems of each GRPO curve point (default 100)")
     a = p.parse_args(argv)
-    mixed = isinstance(get_task(a.task), Mixture)
-    a.headline = get_task(a.task).entries[0][0].name if mixed else a.task
+    rl_task = get_task(a.task)
+    mixed = isinstance(rl_task, Mixture)
+    a.headline = rl_task.entries[0][0].name if mixed else a.task
     a.level = None if mixed else a.level
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -10,11 +10,12 @@ dtype and token counts.
 `Loader` packs documents into rows of seq_len + 1 tokens (BOS before each document). A document
 that does not fit in what is left of a row is started again, whole, at the next row (the row ends
 with its beginning); only a document longer than a row continues from one row into the next. It
-picks each next document's domain by mixture weights, walks a domain's documents in a seeded shuffled order (or easiest first, with `curriculum=True`), and
-yields (inputs, targets) = (row[:-1], row[1:]). Its `state_dict()` resumes exactly: the batches
-after a resume are the batches an uninterrupted run would have seen. With `world_size` > 1, rank
-r takes rows r, r + W, ... of the one global stream, so data parallel sees the same data as one
-process with the same global batch.
+picks each next document's domain by mixture weights, walks a domain's documents in a seeded
+shuffled order (or easiest first, with `curriculum=True`), and yields (inputs, targets) =
+(row[:-1], row[1:]). Its `state_dict()` resumes exactly: the batches after a resume are the
+batches an uninterrupted run would have seen. With `world_size` > 1, rank r takes rows r, r + W,
+... of the one global stream, so data parallel sees the same data as one process with the same
+global batch.
 """
 
 from __future__ import annotations
@@ -186,7 +187,8 @@ class Loader:
                 self.pending = (domain, doc, -1)  # -1: the BOS is still to come
             domain, doc, used = self.pending
             toks = self._doc_tokens(domain, doc)
-            if used < 0 and len(toks) + 1 > need and need < self.seq_len + 1 and len(toks) <= self.seq_len:
+            row_started, fits_a_row = need <= self.seq_len, len(toks) + 1 <= self.seq_len + 1
+            if used < 0 and row_started and fits_a_row and len(toks) + 1 > need:
                 # A document that fits in a row but not in this row's rest starts the next row whole; this
                 # row ends with its beginning. Carried over, its rest would be trained without its start:
                 # a task's working without the prompt, which teaches the model to make the numbers up.

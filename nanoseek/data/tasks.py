@@ -394,23 +394,24 @@ def get_task(name: str) -> Task:
     """A task by name, or a mixture `NAME@LEVEL,NAME@LEVEL,...` (a bare NAME in a mixture: all its levels)."""
     if name in TASKS:
         return TASKS[name]
+    unknown = ValueError(f"unknown task {name!r}; choose one of: {', '.join(TASKS)}, or a mixture such as "
+                         f"arithmetic@2,arithmetic@3,sort@4")
+    parts = name.split(",") if ("," in name or "@" in name) else []
+    if not parts:
+        raise unknown
     entries = []
-    for part in name.split(",") if ("," in name or "@" in name) else []:
-        task_name, _, level = part.strip().partition("@")
-        if task_name not in TASKS:
-            break
-        task = TASKS[task_name]
+    for part in parts:
+        base, _, level = part.strip().partition("@")
+        if base not in TASKS:
+            raise unknown
+        task = TASKS[base]
         if not level:
             entries += [(task, lv) for lv in task.levels]
-            continue
-        if not level.isdigit() or int(level) not in task.levels:
-            raise ValueError(f"{part!r} in task {name!r}: {task_name} has levels {list(task.levels)}")
-        entries.append((task, int(level)))
-    else:
-        if entries:
-            return Mixture(entries)
-    raise ValueError(f"unknown task {name!r}; choose one of: {', '.join(TASKS)}, or a mixture such as "
-                     f"arithmetic@2,arithmetic@3,countdown@3")
+        elif level.isdigit() and int(level) in task.levels:
+            entries.append((task, int(level)))
+        else:
+            raise ValueError(f"{part!r} in task {name!r}: {base} has levels {list(task.levels)}")
+    return Mixture(entries)
 
 
 def task_name(name: str) -> str:
