@@ -12,7 +12,7 @@ results land in OUT/gpu_check.json.
    against the CPU engine's, the compiled decode step's (torch.compile, Triton kernels) and
    transformers' `DeepseekV3ForCausalLM.generate` on cuda; with --spec-model, MTP speculative
    greedy == plain greedy on cuda, eager and compiled, and its speed-up in each.
-2. Every training stage on the GPU: `nanoseek speedrun --quick --distill` end to end (pretrain with
+2. Every training stage on the GPU: `nanoseek speedrun --quick` end to end (pretrain with
    bf16 autocast, SFT, GRPO with engine rollouts, eval, distillation), then `torchrun
    --nproc_per_node=1 -m nanoseek pretrain` on the speedrun's tokens (the NCCL process group).
 3. Numbers: benchmarks/engine_speed.py on cuda (fp32 and bf16), benchmarks/grpo_speed.py on cuda
@@ -167,9 +167,9 @@ def run(cmd: list[str], log: Path, timeout: int) -> subprocess.CompletedProcess:
 def training(out: Path, work: Path) -> None:
     run_dir = work / "quick"
 
-    @check("speedrun --quick --distill on the GPU")
+    @check("speedrun --quick on the GPU")
     def _():
-        run([sys.executable, "-m", "nanoseek", "speedrun", "--quick", "--distill", "--out", str(run_dir)],
+        run([sys.executable, "-m", "nanoseek", "speedrun", "--quick", "--out", str(run_dir)],
             out / "speedrun.log", timeout=420)
         card = json.loads((run_dir / "speedrun.json").read_text())
         return {"speedrun_json": card}

@@ -1,24 +1,27 @@
 """R1-Zero and R1 in miniature, over seeds: every stage scored under one protocol, GRPO against its controls.
 
     python experiments/r1.py --base runs/base --out runs/r1 --seeds 0 1 2
-    python experiments/r1.py --base runs/base --out runs/r1 --seeds 0 --arms r1zero   # one arm
+    python experiments/r1.py --base runs/base --out runs/r1 --seeds 0 --arms base r1zero   # some arms
 
 --base is a speedrun dir whose data, tokenizer and pretrain stages have run; its data/sft.jsonl is
-the labeled set (the issue's protocol wants every label worked: a plan with sft_worked=1.0). For
-each seed, from that one pretrained model:
+the labeled set (every label worked, as the speedrun writes it). For
+each seed, from that one pretrained model, the stages of nanoseek/rl/recipe.py:
 
-    base     the pretrained model, scored under the plain and the R1-Zero template; the one better on the
-             headline task counts (picked on the test problems themselves, so the base's score leans high)
-    r1zero   GRPO straight from the base, rule rewards only (R1-Zero), in --zero-template
-    sft      cold-start SFT on the labeled set (every label worked, as a real labeled set is)
-    rl       GRPO from the SFT model (R1's first RL stage)
-    rft      the control: rejection-sampling fine-tuning from the SFT model with as many samples as `rl` drew
+    base        the pretrained model, scored under the plain and the R1-Zero template; its better one counts
+    r1zero      GRPO straight from the base, rule rewards only (R1-Zero), in --zero-template
+    sft         cold-start SFT on the labeled set
+    rl          GRPO from the SFT model (R1's first RL stage)
+    rft         the control: rejection-sampling fine-tuning from the SFT model with as many samples as rl drew
+    rejection   R1's third stage: the rl model answers --rs-problems unlabeled train problems, and the base is
+                fine-tuned on its verified answers and the labeled set
+    rl2         GRPO again, from the rejection model (the recipe's last stage: the final model)
+    student     a smaller model (--student-layers) pretrained on the base's tokens, once for all seeds
+    distill     the student fine-tuned on the final model's verified answers to --distill-problems problems
+    student_rl  the control: the student's own cold-start SFT, then GRPO as long as the teacher's
 
-Every stage is scored on the same fixed test problems: greedy pass@1 and pass@k (k samples at temperature
-1, the unbiased estimator), per task and level. OUT/results.json holds every number; OUT/results.md the
-table of means with standard errors over seeds, and the paired differences the claims rest on. Each stage
-is skipped when its results exist, so a rerun continues. Not part of the test suite: one seed takes
-about an hour on 2 CPU cores.
+OUT/results.json holds every number; OUT/results.md the table of means with standard errors over
+seeds, and the paired differences the claims rest on. Each stage is skipped when its results exist,
+so a rerun continues. Not part of the test suite: one seed takes over an hour on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -31,76 +34,37 @@ import sys
 import time
 from pathlib import Path
 
-from nanoseek.checkpoint import load_model, resolve_device
 from nanoseek.data.tasks import TASKS, Mixture, get_task, task_name
-from nanoseek.engine.engine import Engine
 from nanoseek.io import write_atomic
-from nanoseek.plot import read_metrics
-from nanoseek.rl import rft
-from nanoseek.rl import train as rl_train
-from nanoseek.rl.args import GRPOConfig, GRPORun, RFTConfig
-from nanoseek.rl.evaluate import evaluate, pass_at_k
-from nanoseek.tokenizer import Tokenizer
-from nanoseek.train import sft
-from nanoseek.train.args import SFTConfig, TrainConfig, TrainError
+from nanoseek.rl import recipe
+from nanoseek.rl.recipe import RL, Protocol
+from nanoseek.train.args import PretrainConfig, TrainConfig, TrainError
 
-ARMS = ("base", "r1zero", "sft", "rl", "rft")
+ARMS = ("base", "r1zero", "sft", "rl", "rft", "rejection", "rl2", "student", "distill", "student_rl")
 
 
-def test_problems(n: int, headline: str, task_levels: list[int], names: list[str]) -> dict[str, list]:
-    """The fixed test problems every stage is scored on: n per task of `names`, spread evenly over its levels
-    (the given ones for the headline task)."""
-    out = {}
-    for name in names:
-        task = TASKS[name]
-        levels = [lv for lv in task_levels if lv in task.levels] if name == headline else list(task.levels)
-        out[name] = [p for i, lv in enumerate(levels)
-                     for p in task.problems("test", n // len(levels) + (i < n % len(levels)), level=lv, strict=False)]
-    return out
+def student_base(a) -> Path:
+    """The student: the base's shape at fewer layers, pretrained on the base's own tokens and plan."""
+    from nanoseek.train import pretrain
+
+    base, out = Path(a.base), Path(a.out) / "student-base"
+    if any(out.glob("*.safetensors")):
+        return out
+    plan = json.loads((base / "speedrun.json").read_text())["plan"]
+    config = recipe.student_config(plan["preset"], a.student_layers, Path(a.out) / "student.json")
+    pretrain.run(PretrainConfig(
+        data=str(base / "data" / "tokens"), tokenizer=str(base / "tokenizer"), mix=plan["mix"], config=str(config),
+        train=TrainConfig(out=str(out), steps=a.student_steps, lr=plan["pretrain_lr"], warmup=50,
+                          batch_size=plan["batch_size"], seq_len=plan["seq_len"], seed=0, resume=True, quiet=True,
+                          save_every=max(10, a.student_steps // 8))))
+    return recipe.finished(out)
 
 
-def score(model_dir: Path, template: str, problems: dict, k: int, max_tokens: int, seed: int) -> dict:
-    """Greedy pass@1 and pass@k (temperature 1) of a model dir, per task and level, in one template."""
-    engine = Engine(load_model(model_dir, device=resolve_device()), Tokenizer.load(model_dir), max_running=128)
-    result = {}
-    for name, probs in problems.items():
-        rep = evaluate(engine, TASKS[name], probs, k=k, temperature=1.0, max_tokens=max_tokens, template=template,
-                       seed=seed)
-        levels = {}
-        for r in rep.problems:
-            levels.setdefault(str(r.level), []).append(r)
-        result[name] = {"n": rep.n, "pass1": rep.pass1, "pass_k": rep.pass_k, "format": rep.format_rate,
-                        "mean_tokens": rep.mean_tokens, "template": template,
-                        "levels": {lv: {"n": len(rs), "pass1": sum(r.greedy_correct for r in rs) / len(rs),
-                                        "pass_k": sum(pass_at_k(r.samples, r.samples_correct, k) for r in rs) / len(rs)}
-                                   for lv, rs in sorted(levels.items())}}
-        print(f"    {name}: pass@1 {rep.pass1:.1%}, pass@{k} {rep.pass_k:.1%} ({template})", flush=True)
-    return result
-
-
-def finished(run: Path) -> Path:
-    """A training run that stopped early (Ctrl-C) leaves no model at its top: never score a checkpoint."""
-    if not any(run.glob("*.safetensors")):
-        raise SystemExit(f"{run} stopped before its last step; rerun to continue it")
-    return run
-
-
-def grpo(start: Path, out: Path, template: str, seed: int, a) -> dict:
-    cfg = GRPOConfig(a.task, level=a.level, prompts=a.prompts, group=a.group, max_tokens=a.max_tokens, lr=a.grpo_lr,
-                     beta=a.beta, seed=seed, warmup=a.warmup, averaging="token", normalize="signal",
-                     advantage_scale=a.advantage_scale,
-                     resample=a.resample, resample_from=a.steps // 2, ref_refresh=a.steps // 2, template=template)
-    rl_train.run(GRPORun(model=str(start), out=str(out), grpo=cfg, steps=a.steps, save_every=max(5, a.steps // 6),
-                         eval_every=max(1, a.steps // 10), eval_n=a.curve_n, resume=True, quiet=True))
-    rows = read_metrics(finished(out))
-    return {"samples": int(sum(r.get("draws", 1) for r in rows) * a.prompts * a.group),
-            "seconds": sum(r["seconds"] for r in rows),
-            "curve": [json.loads(x) for x in (out / "eval.jsonl").read_text().splitlines()]}
-
-
-def run_seed(seed: int, a, problems: dict, results: dict, save) -> None:
+def run_seed(seed: int, a, protocol: Protocol, rl: RL, results: dict, save) -> None:
     base, out = Path(a.base), Path(a.out) / f"seed{seed}"
+    labeled = base / "data" / "sft.jsonl"
     mine = results.setdefault(str(seed), {})
+    proto = Protocol(protocol.problems, k=protocol.k, max_tokens=protocol.max_tokens, seed=seed)
 
     def stage(name: str, fn) -> None:
         if name in mine or name not in a.arms:
@@ -111,39 +75,43 @@ def run_seed(seed: int, a, problems: dict, results: dict, save) -> None:
         mine[name]["wall_seconds"] = time.perf_counter() - t0
         save()
 
-    def base_stage() -> dict:
-        plain = score(base / "pretrain", "plain", problems, a.k, a.max_tokens, seed)
-        zero = score(base / "pretrain", "r1-zero", problems, a.k, a.max_tokens, seed)
-        best = max((plain, zero), key=lambda r: r[a.headline]["pass1"])
-        return {"eval": best, "plain": plain, "r1-zero": zero}
+    def scored(model: Path, template: str = "chat", **extra) -> dict:
+        return {**extra, "eval": recipe.score(model, template, proto)}
 
-    stage("base", base_stage)
-    stage("r1zero", lambda: {**grpo(base / "pretrain", out / "r1zero", a.zero_template, seed, a),
-                             "template": a.zero_template,
-                             "eval": score(out / "r1zero", a.zero_template, problems, a.k, a.max_tokens, seed)})
-
-    def sft_stage() -> dict:
-        sft.run(SFTConfig(model=str(base / "pretrain"), data=[str(base / "data" / "sft.jsonl")],
-                          train=TrainConfig(out=str(out / "sft"), steps=a.sft_steps, lr=a.sft_lr,
-                                            warmup=max(1, a.sft_steps // 10), seed=seed, resume=True, quiet=True,
-                                            save_every=a.sft_steps)))
-        return {"eval": score(finished(out / "sft"), "chat", problems, a.k, a.max_tokens, seed)}
-
-    stage("sft", sft_stage)
-    stage("rl", lambda: {**grpo(out / "sft", out / "rl", "chat", seed, a),
-                         "eval": score(out / "rl", "chat", problems, a.k, a.max_tokens, seed)})
-
-    def rft_stage() -> dict:
-        samples = mine["rl"]["samples"] if "rl" in mine else a.steps * a.prompts * a.group
+    def verified(teacher, start, dest, problems, k, temperature, steps, extra=(), level=None, keep=0) -> dict:
         try:
-            stats = rft.run(RFTConfig(model=str(out / "sft"), task=a.task, out=str(out / "rft"), samples=samples,
-                                      group=a.group, level=a.level, max_tokens=a.max_tokens, steps=a.steps,
-                                      lr=a.sft_lr, seed=seed, quiet=True))
-        except TrainError as e:  # no sample was right: the control is the SFT model itself
-            return {"skipped": str(e), "eval": score(out / "sft", "chat", problems, a.k, a.max_tokens, seed)}
-        return {**stats, "eval": score(finished(out / "rft"), "chat", problems, a.k, a.max_tokens, seed)}
+            stats = recipe.verified_sft(teacher, start, dest, rl.task, problems, k, temperature, rl.max_tokens, steps,
+                                        a.sft_lr, seed, level=level, keep_per_problem=keep, extra=extra)
+        except TrainError as e:  # nothing verified: the stage is its start, and says so
+            return scored(start, skipped=str(e))
+        return scored(dest, **stats)
 
-    stage("rft", rft_stage)
+    stage("base", lambda: recipe.score_base(base / "pretrain", proto, a.headline))
+    stage("r1zero", lambda: scored(out / "r1zero", a.zero_template,
+                                   **recipe.grpo(base / "pretrain", out / "r1zero", rl, a.zero_template, seed)))
+    stage("sft", lambda: scored(recipe.sft(base / "pretrain", [labeled], out / "sft", a.sft_steps, a.sft_lr, seed)))
+    stage("rl", lambda: scored(out / "rl", **recipe.grpo(out / "sft", out / "rl", rl, "chat", seed)))
+    rl_samples = mine["rl"]["samples"] if "rl" in mine else rl.steps * rl.prompts * rl.group
+    stage("rft", lambda: verified(out / "sft", out / "sft", out / "rft", rl_samples // rl.group, rl.group, 1.0,
+                                  rl.steps, level=rl.level))
+    stage("rejection", lambda: verified(out / "rl", base / "pretrain", out / "rejection", a.rs_problems, a.rs_k, 1.0,
+                                        a.rs_steps, extra=[labeled], keep=a.rs_keep))
+    stage("rl2", lambda: scored(out / "rl2", **recipe.grpo(out / "rejection", out / "rl2", rl, "chat", seed,
+                                                           steps=a.rl2_steps)))
+    if any(arm in a.arms for arm in ("student", "distill", "student_rl")):
+        student = student_base(a)
+        stage("student", lambda: recipe.score_base(student, proto, a.headline))
+        teacher = out / ("rl2" if (out / "rl2").exists() else "rl")
+        stage("distill", lambda: {"teacher": teacher.name, **verified(
+            teacher, student, out / "distill", a.distill_problems, a.distill_k, 0.7, a.distill_steps,
+            keep=a.distill_keep)})
+
+        def student_rl() -> dict:
+            sft = recipe.sft(student, [labeled], out / "student_sft", a.sft_steps, a.sft_lr, seed)
+            return {"sft_eval": recipe.score(sft, "chat", proto),
+                    **scored(out / "student_rl", **recipe.grpo(sft, out / "student_rl", rl, "chat", seed))}
+
+        stage("student_rl", student_rl)
 
 
 def mean_se(xs: list[float]) -> str:
@@ -170,7 +138,8 @@ def table(results: dict, task_levels: dict, k: int) -> str:
             cells.append(f"{mean_se([e['pass1'] for e in ev])} / {mean_se([e['pass_k'] for e in ev])}")
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Paired differences in greedy pass@1 (points, mean ± standard error over seeds):", ""]
-    for a_, b_ in (("rl", "sft"), ("rl", "rft"), ("rl", "base"), ("r1zero", "base"), ("rft", "sft")):
+    for a_, b_ in (("rl", "sft"), ("rl", "rft"), ("rl", "base"), ("r1zero", "base"), ("rft", "sft"),
+                   ("rl2", "rl"), ("rl2", "base"), ("distill", "student"), ("distill", "student_rl")):
         for t in task_levels:
             d = [results[s][a_]["eval"][t]["pass1"] - results[s][b_]["eval"][t]["pass1"]
                  for s in seeds if a_ in results[s] and b_ in results[s]]
@@ -211,6 +180,19 @@ def main(argv=None) -> int:
     p.add_argument("--sft-steps", type=int, default=150, help="cold-start SFT steps (default 150)")
     p.add_argument("--sft-lr", type=float, default=5e-4, help="SFT and RFT learning rate (default 5e-4)")
     p.add_argument("--curve-n", type=int, default=100, help="held-out problems of each GRPO curve point (default 100)")
+    p.add_argument("--rs-problems", type=int, default=1000,
+                   help="rejection stage: unlabeled train problems the rl model answers (default 1000)")
+    p.add_argument("--rs-k", type=int, default=4, help="rejection stage: answers per problem (default 4)")
+    p.add_argument("--rs-keep", type=int, default=2, help="rejection stage: verified answers kept per problem (default 2)")
+    p.add_argument("--rs-steps", type=int, default=300, help="rejection stage: SFT steps from the base (default 300)")
+    p.add_argument("--rl2-steps", type=int, default=100, help="second GRPO stage's steps (default 100)")
+    p.add_argument("--student-layers", type=int, default=2, help="the distillation student's layers (default 2)")
+    p.add_argument("--student-steps", type=int, default=1000, help="the student's pretraining steps (default 1000)")
+    p.add_argument("--distill-problems", type=int, default=1500,
+                   help="unlabeled train problems the teacher answers for the student (default 1500)")
+    p.add_argument("--distill-k", type=int, default=4, help="teacher answers per problem (default 4)")
+    p.add_argument("--distill-keep", type=int, default=2, help="verified answers kept per problem (default 2)")
+    p.add_argument("--distill-steps", type=int, default=300, help="the student's SFT steps on them (default 300)")
     a = p.parse_args(argv)
     rl_task = get_task(a.task)
     mixed = isinstance(rl_task, Mixture)
@@ -220,15 +202,22 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
     results = json.loads(path.read_text()) if path.exists() else {}
-    problems = test_problems(a.n, a.headline, a.levels, list(dict.fromkeys([a.headline] + a.eval_tasks)))
-    levels = {t: sorted({p.level for p in ps}) for t, ps in problems.items()}
+    protocol = Protocol.build(a.n, a.headline, a.levels, a.eval_tasks, k=a.k, max_tokens=a.max_tokens)
+    levels = protocol.levels()
+    rl = RL(a.task, level=a.level, steps=a.steps, prompts=a.prompts, group=a.group, max_tokens=a.max_tokens,
+            lr=a.grpo_lr, beta=a.beta, warmup=a.warmup, resample=a.resample, advantage_scale=a.advantage_scale,
+            curve_n=a.curve_n)
 
     def save() -> None:
         write_atomic(path, json.dumps(results, indent=2))
         write_atomic(out / "results.md", table(results, levels, a.k))
 
-    for seed in a.seeds:
-        run_seed(seed, a, problems, results, save)
+    try:
+        for seed in a.seeds:
+            run_seed(seed, a, protocol, rl, results, save)
+    except recipe.Stopped as e:
+        print(f"stopped: {e} has no final model yet; rerun the same command to continue it", file=sys.stderr)
+        return 130
     save()
     print((out / "results.md").read_text())
     return 0

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .config import PRESETS, SHAPE_ONLY, ConfigError, ModelConfig, preset
 from .data.shards import ShardError
-from .data.tasks import SPLITS, TASKS
+from .data.tasks import SPLITS, TASKS, task_name
 from .rl import args as rl_args
 from .tokenizer import TokenizerError
 from .train import args as train_args
@@ -694,21 +694,29 @@ MAX_EVAL_N = 2000  # speedrun's evaluations: 2,000 problems x 4 stages is hours 
 def parser_speedrun(sub: argparse._SubParsersAction) -> None:
     sp = sub.add_parser("speedrun", help="the main job: data to served reasoning model, with a report card",
                         description="Generate and curate a corpus, train a tokenizer, pretrain a DeepSeek-V3-style "
-                                    "MoE + MLA model with MTP, SFT it on <= 500 labeled examples, teach it to "
-                                    "reason with GRPO, evaluate after each stage and write OUT/report/report.md "
-                                    "with tables and plots. Every stage is resumable: rerun the same command to "
-                                    "continue. About 40 minutes on 2 CPU cores; --quick takes a few minutes.")
+                                    "MoE + MLA model with MTP, then R1's recipe: R1-Zero (GRPO from the pretrained "
+                                    "model), cold-start SFT on <= 500 labeled examples, GRPO, rejection sampling + "
+                                    "SFT, a second GRPO stage, and distillation into a smaller student, each "
+                                    "against its control (RFT; GRPO on the student). Every stage is scored on the "
+                                    "same test problems (pass@1 and pass@k) and OUT/report/report.md has the tables "
+                                    "and plots; the last model is OUT/final. Every stage is resumable: rerun the "
+                                    "same command to continue. docs/speedrun.md says how long it takes; --quick "
+                                    "takes a few minutes.")
     sp.add_argument("--out", default="runs/speedrun", metavar="DIR",
                     help="run directory; rerunning with the same DIR continues where it stopped "
                          "(default runs/speedrun)")
     sp.add_argument("--quick", action="store_true",
                     help="the `tiny` model and small budgets: checks the whole pipeline in a few minutes")
-    sp.add_argument("--distill", action="store_true",
-                    help="also distil the GRPO model into a smaller student (rejection sampling + SFT)")
-    sp.add_argument("--task", choices=list(TASKS), help="the task GRPO trains on (default arithmetic)")
+    sp.add_argument("--no-distill", dest="distill", action="store_false",
+                    help="skip the distillation stages (student, distill, student_rl); a later rerun without "
+                         "this flag adds them")
+    sp.add_argument("--task", type=task_name,
+                    help="what RL practises: a task, or a mixture of tasks and levels such as "
+                         "arithmetic@2,arithmetic@3,sort@3,sort@4 (the first task is the headline; default: the "
+                         "plan's)")
     sp.add_argument("--pretrain-steps", type=int, help="override the pretraining steps of the budget")
     sp.add_argument("--sft-steps", type=int, help="override the SFT steps of the budget")
-    sp.add_argument("--grpo-steps", type=int, help="override the GRPO steps of the budget")
+    sp.add_argument("--grpo-steps", type=int, help="override the steps of each GRPO stage of the budget")
     sp.add_argument("--eval-n", type=int, help="test problems per task in each evaluation (at most 2,000)")
     sp.add_argument("--seed", type=int, help="seed for data, initialisation and sampling (default 0)")
     sp.add_argument("--quiet", action="store_true", help="no progress bars or per-stage output")
@@ -724,9 +732,12 @@ def cmd_speedrun(args: argparse.Namespace) -> int:
     if args.eval_n is not None and args.eval_n > MAX_EVAL_N:
         raise UsageError(f"--eval-n must be <= {MAX_EVAL_N:,} (got {args.eval_n:,}): each problem is generated and "
                          f"answered at every evaluation stage; `nanoseek eval --n` takes larger runs of one model")
-    plan = speedrun.make_plan(args.quick, **{k: getattr(args, k) for k in ("pretrain_steps", "sft_steps", "grpo_steps",
-                                                                            "eval_n", "seed", "task")
-                                             if getattr(args, k) is not None})
+    try:
+        plan = speedrun.make_plan(args.quick, **{k: getattr(args, k) for k in ("pretrain_steps", "sft_steps",
+                                                                                "grpo_steps", "eval_n", "seed", "task")
+                                                 if getattr(args, k) is not None})
+    except speedrun.SpeedrunError as e:
+        raise UsageError(str(e)) from None
     return speedrun.run(args.out, plan, distill=args.distill, quiet=args.quiet)
 
 

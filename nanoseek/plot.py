@@ -127,3 +127,28 @@ def plot_accuracy(accuracy: dict[str, dict[str, float]], path: str | Path) -> Pa
     fig.savefig(path, dpi=120)
     plt.close("all")
     return Path(path)
+
+
+def plot_curves(curves: dict[str, Path], path: str | Path) -> Path:
+    """Held-out greedy pass@1 and response length over the GRPO steps, one line per run ({label: eval.jsonl})."""
+    import json
+
+    plt = _pyplot()
+    fig, (acc, length) = plt.subplots(1, 2, figsize=(10, 3.5))
+    for label, file in curves.items():
+        rows = [json.loads(line) for line in Path(file).read_text().splitlines()] if Path(file).exists() else []
+        steps = [r["step"] for r in rows]
+        acc.plot(steps, [100 * r["pass1"] for r in rows], marker="o", ms=3, lw=1, label=label)
+        length.plot(steps, [r["mean_tokens"] for r in rows], marker="o", ms=3, lw=1, label=label)
+    acc.set_ylabel("held-out pass@1 (%)")
+    acc.set_ylim(bottom=0)
+    length.set_ylabel("held-out response length (tokens)")
+    for ax in (acc, length):
+        ax.set_xlabel("GRPO step")
+        ax.grid(alpha=0.3)
+    if curves:
+        acc.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

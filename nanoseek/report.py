@@ -1,12 +1,15 @@
 """The speedrun's report card: OUT/report/report.md with tables, and PNG plots beside it.
 
 Everything in it is read back from what the stages recorded (OUT/stages/*.json) and logged
-(each run's metrics.jsonl); nothing is estimated here except the parameter and KV-cache
-arithmetic of `nanoseek cost`.
+(each run's metrics.jsonl and eval.jsonl); nothing is estimated here except the parameter and
+KV-cache arithmetic of `nanoseek cost` and the standard errors (binomial, from the test problems'
+count). The reading of what RL added is written from the numbers by fixed rules, so it says
+"does not hold" whenever the numbers say so.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import shutil
@@ -15,20 +18,16 @@ from pathlib import Path
 
 from .io import write_atomic
 
-STAGE_NAMES = {"pretrain": "pretrained", "sft": "SFT", "more_sft": "SFT, twice as long (control)", "rl": "GRPO",
-               "distill": "distilled student"}
+STAGE_NAMES = {"base": "pretrained", "r1zero": "R1-Zero (GRPO from base)", "sft": "cold-start SFT",
+               "rl": "GRPO", "rft": "RFT (control)", "rejection": "rejection sampling + SFT", "rl2": "GRPO, second",
+               "student": "student, pretrained", "distill": "student, distilled",
+               "student_rl": "student, SFT + GRPO (control)"}
+R1_STAGES = ("base", "r1zero", "sft", "rl", "rft", "rejection", "rl2")
+STUDENT_STAGES = ("student", "distill", "student_rl")
 
 
 def _pct(x) -> str:
     return "–" if x is None else f"{100 * x:.1f}%"
-
-
-def _labeled_levels(plan) -> list[int]:
-    """The levels the labeled set drew from: the plan's, or all of the task's when it has none of them
-    (as `Speedrun._problems` does, e.g. --task countdown)."""
-    from .data.tasks import TASKS
-    task = TASKS[plan.task]
-    return plan.levels_in(task) or list(task.levels)
 
 
 def _num(x, fmt: str = ",.0f") -> str:
@@ -40,27 +39,23 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
             + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows] + [""])
 
 
-def write_report(out: str | Path, plan, records: dict[str, dict]) -> Path:
-    import torch
+def _se(p: float, n: int) -> float:
+    """The binomial standard error of a rate p measured on n problems."""
+    return math.sqrt(max(p * (1 - p), 0.25 / n) / n) if n else float("nan")
 
+
+def _diff(a: dict, b: dict) -> tuple[float, float]:
+    """pass@1 difference a - b in points and its standard error (the two rates' errors combined)."""
+    return 100 * (a["pass1"] - b["pass1"]), 100 * math.hypot(_se(a["pass1"], a["n"]), _se(b["pass1"], b["n"]))
+
+
+def _model_section(out: Path, plan, records: dict) -> list[str]:
     from .config import ModelConfig
     from .cost import estimate
-    from .plot import plot_accuracy, plot_grpo, plot_run
 
-    out = Path(out)
-    rep = out / "report"
-    rep.mkdir(exist_ok=True)
     cfg = ModelConfig.from_json(out / "pretrain")
     cost = estimate(cfg, seq_len=plan.seq_len, dtype="bf16")
-    total = sum(r["seconds"] for r in records.values())
-    lines = ["# nanoseek speedrun", "",
-             f"`{out}` · {time.strftime('%Y-%m-%d %H:%M')} · {platform.machine()}, {os.cpu_count()} CPU cores, "
-             f"torch {torch.__version__}"
-             + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "")
-             + f" · total {total / 60:.1f} min", ""]
-
-    lines += ["## Model", ""]
-    lines += _table(["", "value"], [
+    return ["## Model", ""] + _table(["", "value"], [
         ["shape", f"`{plan.preset}`: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
                   f"{cfg.n_routed_experts} routed experts (top {cfg.num_experts_per_tok}) + {cfg.n_shared_experts} "
                   f"shared, MLA latent {cfg.kv_lora_rank} + RoPE key {cfg.qk_rope_head_dim}, "
@@ -75,124 +70,217 @@ def write_report(out: str | Path, plan, records: dict[str, dict]) -> Path:
         ["vocabulary", f"{records['tokenizer']['vocab_size']:,} tokens (byte-level BPE trained on the curated corpus)"],
     ])
 
+
+def _grpo_note(r: dict, plan) -> str:
+    return (f"{r['steps']} steps of {plan.grpo_prompts} problems × {plan.grpo_group} ({r['samples']:,} samples, "
+            f"`{r['template']}` template); reward {_num(r['first_reward'], '.2f')} → {_num(r['last_reward'], '.2f')}, "
+            f"response length {_num(r['first_response_length'], '.0f')} → {_num(r['last_response_length'], '.0f')} "
+            f"tokens (first → last 10 steps)")
+
+
+def _sampled_note(r: dict, what: str) -> str:
+    if "skipped" in r:
+        return f"skipped: {r['skipped']}"
+    return (f"{r['correct_samples']:,} of {r['samples']:,} samples verified on {r['problems']:,} {what}; "
+            f"{r['examples']:,} kept, {r['steps']} SFT steps")
+
+
+def _stages_section(plan, records: dict) -> list[str]:
     data, tokens = records["data"], records["tokens"]
     cur = data["curate"]
-    labeled = data["sft_examples"]  # per task: examples, and how many of them worked
-    own = labeled[plan.task]
-    lines += ["## Stages", ""]
-    rows = [["data", _num(data["seconds"]), "–", "–", "–",
-             f"{data['raw_megabytes']:.1f} MB raw → {cur['bytes_out'] / 1e6:.1f} MB curated; "
-             f"{cur['exact_duplicates']:,} exact + {cur['near_duplicates']:,} near duplicates and "
-             f"{sum(cur['dropped'].values()):,} low-quality records removed; "
-             f"SFT set {sum(c['examples'] for c in labeled.values())} examples ({own['worked']} of the "
-             f"{own['examples']} `{plan.task}` ones worked, the rest the answer only)"],
-            ["tokenizer", _num(records["tokenizer"]["seconds"]), "–", "–", "–",
-             f"{records['tokenizer']['vocab_size']:,} tokens"],
-            ["tokens", _num(tokens["seconds"]), _num(tokens["tokens"]), "–", "–", f"{tokens['documents']:,} documents"]]
-    for name in ("pretrain", "sft", "more_sft"):
-        r = records[name]
-        rows.append([name, _num(r["seconds"]), _num(r["tokens"]), _num(r["tokens_per_s"]), _pct(r["mfu"]),
-                     f"{r['steps']} steps, final next-token loss {_num(r['final_loss'], '.3f')}"
-                     + (" (the control: more SFT on the same examples, from the SFT model)" if name == "more_sft"
-                        else "")])
-    r = records["rl"]
-    rows.append(["rl (GRPO)", _num(r["seconds"]), _num(r["generated_tokens"]), _num(r["tokens_per_s"]), "–",
-                 f"{r['steps']} steps of {plan.grpo_prompts} problems × {plan.grpo_group}"
-                 + (f" (from step {plan.grpo_stage2 + 1}: up to {plan.grpo_resample} more draws while groups lack "
-                    f"reward variance; the reference refreshed to the policy every {plan.grpo_stage2} steps)"
-                    if plan.grpo_resample and r["steps"] > plan.grpo_stage2 else "")
-                 + "; reward "
-                 f"{_num(r['first_reward'], '.2f')} → {_num(r['last_reward'], '.2f')}, response length "
-                 f"{_num(r['first_length'], '.0f')} → {_num(r['last_length'], '.0f')} tokens (first → last 10 steps); "
-                 f"rollouts {_pct(r['rollout_share'])} of the time"])
-    if "distill" in records:
-        d = records["distill"]
-        rows.append(["distill", _num(d["seconds"]), "–", "–", "–",
-                     f"skipped: {d['skipped']}" if "skipped" in d else
-                     f"student: `{plan.preset}` at {plan.distill_layers} layer(s) "
-                     f"({d['report']['student_parameters'] / 1e6:.2f} M parameters) pretrained "
-                     f"{plan.distill_pretrain_steps} steps, then "
-                     f"SFT'd on {d['report']['examples']} verified samples of the GRPO model; {plan.task} "
-                     f"pass@1 {_pct(d['student_pretrained_eval'][plan.task]['pass1'])} pretrained → "
-                     f"{_pct(d['eval'][plan.task]['pass1'])} distilled"])
-    rows.append(["report", _num(records.get("report", {}).get("seconds", 0)), "–", "–", "–", ""])
-    lines += ["Wall time includes the evaluation after each training stage. Tokens: trained on (pretrain, "
-              "SFT) or generated in rollouts (GRPO). MFU against this machine's measured matmul peak.", ""]
-    lines += _table(["stage", "seconds", "tokens", "tokens/s", "MFU", "notes"], rows)
+    notes = {
+        "data": f"{data['raw_megabytes']:.1f} MB raw → {cur['bytes_out'] / 1e6:.1f} MB curated; "
+                f"{cur['exact_duplicates']:,} exact + {cur['near_duplicates']:,} near duplicates and "
+                f"{sum(cur['dropped'].values()):,} low-quality records removed; labeled set: "
+                + ", ".join(f"{n} `{t}`" for t, n in data["sft_examples"].items()) + " problems, each worked",
+        "tokenizer": f"{records['tokenizer']['vocab_size']:,} tokens",
+        "tokens": f"{tokens['tokens']:,} tokens in {tokens['documents']:,} documents",
+    }
+    for name in ("pretrain", "sft", "student"):
+        if name in records:
+            r = records[name]
+            notes[name] = (f"{r['steps']} steps, {r['tokens']:,} tokens at {_num(r['tokens_per_s'])} tokens/s "
+                           f"(MFU {_pct(r['mfu'])}), final next-token loss {_num(r['final_loss'], '.3f')}")
+    if "student" in records:
+        notes["student"] = f"{plan.distill_layers} layer(s) of `{plan.preset}`: " + notes["student"]
+    for name in ("r1zero", "rl", "rl2", "student_rl"):
+        if name in records:
+            notes[name] = _grpo_note(records[name], plan)
+    for name, what in (("rft", "train problems by the SFT model (as many samples as GRPO drew)"),
+                       ("rejection", "unlabeled train problems by the GRPO model; SFT from the pretrained model "
+                                     "with the labeled set"),
+                       ("distill", "unlabeled train problems by the final model")):
+        if name in records:
+            notes[name] = _sampled_note(records[name], what)
+    if "final" in records:
+        notes["final"] = f"`final/` is the `{records['final']['from']}` model"
+    rows = [[name, _num(r["seconds"]), notes.get(name, "")] for name, r in records.items()]
+    total = sum(r["seconds"] for r in records.values())
+    return ["## Stages", "", f"Wall time includes each stage's scoring; {total / 60:.1f} minutes in all.", ""] + \
+        _table(["stage", "seconds", "notes"], rows)
 
-    evaluated = [s for s in ("pretrain", "sft", "more_sft", "rl", "distill") if s in records and "eval" in records[s]]
-    tasks = list(records[evaluated[0]]["eval"])
-    lines += ["## Accuracy", "",
-              "Greedy pass@1 on fixed held-out test problems (how many in brackets; the test split never appears in "
-              f"the corpus or the SFT set); the pretrained model sees the problem as the corpus writes it, the "
-              f"others in the chat template. Format: the share of answers in `<think>…</think> "
-              f"<answer>…</answer>` form. The labeled set held {own['examples']} `{plan.task}` problems of levels "
-              f"{', '.join(map(str, _labeled_levels(plan)))} with their answers, {own['worked']} of them with the worked "
-              f"solution too (the others only its one-line conclusion); GRPO practised on unlabeled "
-              f"level-{plan.grpo_level} `{plan.task}` problems (rewarded by the verifier only).", ""]
+
+def _accuracy_rows(records: dict, stages: list[str], k: int) -> list[list]:
+    first = records[stages[0]]["eval"]
     rows = []
-    for task in tasks:
-        rows.append([f"{task} ({records[evaluated[0]]['eval'][task]['n']})"] + [f"{_pct(records[s]['eval'][task]['pass1'])} (format {_pct(records[s]['eval'][task]['format'])})"
-                              for s in evaluated])
-    main = records[evaluated[0]]["eval"][tasks[0]]["by_level"]
-    for level in main:
-        rows.append([f"{tasks[0]} level {level}"] + [_pct(records[s]["eval"][tasks[0]]["by_level"].get(level))
-                                                     for s in evaluated])
-    practised = {s: records[s]["eval"][tasks[0]].get("practised") for s in evaluated}
-    if all(practised.values()):
-        first = next(iter(practised.values()))
-        rows.append([f"**{tasks[0]} level {first['level']}, {first['n']} problems (GRPO's level)**"]
-                    + [_pct(practised[s]["pass1"]) for s in evaluated])
-    lines += _table(["task"] + [STAGE_NAMES[s] for s in evaluated], rows)
-    if all(practised.get(s) for s in ("sft", "more_sft", "rl")):
-        rl, more = (100 * (practised[s]["pass1"] - practised["sft"]["pass1"]) for s in ("rl", "more_sft"))
-        lines += [f"On GRPO's level, from the SFT model: GRPO {rl:+.1f} points, more SFT on the same labeled "
-                  f"examples {more:+.1f} points.", ""]
+    for task, ev in first.items():
+        rows.append([f"**{task}** ({ev['n']})"] + [f"{_pct(records[s]['eval'][task]['pass1'])} / "
+                                                   f"{_pct(records[s]['eval'][task]['pass_k'])}" for s in stages])
+        for lv, cell in ev["levels"].items():
+            per = [records[s]["eval"][task]["levels"].get(lv) for s in stages]
+            rows.append([f"{task} level {lv} ({cell['n']})"]
+                        + [f"{_pct(c['pass1'])} / {_pct(c['pass_k'])}" if c else "–" for c in per])
+    return rows
 
-    gap = records["sft"].get("gap")
-    if gap:
-        lines += [f"Before GRPO, the SFT model on {gap['n']} *train* problems of level {gap['level']}: greedy "
-                  f"{_pct(gap['greedy'])}, pass@{gap['k']} at temperature 1 {_pct(gap['pass_k'])} — a gap of "
-                  f"{100 * (gap['pass_k'] - gap['greedy']):.1f} points, about the most GRPO can add by sharpening "
-                  f"what sampling already finds (docs/grpo.md).", ""]
 
-    spec = records["rl"].get("speculative")
-    if spec:
-        lines += ["## MTP self-speculative decoding", "",
-                  "The GRPO model decoding test prompts one at a time, greedy: the MTP module drafts the "
-                  "token after next and the main model verifies it in the same forward.", ""]
-        lines += _table(["", "value"], [
-            ["drafts accepted", _pct(spec["acceptance_rate"])],
-            ["tokens/s plain → speculative", f"{spec['plain']['tokens'] / spec['plain']['seconds']:.0f} → "
-                                             f"{spec['speculative']['tokens'] / spec['speculative']['seconds']:.0f} "
-                                             f"({spec['speedup']:.2f}x)"],
-            ["same tokens as plain greedy", "yes" if spec["identical_outputs"] else "NO"]])
+def _accuracy_section(plan, records: dict) -> list[str]:
+    k = plan.eval_k
+    lines = ["## Accuracy", "",
+             f"Every stage on the same fixed test problems (how many in brackets; the test split never appears in "
+             f"the corpus, the labeled set or any RL prompt): greedy pass@1 / pass@{k} at temperature 1 (unbiased "
+             f"estimator). The pretrained models are scored under the plain and the R1-Zero template and counted "
+             f"under their better one (here: `{records['base']['template']}`); R1-Zero in the template it trained "
+             f"in; every other stage in the chat template. pass@1 rising towards pass@{k} is sharpening what sampling "
+             f"already finds; pass@{k} rising is new capability.", ""]
+    stages = [s for s in R1_STAGES if s in records]
+    lines += _table(["test problems"] + [STAGE_NAMES[s] for s in stages], _accuracy_rows(records, stages, k))
+    stages = [s for s in STUDENT_STAGES if s in records]
+    if stages:
+        lines += ["Distillation: the student is the teacher's shape at "
+                  f"{plan.distill_layers} layer(s), pretrained on the same tokens.", ""]
+        lines += _table(["test problems"] + [STAGE_NAMES[s] for s in stages], _accuracy_rows(records, stages, k))
+    return lines
+
+
+def _claim(name: str, a: dict, b: dict, margin: float = 0.0, ses: float = 0.0) -> str:
+    """One line: a claim, the measured difference with its standard error, and whether it holds."""
+    d, se = _diff(a, b)
+    holds = d > margin and d > ses * se
+    return f"- {name}: {d:+.1f} ± {se:.1f} points — **{'holds' if holds else 'does not hold'}**"
+
+
+def _reading_section(plan, records: dict) -> list[str]:
+    """What RL added, read from the numbers by fixed rules (the issue's acceptance criteria)."""
+    head = plan.headline
+    last = records["final"]["from"] if "final" in records else ("rl2" if "rl2" in records else "rl")
+    if last not in records or "base" not in records:
+        return []
+    pre = max(("base", "sft"), key=lambda s: records[s]["eval"][head]["pass1"])
+    lines = ["## What RL added", "",
+             f"Standard errors are binomial over the test problems of one run; experiments/r1.py repeats the "
+             f"comparisons over seeds (docs/r1.md). The best stage before RL on `{head}` is the "
+             f"{STAGE_NAMES[pre]} model.", ""]
+    ev = {s: records[s]["eval"] for s in records if "eval" in records[s]}
+    lines.append(_claim(f"final ({STAGE_NAMES[last]}) over the best pre-RL stage, `{head}`, by >= 10 points",
+                        ev[last][head], ev[pre][head], margin=10))
+    for task in ev[last]:
+        if task != head:
+            best = max(("base", "sft"), key=lambda s: ev[s][task]["pass1"])
+            lines.append(_claim(f"final over the best pre-RL stage, `{task}`, by > 2 standard errors",
+                                ev[last][task], ev[best][task], ses=2))
+    if "rft" in ev:
+        lines.append(_claim(f"GRPO over the compute-matched RFT control, `{head}`", ev["rl"][head], ev["rft"][head],
+                            ses=2))
+    if "r1zero" in ev:
+        lines.append(_claim(f"R1-Zero over the pretrained model, `{head}`, by >= 15 points", ev["r1zero"][head],
+                            ev["base"][head], margin=15))
+    if "distill" in ev and "student_rl" in ev:
+        lines.append(_claim(f"the distilled student over GRPO on the student, `{head}`", ev["distill"][head],
+                            ev["student_rl"][head], ses=2))
+        lines.append(_claim(f"the distilled student over its own base, `{head}`, by >= 10 points",
+                            ev["distill"][head], ev["student"][head], margin=10))
+    k = plan.eval_k
+    rise1 = 100 * (ev[last][head]["pass1"] - ev[pre][head]["pass1"])
+    risek = 100 * (ev[last][head]["pass_k"] - ev[pre][head]["pass_k"])
+    lines += ["", f"On `{head}`, from the best pre-RL stage to the final model, pass@1 moved {rise1:+.1f} points and "
+                  f"pass@{k} {risek:+.1f}: " + ("RL mostly sharpened what sampling already found." if risek <= 0 < rise1
+                                                 else "sampling finds more than before too." if risek > 0
+                                                 else "nothing rose."), ""]
+    return lines
+
+
+def _samples_section(records: dict, last: str) -> list[str]:
+    lines = ["## Sampled completions, before and after RL", "",
+             "Greedy completions to the same test problems: the pretrained model (in its better template) and the "
+             "final model.", ""]
+    for task, ev in records["base"]["eval"].items():
+        after = records[last]["eval"][task].get("examples", [])
+        for before, fin in list(zip(ev.get("examples", []), after))[:2]:
+            lines += [f"**{task}** — `{before['prompt']}`", "",
+                      f"pretrained ({'right' if before['correct'] else 'wrong'}):", "", "```",
+                      before["completion"].strip(), "```", "",
+                      f"final ({'right' if fin['correct'] else 'wrong'}):", "", "```", fin["completion"].strip(), "```",
+                      ""]
+    return lines
+
+
+def _speculative_section(spec: dict) -> list[str]:
+    return ["## MTP self-speculative decoding", "",
+            "The final model decoding test prompts one at a time, greedy: the MTP module drafts the token after "
+            "next and the main model verifies it in the same forward.", ""] + _table(["", "value"], [
+        ["drafts accepted", _pct(spec["acceptance_rate"])],
+        ["tokens/s plain → speculative", f"{spec['plain']['tokens'] / spec['plain']['seconds']:.0f} → "
+                                         f"{spec['speculative']['tokens'] / spec['speculative']['seconds']:.0f} "
+                                         f"({spec['speedup']:.2f}x)"],
+        ["same tokens as plain greedy", "yes" if spec["identical_outputs"] else "NO"]])
+
+
+def _plots(out: Path, rep: Path, records: dict, plan) -> list[str]:
+    from .plot import plot_accuracy, plot_curves, plot_grpo, plot_run
 
     plots = []
+
+    def keep(path: Path, name: str) -> None:
+        shutil.copy(path, rep / name)
+        plots.append(name)
+
     for path in plot_run(out / "pretrain"):
-        shutil.copy(path, rep / f"pretrain_{path.name}")
-        plots.append(f"pretrain_{path.name}")
-    for path in plot_run(out / "sft"):
-        if path.name == "loss.png":
-            shutil.copy(path, rep / "sft_loss.png")
-            plots.append("sft_loss.png")
-    for path in plot_run(out / "more_sft"):
-        if path.name == "loss.png":
-            shutil.copy(path, rep / "more_sft_loss.png")
-            plots.append("more_sft_loss.png")
-    for path in plot_grpo(out / "rl"):
-        shutil.copy(path, rep / f"rl_{path.name}")
-        plots.append(f"rl_{path.name}")
-    plot_accuracy({STAGE_NAMES[s]: {t: records[s]["eval"][t]["pass1"] for t in tasks} for s in evaluated},
+        keep(path, f"pretrain_{path.name}")
+    for name in ("r1zero", "rl", "rl2"):
+        if name in records:
+            for path in plot_grpo(out / name):
+                keep(path, f"{name}_{path.name}")
+    curves = {STAGE_NAMES[n]: out / n / "eval.jsonl" for n in ("r1zero", "rl", "rl2") if n in records}
+    plot_curves(curves, rep / "heldout.png")
+    plots.append("heldout.png")
+    head = plan.headline
+    evaluated = [s for s in (*R1_STAGES, *STUDENT_STAGES) if s in records]
+    plot_accuracy({STAGE_NAMES[s]: {t: records[s]["eval"][t]["pass1"] for t in records[s]["eval"]} for s in evaluated},
                   rep / "accuracy.png")
     plots.append("accuracy.png")
     titles = {"pretrain_loss.png": "Pretraining loss (next token and MTP)", "pretrain_lr.png": "Learning rate",
               "pretrain_expert_load.png": "Expert load during pretraining (1 = an even share)",
-              "sft_loss.png": "SFT loss", "more_sft_loss.png": "Control: SFT loss, continued on the same examples", "rl_reward.png": "GRPO reward, accuracy and format rate",
-              "rl_response_length.png": "GRPO response length", "accuracy.png": "Test accuracy after each stage"}
-    lines += ["## Plots", ""]
+              "heldout.png": f"Held-out greedy pass@1 and response length over the GRPO steps (`{head}` and the "
+                             f"mixture RL practises)",
+              "accuracy.png": "Test pass@1 after each stage"}
+    for name in ("r1zero", "rl", "rl2"):
+        titles[f"{name}_reward.png"] = f"{STAGE_NAMES[name]}: reward, accuracy and format rate of the rollouts"
+        titles[f"{name}_response_length.png"] = f"{STAGE_NAMES[name]}: rollout response length"
+    lines = ["## Plots", ""]
     for name in plots:
         lines += [f"### {titles.get(name, name)}", "", f"![{name}]({name})", ""]
+    return lines
+
+
+def write_report(out: str | Path, plan, records: dict[str, dict]) -> Path:
+    import torch
+
+    out = Path(out)
+    rep = out / "report"
+    rep.mkdir(exist_ok=True)
+    lines = ["# nanoseek speedrun", "",
+             f"`{out}` · {time.strftime('%Y-%m-%d %H:%M')} · {platform.machine()}, {os.cpu_count()} CPU cores, "
+             f"torch {torch.__version__}" + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
+             "", f"RL practises `{plan.task}` (rule rewards only; no labels). The headline task is `{plan.headline}`.",
+             ""]
+    lines += _model_section(out, plan, records)
+    lines += _stages_section(plan, records)
+    lines += _accuracy_section(plan, records)
+    lines += _reading_section(plan, records)
+    if "final" in records:
+        lines += _samples_section(records, records["final"]["from"])
+        lines += _speculative_section(records["final"]["speculative"])
+    lines += _plots(out, rep, records, plan)
     path = rep / "report.md"
     write_atomic(path, "\n".join(lines))
     return path

@@ -1,27 +1,36 @@
-"""`nanoseek speedrun`: DeepSeek's whole system, end to end, on one machine, with a report card.
+"""`nanoseek speedrun`: DeepSeek's system end to end on one machine, R1's recipe scored stage by stage
+under one protocol against its controls, with a report card.
 
-    nanoseek speedrun --out runs/first          # about 40 minutes on 2 CPU cores
+    nanoseek speedrun --out runs/first          # the full plan on 2 CPU cores (docs/speedrun.md: how long)
     nanoseek speedrun --out runs/try --quick    # a few minutes, a tiny model
 
 Stages, each in its own dir under OUT, each skipped when a rerun finds it done:
 
-    data       generate a raw corpus (task solutions, prose, code, Chinese, junk, duplicates),
-               curate it (clean, filter, de-duplicate, classify), and write the SFT set:
-               at most 500 labeled train-split problems with their answers, a share of them
-               (the plan's sft_worked) also with the worked solution
-    tokenizer  train the byte-level BPE tokenizer on the curated text
-    tokens     tokenize the curated shards
-    pretrain   MoE + MLA with MTP and auxiliary-loss-free balancing, then evaluate
-    sft        supervised fine-tuning on the labeled set, then evaluate
-    more_sft   the control: continue SFT on the same labeled set (as many steps again), evaluate
-    rl         GRPO with rule rewards on the task, then evaluate
-    distill    (--distill) pretrain a shallower student on the same tokens, rejection-sample the
-               RL model's verified answers, SFT the student on them, evaluate
-    report     report/report.md with tables and PNG plots
+    data        generate a raw corpus (task solutions, prose, code, Chinese, junk, duplicates), curate it
+                (clean, filter, de-duplicate, classify), and write the labeled set: at most 500 train-split
+                problems with their worked solutions and answers
+    tokenizer   train the byte-level BPE tokenizer on the curated text
+    tokens      tokenize the curated shards
+    pretrain    MoE + MLA with MTP and auxiliary-loss-free balancing
+    base        score the pretrained model under the plain and the R1-Zero template
+    r1zero      R1-Zero: GRPO straight from the pretrained model, rule rewards only
+    sft         R1's cold start: SFT on the labeled set
+    rl          GRPO from the SFT model
+    rft         the control: rejection-sampling fine-tuning of the SFT model with as many samples as rl drew
+    rejection   the rl model answers unlabeled train problems; the pretrained model is fine-tuned on its
+                verified answers and the labeled set
+    rl2         GRPO again, from the rejection model (skipped when the plan gives it no steps)
+    final       the last RL model copied to OUT/final; MTP self-speculative decoding measured on it
+    student     (distillation) a smaller model pretrained on the same tokens, scored like the base
+    distill     the student SFT'd on the final model's verified answers to unlabeled problems
+    student_rl  the control: the student's own cold start on the labeled set, then GRPO as long as rl
+    report      report/report.md with tables and PNG plots
 
-Each stage records what it measured in OUT/stages/NAME.json once it has finished; the training
-stages checkpoint as they go, so a rerun after a crash or Ctrl-C continues mid-stage. The
-settings are kept in OUT/speedrun.json and a rerun with different ones is refused.
+Every stage is scored on the same fixed test problems: greedy pass@1 and pass@k at temperature 1, per
+task and level (nanoseek/rl/recipe.py). Each stage records what it measured in OUT/stages/NAME.json
+once it has finished; the training stages checkpoint as they go, so a rerun after a crash or Ctrl-C
+continues mid-stage. The settings are kept in OUT/speedrun.json and a rerun with different ones is
+refused.
 """
 
 from __future__ import annotations
@@ -36,8 +45,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from .io import write_atomic
-from .rl.args import DistillConfig, GRPOConfig, GRPORun
-from .train.args import PretrainConfig, SFTConfig, TrainConfig, TrainError
+from .rl.recipe import RL, Protocol, Stopped
+from .train.args import PretrainConfig, TrainConfig, TrainError
 
 
 @dataclass(frozen=True)
@@ -49,87 +58,88 @@ class Plan:
     mix: str
     pretrain_steps: int
     pretrain_lr: float
+    curriculum: bool  # the first epoch of each domain easiest first (the tasks' levels)
     batch_size: int
     seq_len: int
-    sft_examples: int
+    sft_examples: int  # the labeled set: at most this many problems, each with its worked solution
     sft_steps: int
     sft_lr: float
-    sft_worked: float  # share of the task's labeled examples with the worked solution; the rest: the answer only
-    task: str
-    levels: tuple[int, ...]  # difficulty levels of the task's SFT examples and evaluations
-    grpo_level: int  # the level GRPO practises on (its prompts only: no labels)
+    task: str  # what RL practises: a task, or a mixture such as arithmetic@2,sort@4 (its first task: the headline)
+    levels: tuple[int, ...]  # the headline task's levels in the labeled set and the test problems
+    eval_tasks: tuple[str, ...]  # every stage is scored on these (and the headline task)
     grpo_steps: int
     grpo_prompts: int
     grpo_group: int
     grpo_lr: float
     grpo_beta: float
     grpo_warmup: int  # steps of linear lr warm-up
-    grpo_averaging: str  # sequence (GRPO as published) or token
-    grpo_normalize: str  # batch (the published mean over all P x G) or signal (over groups with variance)
-    grpo_resample: int  # DAPO's dynamic sampling: extra draws per step while groups lack signal
-    grpo_stage2: int  # the step (0-based) from which GRPO resamples, anchored at that step's policy
-    max_tokens: int  # longest completion in GRPO and evaluation
-    eval_n: int  # test problems per task and stage
+    grpo_resample: int  # DAPO's dynamic sampling from mid-run: extra draws while groups lack signal
+    grpo_advantage: str  # std: (r - mean) / std as GRPO; none: r - mean as Dr. GRPO
+    rs_problems: int  # the rejection stage: unlabeled train problems the rl model answers
+    rs_k: int  # answers per problem
+    rs_steps: int  # SFT steps from the pretrained model on the verified ones and the labeled set
+    rl2_steps: int  # the second GRPO stage; 0: none (the rl model is final)
+    max_tokens: int  # longest completion in GRPO, sampling and evaluation
+    eval_n: int  # test problems per task, every stage
+    eval_k: int  # samples per test problem for pass@k
+    curve_n: int  # held-out test problems of each point of GRPO's curve
     distill_layers: int  # the student: the same width as the teacher, this many layers, pretrained
     distill_pretrain_steps: int  # on the same tokens, before it learns from the teacher
     distill_problems: int
+    distill_k: int
     distill_steps: int
     seed: int = 0
 
-    def levels_in(self, task) -> list[int]:
-        """The plan's levels that `task` has (none, e.g., for Countdown under the arithmetic levels)."""
-        return [lv for lv in self.levels if lv in task.levels]
+    @property
+    def headline(self) -> str:
+        from .data.tasks import Mixture, get_task
+        task = get_task(self.task)
+        return task.entries[0][0].name if isinstance(task, Mixture) else task.name
+
+    def rl(self, quiet: bool) -> RL:
+        return RL(self.task, steps=self.grpo_steps, prompts=self.grpo_prompts, group=self.grpo_group,
+                  max_tokens=self.max_tokens, lr=self.grpo_lr, beta=self.grpo_beta, warmup=self.grpo_warmup,
+                  resample=self.grpo_resample, advantage_scale=self.grpo_advantage, curve_n=self.curve_n, quiet=quiet)
 
 
-# The corpus is mostly worked arithmetic solutions (levels 2 and 3 weighted up), with prose, code
-# and Chinese kept for the curation, classification and tokenizer to work on. The loader mixes by
-# documents and a prose document is several solutions long, so the mix weights math far above the
-# rest to keep most pretraining tokens on arithmetic (docs/log.md has the corpora tried). A quarter
-# of the task documents sort 3-4 numbers, the second task RL works on; Countdown's searches need
-# one-line products a model this small cannot do, so they are left out.
+# The corpus is mostly worked task solutions (arithmetic levels 2 and 3 weighted up, and sorting), with
+# prose, code and Chinese kept for the curation, classification and tokenizer to work on. The loader
+# mixes by documents and a prose document is several solutions long, so the mix weights math far above
+# the rest to keep most pretraining tokens on the tasks (docs/log.md has the corpora tried). Countdown's
+# searches need one-line products a model this small cannot do, so they are left out.
 CORPUS_KINDS = {"math": 0.9, "prose": 0.06, "code": 0.02, "chinese": 0.02}
 CORPUS_TASKS = {"arithmetic": (1, 2, 2, 3, 3, 3), "sort": (3, 4)}
 
 PLANS = {
-    # The labeled set: 500 answers, a share (sft_worked) of the arithmetic ones with the working
-    # written out. GRPO: the two-stage recipe of docs/grpo.md (plain GRPO, then dynamic sampling
-    # anchored at the first stage's policy) after an lr warm-up, on level 2. docs/log.md has the
-    # runs behind these choices.
+    # GRPO: the two-stage recipe of docs/grpo.md (plain GRPO, then dynamic sampling anchored at the first
+    # stage's policy) after an lr warm-up, on a mixture of the headline task's levels and the second task.
+    # docs/log.md has the runs behind these choices.
     "full": Plan(preset="small", corpus_mb=12, vocab_size=4096, mix="math=400,prose=2,code=1",
-                 pretrain_steps=1400, pretrain_lr=3e-3, batch_size=8, seq_len=256,
-                 sft_examples=500, sft_steps=150, sft_lr=5e-4, sft_worked=0.4, task="arithmetic", levels=(1, 2, 3),
-                 grpo_level=2,
-                 grpo_steps=100, grpo_prompts=16, grpo_group=8, grpo_lr=2e-4, grpo_beta=0.04, grpo_warmup=10,
-                 grpo_averaging="token", grpo_normalize="signal", grpo_resample=2, grpo_stage2=50,
-                 max_tokens=200,
-                 eval_n=150, distill_layers=2, distill_pretrain_steps=700, distill_problems=300,
-                 distill_steps=200),
+                 pretrain_steps=2000, pretrain_lr=3e-3, curriculum=True, batch_size=8, seq_len=256,
+                 sft_examples=500, sft_steps=150, sft_lr=5e-4,
+                 task="arithmetic@2,arithmetic@3,sort@3,sort@4", levels=(1, 2, 3), eval_tasks=("arithmetic", "sort"),
+                 grpo_steps=60, grpo_prompts=16, grpo_group=8, grpo_lr=2e-4, grpo_beta=0.04, grpo_warmup=10,
+                 grpo_resample=2, grpo_advantage="std", rs_problems=600, rs_k=4, rs_steps=200, rl2_steps=40,
+                 max_tokens=200, eval_n=150, eval_k=8, curve_n=60,
+                 distill_layers=2, distill_pretrain_steps=700, distill_problems=1000, distill_k=4, distill_steps=300),
     "quick": Plan(preset="tiny", corpus_mb=1.5, vocab_size=512, mix="math=130,prose=2,code=1",
-                  pretrain_steps=60, pretrain_lr=3e-3, batch_size=8, seq_len=128,
-                  sft_examples=100, sft_steps=20, sft_lr=1e-3, sft_worked=0.4, task="arithmetic", levels=(1, 2),
-                  grpo_level=2,
+                  pretrain_steps=60, pretrain_lr=3e-3, curriculum=True, batch_size=8, seq_len=128,
+                  sft_examples=100, sft_steps=20, sft_lr=1e-3,
+                  task="arithmetic@1,arithmetic@2,sort@3", levels=(1, 2), eval_tasks=("arithmetic", "sort"),
                   grpo_steps=3, grpo_prompts=4, grpo_group=4, grpo_lr=1e-5, grpo_beta=0.04, grpo_warmup=2,
-                  grpo_averaging="token", grpo_normalize="batch", grpo_resample=1, grpo_stage2=2,
-                  max_tokens=48,
-                  eval_n=16, distill_layers=1, distill_pretrain_steps=20, distill_problems=16,
-                  distill_steps=10),
+                  grpo_resample=1, grpo_advantage="std", rs_problems=8, rs_k=2, rs_steps=4, rl2_steps=2,
+                  max_tokens=48, eval_n=16, eval_k=2, curve_n=8,
+                  distill_layers=1, distill_pretrain_steps=20, distill_problems=16, distill_k=2, distill_steps=6),
 }
 
-STAGES = ("data", "tokenizer", "tokens", "pretrain", "sft", "more_sft", "rl", "distill", "report")
+STAGES = ("data", "tokenizer", "tokens", "pretrain", "base", "r1zero", "sft", "rl", "rft", "rejection", "rl2",
+          "final", "student", "distill", "student_rl", "report")
+DISTILL_STAGES = ("student", "distill", "student_rl")
+MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors")
 
 
 class SpeedrunError(Exception):
     """A speedrun that cannot start or continue; printed without a traceback."""
-
-
-class Stopped(Exception):
-    """A training stage left early (Ctrl-C) after saving a checkpoint."""
-
-
-def _finished(run: Path) -> None:
-    """Training commands export the final model at the top of RUN, weights last, only when every step ran."""
-    if not any(run.glob("*.safetensors")):
-        raise Stopped(run)
 
 
 def _mean(rows: list[dict], key: str) -> float | None:
@@ -138,7 +148,7 @@ def _mean(rows: list[dict], key: str) -> float | None:
 
 
 class Speedrun:
-    def __init__(self, out: str | Path, plan: Plan, distill: bool = False, quiet: bool = False):
+    def __init__(self, out: str | Path, plan: Plan, distill: bool = True, quiet: bool = False):
         self.out, self.plan, self.distill, self.quiet = Path(out), plan, distill, quiet
         self.records: dict[str, dict] = {}
 
@@ -146,8 +156,7 @@ class Speedrun:
 
     def _check_settings(self) -> None:
         settings = self.out / "speedrun.json"
-        mine = {"plan": asdict(self.plan), "distill": self.distill}
-        mine["plan"]["levels"] = list(self.plan.levels)
+        mine = {"plan": json.loads(json.dumps(asdict(self.plan))), "distill": self.distill}
         if settings.exists():
             theirs = json.loads(settings.read_text())
             if theirs["plan"] != mine["plan"]:
@@ -162,10 +171,14 @@ class Speedrun:
         if not self.quiet:
             print(text, flush=True)
 
+    def stages(self) -> list[str]:
+        return [s for s in STAGES if (self.distill or s not in DISTILL_STAGES)
+                and not (s == "rl2" and not self.plan.rl2_steps)]
+
     def run(self) -> Path:
         self._check_settings()
         start = time.perf_counter()
-        stages = [s for s in STAGES if s != "distill" or self.distill]
+        stages = self.stages()
         ran = False
         for i, name in enumerate(stages, 1):
             marker = self.out / "stages" / f"{name}.json"
@@ -186,22 +199,21 @@ class Speedrun:
         self._say(f"speedrun finished in {time.perf_counter() - start:.0f} s (this invocation): {report}")
         return report
 
-    # ---- stages ------------------------------------------------------------------------------
+    # ---- data --------------------------------------------------------------------------------
 
-    def _tasks(self):
+    def _labeled_tasks(self):
         from .data.tasks import TASKS
-        return [TASKS[self.plan.task]] + [t for name, t in TASKS.items() if name != self.plan.task]
+        return [TASKS[t] for t in dict.fromkeys([self.plan.headline, *self.plan.eval_tasks])]
 
-    def _problems(self, task, split: str, n: int, seed: int | None = None):
-        """n problems spread over the plan's levels (the task's own levels for the other tasks)."""
-        levels = self.plan.levels_in(task) if task.name == self.plan.task else []
+    def _labeled_problems(self, task, n: int):
+        """n labeled train problems spread over the plan's levels (the task's own levels for the other tasks)."""
+        p = self.plan
+        levels = [lv for lv in p.levels if lv in task.levels] if task.name == p.headline else []
         if not levels:
-            return task.problems(split, n, seed=seed)
-        out = []
-        for i, lv in enumerate(levels):
-            share = n // len(levels) + (i < n % len(levels))
-            out += task.problems(split, share, level=lv, seed=seed, strict=False)  # small levels give what they have
-        return out
+            return task.problems("train", n, seed=p.seed + 1)
+        return [q for i, lv in enumerate(levels)  # small levels give what they have
+                for q in task.problems("train", n // len(levels) + (i < n % len(levels)), level=lv, seed=p.seed + 1,
+                                       strict=False)]
 
     def stage_data(self) -> dict:
         from .data.corpus import write_corpus
@@ -218,48 +230,40 @@ class Speedrun:
         if not self.quiet:
             print(report.table())
         shutil.rmtree(raw)  # the curated shards are what the next stages read
-        tasks = self._tasks()
+        tasks = self._labeled_tasks()
         examples, counts = [], {}
-        for i, task in enumerate(tasks):  # most of the labeled budget for the RL task, the rest shared
+        for i, task in enumerate(tasks):  # most of the labeled budget for the headline task, a fifth each else
             n = p.sft_examples - (len(tasks) - 1) * (p.sft_examples // 5) if i == 0 else p.sft_examples // 5
-            problems = self._problems(task, "train", n, seed=p.seed + 1)
-            # the RL task's labels: every answer, the working for a seeded share; other tasks fully worked
-            k = round(p.sft_worked * len(problems)) if i == 0 else len(problems)
-            worked = set(random.Random(p.seed + 2).sample(range(len(problems)), k))
-            counts[task.name] = {"examples": len(problems), "worked": k}
+            problems = self._labeled_problems(task, n)
+            counts[task.name] = len(problems)
             examples += [{"messages": [{"role": "user", "content": q.prompt},
-                                       {"role": "assistant",
-                                        "content": task.solution(q) if j in worked else task.brief(q)}]}
-                         for j, q in enumerate(problems)]
-        write_atomic(self.out / "data" / "sft.jsonl", "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples))
+                                       {"role": "assistant", "content": task.solution(q)}]} for q in problems]
+        random.Random(p.seed + 2).shuffle(examples)
+        write_atomic(self.labeled, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples))
         curated = report.as_dict()
         curated.pop("shards")
         return {"raw_megabytes": raw_mb, "curate": curated, "sft_examples": counts}
+
+    @property
+    def labeled(self) -> Path:
+        return self.out / "data" / "sft.jsonl"
 
     def _train(self, **settings) -> TrainConfig:
         """A training stage's loop settings, resuming a stopped run."""
         return TrainConfig(resume=True, quiet=self.quiet, **settings)
 
     def _pretrain(self, run: Path, steps: int, **model) -> None:
+        from .rl.recipe import finished
         from .train import pretrain
 
         p = self.plan
         pretrain.run(PretrainConfig(
-            data=str(self.out / "data" / "tokens"), tokenizer=str(self.out / "tokenizer"), mix=p.mix, **model,
+            data=str(self.out / "data" / "tokens"), tokenizer=str(self.out / "tokenizer"), mix=p.mix,
+            curriculum=p.curriculum, **model,
             train=self._train(out=str(run), steps=steps, lr=p.pretrain_lr, warmup=max(1, min(50, steps // 10)),
                               batch_size=p.batch_size, seq_len=p.seq_len, seed=p.seed,
                               save_every=max(10, steps // 8))))
-        _finished(run)
-
-    def _sft(self, start: Path, run: Path, seed: int) -> None:
-        from .train import sft
-
-        p = self.plan
-        sft.run(SFTConfig(
-            model=str(start), data=[str(self.out / "data" / "sft.jsonl")],
-            train=self._train(out=str(run), steps=p.sft_steps, lr=p.sft_lr, warmup=max(1, p.sft_steps // 10), seed=seed,
-                              save_every=max(10, p.sft_steps // 3))))
-        _finished(run)
+        finished(run)
 
     def stage_tokenizer(self) -> dict:
         from .tokenizer import train_on_files
@@ -291,130 +295,123 @@ class Speedrun:
     def stage_pretrain(self) -> dict:
         run = self.out / "pretrain"
         self._pretrain(run, self.plan.pretrain_steps, preset=self.plan.preset)
-        return {**self._train_record(run), "eval": self._evaluate(self._load(run), "plain")}
+        return self._train_record(run)
+
+    # ---- R1's recipe (nanoseek/rl/recipe.py), every stage scored under one protocol ----------
+
+    @property
+    def protocol(self) -> Protocol:
+        p = self.plan
+        return Protocol.build(p.eval_n, p.headline, list(p.levels), list(p.eval_tasks), k=p.eval_k,
+                              max_tokens=p.max_tokens, seed=p.seed)
+
+    def _score(self, model: Path, template: str = "chat") -> dict:
+        from .rl import recipe
+        return recipe.score(model, template, self.protocol, say=self._say)
+
+    def stage_base(self) -> dict:
+        from .rl import recipe
+        return recipe.score_base(self.out / "pretrain", self.protocol, self.plan.headline, say=self._say)
+
+    def _grpo(self, start: Path, name: str, template: str = "chat", steps: int | None = None) -> dict:
+        from .rl import recipe
+        record = recipe.grpo(start, self.out / name, self.plan.rl(self.quiet), template, self.plan.seed, steps=steps)
+        return {**record, "eval": self._score(self.out / name, template)}
+
+    def stage_r1zero(self) -> dict:
+        """R1-Zero in the template the base scored better in (the corpus's plain one, or R1-Zero's)."""
+        return self._grpo(self.out / "pretrain", "r1zero", template=self.records["base"]["template"])
 
     def stage_sft(self) -> dict:
-        run = self.out / "sft"
-        self._sft(self.out / "pretrain", run, self.plan.seed)
-        loaded = self._load(run)
-        return {**self._train_record(run), "eval": self._evaluate(loaded, "chat"), "gap": self._gap(loaded)}
-
-    def stage_more_sft(self) -> dict:
-        """The control for GRPO: more supervised training on the same labeled examples."""
-        run = self.out / "more_sft"
-        self._sft(self.out / "sft", run, self.plan.seed + 1)
-        return {**self._train_record(run), "eval": self._evaluate(self._load(run), "chat")}
+        from .rl import recipe
+        p = self.plan
+        run = recipe.sft(self.out / "pretrain", [self.labeled], self.out / "sft", p.sft_steps, p.sft_lr, p.seed,
+                         quiet=self.quiet)
+        return {**self._train_record(run), "eval": self._score(run)}
 
     def stage_rl(self) -> dict:
-        from .plot import read_metrics
-        from .rl import train as rl_train
+        return self._grpo(self.out / "sft", "rl")
 
-        p, run = self.plan, self.out / "rl"
-        rl_train.run(GRPORun(
-            model=str(self.out / "sft"), out=str(run), steps=p.grpo_steps, save_every=max(5, p.grpo_steps // 6),
-            resume=True, quiet=self.quiet,
-            grpo=GRPOConfig(p.task, prompts=p.grpo_prompts, group=p.grpo_group, max_tokens=p.max_tokens, lr=p.grpo_lr,
-                            beta=p.grpo_beta, level=p.grpo_level, seed=p.seed, warmup=p.grpo_warmup,
-                            averaging=p.grpo_averaging, normalize=p.grpo_normalize, resample=p.grpo_resample,
-                            resample_from=p.grpo_stage2, ref_refresh=p.grpo_stage2)))
-        _finished(run)
-        rows, loaded = read_metrics(run), self._load(run)
-        seconds = sum(r["seconds"] for r in rows)
-        generated = sum(r["response_length"] * r.get("draws", 1) * p.grpo_prompts * p.grpo_group for r in rows)
-        return {"steps": len(rows), "train_seconds": seconds, "generated_tokens": int(generated),
-                "tokens_per_s": generated / seconds if seconds else None,
-                "rollout_share": sum(r["rollout_seconds"] for r in rows) / seconds if seconds else None,
-                "first_reward": _mean(rows[:10], "reward"), "last_reward": _mean(rows[-10:], "reward"),
-                "first_length": _mean(rows[:10], "response_length"),
-                "last_length": _mean(rows[-10:], "response_length"),
-                "eval": self._evaluate(loaded, "chat"), "speculative": self._speculative(loaded)}
+    def _verified(self, teacher: Path, start: Path, name: str, problems: int, k: int, temperature: float,
+                  steps: int, **kw) -> dict:
+        """recipe.verified_sft into OUT/name, scored; when nothing was verified the stage is its start, and says so."""
+        from .rl import recipe
+        p = self.plan
+        try:
+            stats = recipe.verified_sft(teacher, start, self.out / name, p.task, problems, k, temperature,
+                                        p.max_tokens, steps, p.sft_lr, p.seed, quiet=self.quiet, **kw)
+        except TrainError as e:
+            self._say(f"  {name}: {e}; scoring {start.name} in its place")
+            return {"skipped": str(e), "asked": problems * k, "eval": self._score(start)}
+        return {**stats, "asked": problems * k, **self._train_record(self.out / name),
+                "eval": self._score(self.out / name)}
+
+    def stage_rft(self) -> dict:
+        """The control: as many samples as rl drew, from the same start, the verified ones SFT'd."""
+        p = self.plan
+        return self._verified(self.out / "sft", self.out / "sft", "rft", self.records["rl"]["samples"] // p.grpo_group,
+                              p.grpo_group, 1.0, p.grpo_steps)
+
+    def stage_rejection(self) -> dict:
+        p = self.plan
+        return self._verified(self.out / "rl", self.out / "pretrain", "rejection", p.rs_problems, p.rs_k, 1.0,
+                              p.rs_steps, keep_per_problem=2, extra=[self.labeled])
+
+    def stage_rl2(self) -> dict:
+        start = "rl" if "skipped" in self.records["rejection"] else "rejection"  # nothing verified: from rl
+        return {"from": start, **self._grpo(self.out / start, "rl2", steps=self.plan.rl2_steps)}
+
+    @property
+    def last_rl(self) -> str:
+        return "rl2" if self.plan.rl2_steps else "rl"
+
+    def stage_final(self) -> dict:
+        """The recipe's last model, its files copied to OUT/final (weights last: a dir with weights is whole)."""
+        src, dest = self.out / self.last_rl, self.out / "final"
+        tmp = self.out / ".final.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        for name in MODEL_FILES:
+            shutil.copy2(src / name, tmp / name)
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(tmp, dest)
+        return {"from": self.last_rl, "speculative": self._speculative(dest)}
+
+    def stage_student(self) -> dict:
+        """The distillation student: the teacher's shape at fewer layers, pretrained on the same tokens."""
+        from .rl import recipe
+        p, run = self.plan, self.out / "student"
+        config = recipe.student_config(p.preset, p.distill_layers, self.out / "student.json")
+        self._pretrain(run, p.distill_pretrain_steps, config=str(config))
+        return {**self._train_record(run), **recipe.score_base(run, self.protocol, p.headline, say=self._say)}
 
     def stage_distill(self) -> dict:
-        """R1's distillation in miniature: a smaller pretrained student SFT'd on the RL model's verified answers."""
-        p, run, student = self.plan, self.out / "distill", self.out / "distill-student"
-        self._pretrain(student, p.distill_pretrain_steps, config=str(self._student_config()))
-        if not (run / "report.json").exists():  # distill reuses its samples and resumes its SFT on a rerun
-            from .rl import distill
-            try:
-                distill.run(DistillConfig(teacher=str(self.out / "rl"), student=str(student), task=p.task,
-                                          out=str(run), problems=p.distill_problems, steps=p.distill_steps,
-                                          max_tokens=p.max_tokens, eval_n=p.eval_n, seed=p.seed, quiet=self.quiet))
-            except TrainError as e:  # e.g. a teacher that solved nothing: the report says so
-                self._say(f"  distillation skipped: {e}")
-                return {"skipped": str(e)}
-        _finished(run / "student")
-        return {"report": json.loads((run / "report.json").read_text()),
-                "student_pretrained_eval": self._evaluate(self._load(student), "plain", practised=False),
-                "eval": self._evaluate(self._load(run / "student"), "chat")}
+        """R1's distillation: the student SFT'd on the final model's verified answers to unlabeled problems."""
+        p = self.plan
+        return self._verified(self.out / "final", self.out / "student", "distill", p.distill_problems, p.distill_k,
+                              0.7, p.distill_steps, keep_per_problem=2)
 
-    def _student_config(self) -> Path:
-        """The teacher's shape at `distill_layers` layers (the first stays dense, as in the teacher)."""
-        from .config import preset
-
-        cfg = preset(self.plan.preset)
-        layers = self.plan.distill_layers
-        cfg = cfg.replace(num_hidden_layers=layers, first_k_dense_replace=min(cfg.first_k_dense_replace, layers))
-        path = self.out / "distill-student.json"
-        write_atomic(path, json.dumps(cfg.to_hf_dict(), indent=2))
-        return path
+    def stage_student_rl(self) -> dict:
+        """The control for distillation: RL on the student itself, from its own cold start, as long as rl."""
+        from .rl import recipe
+        p = self.plan
+        sft = recipe.sft(self.out / "student", [self.labeled], self.out / "student_sft", p.sft_steps, p.sft_lr,
+                         p.seed, quiet=self.quiet)
+        return {"sft_eval": self._score(sft), **self._grpo(sft, "student_rl")}
 
     # ---- measurements ------------------------------------------------------------------------
 
-    @staticmethod
-    def _load(model_dir: Path):
-        """(model on the GPU if there is one, its tokenizer): what the measurements below take."""
-        from .checkpoint import load_model, resolve_device
-        from .tokenizer import Tokenizer
-
-        return load_model(model_dir, device=resolve_device()), Tokenizer.load(model_dir)
-
-    def _evaluate(self, loaded, template: str, practised: bool = True) -> dict:
-        """Greedy pass@1 on the fixed test problems of every task; with `practised`, also on eval_n test
-        problems of the level GRPO practises (the demonstration's measure)."""
-        from .engine.engine import Engine
-        from .rl.evaluate import evaluate
-
-        engine = Engine(*loaded, max_running=64)
-        results = {}
-        for task in self._tasks():
-            problems = self._problems(task, "test", self.plan.eval_n)
-            report = evaluate(engine, task, problems, max_tokens=self.plan.max_tokens, template=template)
-            results[task.name] = {"pass1": report.pass1, "format": report.format_rate, "n": report.n,
-                                  "mean_tokens": report.mean_tokens,
-                                  "by_level": {str(k): v for k, v in report.by_level.items()}}
-            self._say(f"  {task.name}: pass@1 {report.pass1:.1%}, format {report.format_rate:.1%} "
-                      f"({report.n} test problems, {template} template)")
-        if not practised:
-            return results
-        task, level = self._tasks()[0], self.plan.grpo_level
-        report = evaluate(engine, task, task.problems("test", self.plan.eval_n, level=level, strict=False),
-                          max_tokens=self.plan.max_tokens, template=template)
-        results[task.name]["practised"] = {"level": level, "pass1": report.pass1, "n": report.n}
-        self._say(f"  {task.name} level {level}: pass@1 {report.pass1:.1%} ({report.n} test problems)")
-        return results
-
-    def _gap(self, loaded) -> dict:
-        """Greedy pass@1 and pass@G (G samples at temperature 1, as GRPO draws them) on train problems of
-        GRPO's level: what sampling finds and greedy decoding misses bounds what sharpening can add."""
-        from .engine.engine import Engine
-        from .rl.evaluate import evaluate
-
-        p, task = self.plan, self._tasks()[0]
-        problems = task.problems("train", min(64, p.eval_n), level=p.grpo_level, seed=p.seed + 2, strict=False)
-        report = evaluate(Engine(*loaded, max_running=128), task, problems, k=p.grpo_group, temperature=1.0,
-                          max_tokens=p.max_tokens, seed=p.seed, split="train")
-        self._say(f"  {task.name} level {p.grpo_level}, {report.n} train problems: greedy {report.pass1:.1%}, "
-                  f"pass@{p.grpo_group} at temperature 1 {report.pass_k:.1%}")
-        return {"level": p.grpo_level, "n": report.n, "k": p.grpo_group, "greedy": report.pass1,
-                "pass_k": report.pass_k}
-
-    def _speculative(self, loaded) -> dict:
+    def _speculative(self, model_dir: Path) -> dict:
         """Greedy decode of test prompts one at a time, plain and with MTP drafts: acceptance and speed-up."""
+        from .checkpoint import load_model, resolve_device
+        from .data.tasks import TASKS
         from .engine.engine import Engine
         from .rl.evaluate import answer_params, prompt_ids
+        from .tokenizer import Tokenizer
 
-        task, tok = self._tasks()[0], loaded[1]
-        prompts = [prompt_ids(tok, q, "chat") for q in self._problems(task, "test", min(8, self.plan.eval_n))]
+        loaded = load_model(model_dir, device=resolve_device()), Tokenizer.load(model_dir)
+        tok, task = loaded[1], TASKS[self.plan.headline]
+        prompts = [prompt_ids(tok, q, "chat") for q in self.protocol.problems[task.name][:8]]
         out = {}
         for name, spec in (("plain", False), ("speculative", True)):
             engine = Engine(*loaded, max_running=1, speculative=spec)
@@ -440,18 +437,21 @@ class Speedrun:
 
 
 def make_plan(quick: bool, **overrides) -> Plan:
-    """The quick or full plan with the command line's overrides; GRPO's level moves to the nearest
-    level the task has (e.g. --task countdown: its levels start at 3)."""
-    from .data.tasks import TASKS
+    """The quick or full plan with the command line's overrides (checked: a clear error names what is wrong)."""
+    from .data.tasks import TASKS, get_task
 
     plan = replace(PLANS["quick" if quick else "full"], **overrides)
-    levels = TASKS[plan.task].levels
-    if plan.grpo_level not in levels:
-        plan = replace(plan, grpo_level=min(levels, key=lambda lv: abs(lv - plan.grpo_level)))
+    try:
+        get_task(plan.task)
+    except ValueError as e:
+        raise SpeedrunError(f"--task: {e}") from None
+    unknown = [t for t in plan.eval_tasks if t not in TASKS]
+    if unknown:
+        raise SpeedrunError(f"eval tasks {unknown} unknown; choose from {', '.join(TASKS)}")
     return plan
 
 
-def run(out: str | Path, plan: Plan, distill: bool = False, quiet: bool = False) -> int:
+def run(out: str | Path, plan: Plan, distill: bool = True, quiet: bool = False) -> int:
     """The speedrun of `plan` in `out` (continuing one stopped there); the exit status of `nanoseek speedrun`."""
     try:
         Speedrun(out, plan, distill=distill, quiet=quiet).run()

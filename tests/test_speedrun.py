@@ -1,4 +1,4 @@
-"""`nanoseek speedrun --quick`: the whole pipeline, its report, Ctrl-C + rerun, and the final model dir."""
+"""`nanoseek speedrun --quick`: R1's whole recipe, its report, Ctrl-C + rerun, and the final model dir."""
 
 import json
 import signal
@@ -15,9 +15,12 @@ from nanoseek.cli import main
 from nanoseek.engine.engine import Engine
 from nanoseek.engine.sampling import SamplingParams
 from nanoseek.tokenizer import Tokenizer
+from nanoseek.speedrun import MODEL_FILES
 from nanoseek.train.common import complete_checkpoints
 
-STAGES = ["data", "tokenizer", "tokens", "pretrain", "sft", "more_sft", "rl", "report"]
+STAGES = ["data", "tokenizer", "tokens", "pretrain", "base", "r1zero", "sft", "rl", "rft", "rejection", "rl2", "final",
+          "report"]
+DISTILL = ["student", "distill", "student_rl"]
 
 
 def _speedrun(out: Path, *extra: str, **kw) -> subprocess.Popen:
@@ -27,9 +30,9 @@ def _speedrun(out: Path, *extra: str, **kw) -> subprocess.Popen:
 
 @pytest.fixture(scope="module")
 def interrupted_then_finished(tmp_path_factory):
-    """A quick speedrun stopped by Ctrl-C during pretraining, then rerun to the end."""
+    """A quick speedrun without distillation stopped by Ctrl-C during pretraining, then rerun to the end."""
     out = tmp_path_factory.mktemp("speedrun") / "run"
-    proc = _speedrun(out)
+    proc = _speedrun(out, "--no-distill")
     deadline = time.monotonic() + 300
     while not complete_checkpoints(out / "pretrain"):
         assert proc.poll() is None, proc.communicate()
@@ -39,7 +42,7 @@ def interrupted_then_finished(tmp_path_factory):
     _, err1 = proc.communicate(timeout=300)
     first = proc.returncode
     stopped_at = len((out / "pretrain" / "metrics.jsonl").read_text().splitlines())
-    proc = _speedrun(out)
+    proc = _speedrun(out, "--no-distill")
     out2, err2 = proc.communicate(timeout=600)
     assert proc.returncode == 0, err2
     return out, first, err1, stopped_at
@@ -58,46 +61,61 @@ def test_ctrl_c_stops_and_a_rerun_continues(interrupted_then_finished):
 def test_report_has_every_table_and_plot(interrupted_then_finished):
     out = interrupted_then_finished[0]
     report = (out / "report" / "report.md").read_text()
-    for heading in ("## Model", "## Stages", "## Accuracy", "## MTP self-speculative decoding", "## Plots"):
+    for heading in ("## Model", "## Stages", "## Accuracy", "## What RL added", "## Sampled completions",
+                    "## MTP self-speculative decoding", "## Plots"):
         assert heading in report
     for needle in ("parameters, total", "parameters, activated per token", "KV cache per token (bf16), MLA",
-                   "standard MHA", "drafts accepted", "| pretrain |", "| sft |", "| rl (GRPO) |", "| arithmetic (16) |",
-                   "problems (GRPO's level)**", "On GRPO's level, from the SFT model: GRPO",
-                   "*train* problems of level 2: greedy", "pass@4 at temperature 1",
-                   "24 of the 60 `arithmetic` ones worked", "response length"):
+                   "standard MHA", "drafts accepted", "| pretrain |", "| r1zero |", "| sft |", "| rl |", "| rft |",
+                   "| rejection |", "| rl2 |", "| **arithmetic** (16) |", "| arithmetic level 2 (8) |",
+                   "| **sort** (16) |", "greedy pass@1 / pass@2", "R1-Zero over the pretrained model",
+                   "GRPO over the compute-matched RFT control", "`final/` is the `rl2` model",
+                   "labeled set: 80 `arithmetic`, 20 `sort` problems, each worked"):
         assert needle in report, needle
     images = [line.split("(")[1].rstrip(")") for line in report.splitlines() if line.startswith("![")]
-    assert {"pretrain_loss.png", "pretrain_expert_load.png", "rl_reward.png", "rl_response_length.png",
-            "accuracy.png"} <= set(images)
+    assert {"pretrain_loss.png", "pretrain_expert_load.png", "r1zero_reward.png", "rl_reward.png",
+            "rl_response_length.png", "heldout.png", "accuracy.png"} <= set(images)
     for name in images:
         assert (out / "report" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_stage_is_scored_under_one_protocol(interrupted_then_finished):
+    """The same test problems for every stage, pass@1 and pass@k, the chat template after the base; the base under
+    both templates; the R1-Zero curve; the RFT control asked for as many samples as GRPO drew."""
+    out = interrupted_then_finished[0]
     records = {p.stem: json.loads(p.read_text()) for p in (out / "stages").iterdir()}
-    spec = records["rl"]["speculative"]
+    base = records["base"]
+    assert base["template"] in ("plain", "r1-zero") and base["eval"] == base[base["template"]]
+    for stage in ("base", "r1zero", "sft", "rl", "rft", "rejection", "rl2"):
+        for task in ("arithmetic", "sort"):
+            ev = records[stage]["eval"][task]
+            assert ev["n"] == 16 and ev["k"] == 2 and 0 <= ev["pass1"] <= 1 and 0 <= ev["pass_k"] <= 1
+            assert ev["template"] == {"base": base["template"], "r1zero": base["template"]}.get(stage, "chat")
+            assert [e["prompt"] for e in ev["examples"]] == [e["prompt"] for e in base["eval"][task]["examples"]]
+        assert set(records[stage]["eval"]["arithmetic"]["levels"]) == {"1", "2"}
+    curve = records["r1zero"]["curve"]
+    assert [c["step"] for c in curve] == [0, 1, 2, 3] and all("mean_tokens" in c for c in curve)
+    assert records["rft"]["asked"] == records["rl"]["samples"]
+    spec = records["final"]["speculative"]
     assert spec["identical_outputs"] and 0 <= spec["acceptance_rate"] <= 1
-    for stage in ("pretrain", "sft", "rl"):
-        for task in ("arithmetic", "countdown"):
-            assert 0 <= records[stage]["eval"][task]["pass1"] <= 1
-            assert records[stage]["eval"][task]["n"] == 16
-    # every test problem stays out of the training data
+
+
+def test_the_labeled_set_is_worked_and_apart_from_the_test_problems(interrupted_then_finished):
     from nanoseek.data.tasks import TASKS
+
+    out = interrupted_then_finished[0]
     sft = [json.loads(line) for line in (out / "data" / "sft.jsonl").read_text().splitlines()]
     assert len(sft) == 100
-    # every label right; the plan's share of the arithmetic ones worked, the rest the one-line conclusion
-    labeled = [p for lv in (1, 2) for p in TASKS["arithmetic"].problems("train", 30, level=lv, seed=1, strict=False)]
-    by_prompt = {p.prompt: p for p in labeled + TASKS["countdown"].problems("train", 20, seed=1)
-                 + TASKS["sort"].problems("train", 20, seed=1)}
-    worked = {"arithmetic": 0, "countdown": 0, "sort": 0}
-    for m in sft:
+    labeled = [p for lv in (1, 2) for p in TASKS["arithmetic"].problems("train", 40, level=lv, seed=1, strict=False)]
+    by_prompt = {p.prompt: p for p in labeled + TASKS["sort"].problems("train", 20, seed=1)}
+    counts = {"arithmetic": 0, "sort": 0}
+    for m in sft:  # every label a real labeled set's: the worked solution, right
         problem = by_prompt[m["messages"][0]["content"]]
         task = TASKS[problem.task]
-        answer = m["messages"][1]["content"]
-        assert task.verify(problem, answer)
-        assert answer in (task.solution(problem), task.brief(problem))
-        worked[task.name] += answer == task.solution(problem)
-    assert worked == {"arithmetic": 24, "countdown": 20, "sort": 20}
-    assert records["data"]["sft_examples"] == {"arithmetic": {"examples": 60, "worked": 24},
-                                               "countdown": {"examples": 20, "worked": 20},
-                                               "sort": {"examples": 20, "worked": 20}}
+        assert m["messages"][1]["content"] == task.solution(problem) and task.verify(problem, task.solution(problem))
+        counts[task.name] += 1
+    assert counts == {"arithmetic": 80, "sort": 20}
+    records = json.loads((out / "stages" / "data.json").read_text())
+    assert records["sft_examples"] == counts
     prompts = {m["messages"][0]["content"] for m in sft}
     test = {p.prompt for t in TASKS.values() for p in t.problems("test", 300)}
     assert not prompts & test
@@ -106,7 +124,7 @@ def test_report_has_every_table_and_plot(interrupted_then_finished):
 def test_a_finished_speedrun_reruns_nothing(interrupted_then_finished):
     out = interrupted_then_finished[0]
     before = {p: p.stat().st_mtime_ns for p in (out / "stages").iterdir()}
-    proc = _speedrun(out)
+    proc = _speedrun(out, "--no-distill")
     proc.communicate(timeout=120)
     assert proc.returncode == 0
     assert {p: p.stat().st_mtime_ns for p in (out / "stages").iterdir()} == before
@@ -115,12 +133,15 @@ def test_a_finished_speedrun_reruns_nothing(interrupted_then_finished):
 def test_adding_distill_later_runs_it_and_rewrites_the_report(interrupted_then_finished):
     out = interrupted_then_finished[0]
     before = (out / "stages" / "sft.json").stat().st_mtime_ns
-    proc = _speedrun(out, "--distill")
+    proc = _speedrun(out)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
-    record = json.loads((out / "stages" / "distill.json").read_text())
-    assert "report" in record or "skipped" in record  # a quick teacher may solve nothing: then it says so
-    assert "| distill |" in (out / "report" / "report.md").read_text()
+    for name in DISTILL:
+        assert (out / "stages" / f"{name}.json").exists()
+    distill = json.loads((out / "stages" / "distill.json").read_text())
+    assert distill["asked"] == 16 * 2 and distill["eval"]["arithmetic"]["n"] == 16  # skipped or not, it is scored
+    report = (out / "report" / "report.md").read_text()
+    assert "student, distilled" in report and "the distilled student over GRPO on the student" in report
     assert (out / "stages" / "sft.json").stat().st_mtime_ns == before
 
 
@@ -133,7 +154,8 @@ def test_other_settings_on_the_same_dir_are_refused(interrupted_then_finished, c
 
 def test_the_final_model_loads_in_transformers_with_the_same_greedy_tokens(interrupted_then_finished):
     transformers = pytest.importorskip("transformers")
-    rl = interrupted_then_finished[0] / "rl"
+    rl = interrupted_then_finished[0] / "final"
+    assert sorted(p.name for p in rl.iterdir()) == sorted(MODEL_FILES)
     tok = Tokenizer.load(rl)
     prompt = tok.render_chat([{"role": "user", "content": "What is 12 + 7?"}], add_generation_prompt=True)[0]
     engine = Engine(load_model(rl), tok)
@@ -155,7 +177,7 @@ def test_speedrun_help_explains_every_flag(capsys):
     with pytest.raises(SystemExit):
         main(["speedrun", "--help"])
     text = capsys.readouterr().out
-    for flag in ("--out", "--quick", "--distill", "--task", "--pretrain-steps", "--sft-steps", "--grpo-steps",
+    for flag in ("--out", "--quick", "--no-distill", "--task", "--pretrain-steps", "--sft-steps", "--grpo-steps",
                  "--eval-n", "--seed", "--quiet"):
         assert flag in text
 
@@ -169,15 +191,12 @@ def test_bad_step_counts_are_refused(tmp_path, capsys):
 
 
 
-def test_another_task_moves_grpo_to_its_nearest_level():
-    from nanoseek.data.tasks import TASKS
+def test_a_bad_task_is_refused_with_the_choices(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["speedrun", "--quick", "--out", str(tmp_path / "x"), "--task", "arithmetic@9"])
+    assert "arithmetic has levels [1, 2, 3, 4, 5]" in capsys.readouterr().err
     from nanoseek.speedrun import make_plan
 
-    for quick in (True, False):
-        assert make_plan(quick).grpo_level == 2  # arithmetic has level 2
-        plan = make_plan(quick, task="countdown", seed=3)
-        assert plan.task == "countdown" and plan.seed == 3
-        assert plan.grpo_level in TASKS["countdown"].levels and plan.grpo_level == 3
-    from nanoseek.report import _labeled_levels  # what the report says the labeled set held
-    assert _labeled_levels(make_plan(True)) == [1, 2] and _labeled_levels(make_plan(False)) == [1, 2, 3]
-    assert _labeled_levels(make_plan(True, task="countdown")) == [3, 4]
+    plan = make_plan(True, task="sort@3,arithmetic@2", seed=3)
+    assert plan.headline == "sort" and plan.seed == 3
+    assert not (tmp_path / "x").exists()

@@ -22,11 +22,10 @@ from ..data.tasks import get_task
 from ..engine.engine import Engine
 from ..io import write_atomic
 from ..tokenizer import Tokenizer
-from ..train import sft
-from ..train.args import SFTConfig, TrainConfig, TrainError
+from ..train.args import TrainConfig, TrainError
 from .args import DistillConfig
 from .evaluate import evaluate
-from .rft import rejection_sample, sample_once
+from .rft import sample_and_sft
 
 
 def run(cfg: DistillConfig) -> dict:
@@ -43,22 +42,15 @@ def run(cfg: DistillConfig) -> dict:
     except ValueError as e:
         raise TrainError(str(e)) from None
     run = Path(cfg.out)
-    run.mkdir(parents=True, exist_ok=True)
-    data = run / "distill.jsonl"
-    tok = Tokenizer.load(cfg.teacher)
-    device = resolve_device()  # sampling and evaluation on a GPU if there is one, as the student's SFT
-    teacher = Engine(load_model(cfg.teacher, device=device), tok, max_running=cfg.max_running)
-    stats = sample_once(run, data.name, lambda: rejection_sample(teacher, task, problems, cfg.k, cfg.temperature,
-                                                                 cfg.max_tokens, cfg.keep_per_problem, cfg.seed),
-                        f"the teacher solved none of the {len(problems)} problems in {cfg.k} tries each; nothing "
-                        f"to distil (train the teacher more, or raise --k)")
-    print(f"rejection sampling: {stats['correct_samples']} of {stats['samples']} samples correct, "
-          f"{stats['problems_solved']} of {len(problems)} problems solved, {stats['examples']} examples "
-          f"({stats.get('seconds', 0):.0f} s)")
     student_run = run / "student"
-    sft.run(SFTConfig(model=cfg.student, data=[str(data)],
-                      train=TrainConfig(out=str(student_run), steps=cfg.steps, lr=cfg.lr, seed=cfg.seed,
-                                        resume=(student_run / "checkpoints").exists(), quiet=cfg.quiet)))
+    stats = sample_and_sft(
+        cfg.teacher, cfg.student, run / "distill.jsonl", task, problems, cfg.k, cfg.temperature, cfg.max_tokens,
+        cfg.keep_per_problem, max_running=cfg.max_running,
+        none_kept=f"the teacher solved none of the {len(problems)} problems in {cfg.k} tries each; nothing to distil "
+                  f"(train the teacher more, or raise --k)",
+        train=TrainConfig(out=str(student_run), steps=cfg.steps, lr=cfg.lr, seed=cfg.seed, quiet=cfg.quiet))
+    device = resolve_device()  # evaluation on a GPU if there is one, as the sampling and the student's SFT
+    teacher = Engine(load_model(cfg.teacher, device=device), Tokenizer.load(cfg.teacher), max_running=cfg.max_running)
     student = Engine(load_model(student_run, device=device), Tokenizer.load(student_run), max_running=cfg.max_running)
     before = evaluate(Engine(load_model(cfg.student, device=device), Tokenizer.load(cfg.student),
                              max_running=cfg.max_running), task, test, max_tokens=cfg.max_tokens)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -73,6 +74,29 @@ def sample_once(run: Path, name: str, sample: Callable[[], tuple[list[dict], dic
     return stats
 
 
+def sample_and_sft(teacher: str | Path, start: str | Path, data: Path, task: Task, problems: list[Problem], k: int,
+                   temperature: float, max_tokens: int, keep_per_problem: int, train: TrainConfig,
+                   extra: list[str] = (), max_running: int = 64, none_kept: str = "") -> dict:
+    """Rejection sampling, then SFT: `teacher` answers each problem k times; the verified distinct answers are
+    written to `data` (the counts to samples.json beside it; a rerun reuses both) and `start` is fine-tuned on
+    them, and on the chat examples of the files in `extra`, as `train` says (resuming its run). What RFT,
+    R1's rejection-sampling stage and distillation share; returns the sampling counts."""
+    def sample() -> tuple[list[dict], dict]:
+        engine = Engine(load_model(teacher, device=resolve_device()), Tokenizer.load(teacher), max_running=max_running)
+        return rejection_sample(engine, task, problems, k, temperature, max_tokens, keep_per_problem, train.seed)
+
+    data.parent.mkdir(parents=True, exist_ok=True)
+    stats = sample_once(data.parent, data.name, sample, none_kept or (
+        f"{teacher} answered none of {len(problems)} {task.name} problems right in {k} tries each: nothing to "
+        f"fine-tune on"))
+    if not train.quiet:
+        print(f"rejection sampling: {stats['correct_samples']} of {stats['samples']} samples correct, "
+              f"{stats['problems_solved']} of {stats['problems']} problems solved, {stats['examples']} examples")
+    train = replace(train, resume=(Path(train.out) / "checkpoints").exists())
+    sft.run(SFTConfig(model=str(start), data=[str(data), *map(str, extra)], train=train))
+    return stats
+
+
 def run(cfg: RFTConfig) -> dict:
     """RFT as `cfg` says; returns the sampling counts (RUN/samples.json). RUN is the fine-tuned model dir once
     every SFT step ran."""
@@ -91,23 +115,10 @@ def run(cfg: RFTConfig) -> dict:
         problems = task.problems("train", cfg.samples // cfg.group, level=cfg.level, seed=cfg.seed * 1_000_003 - 1)
     except ValueError as e:
         raise TrainError(str(e)) from None
-    run_dir = Path(cfg.out)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    def sample() -> tuple[list[dict], dict]:
-        engine = Engine(load_model(cfg.model, device=resolve_device()), Tokenizer.load(cfg.model),
-                        max_running=cfg.max_running)
-        return rejection_sample(engine, task, problems, cfg.group, cfg.temperature, cfg.max_tokens,
-                                cfg.keep_per_problem, cfg.seed)
-
-    data = run_dir / "rft.jsonl"
-    stats = sample_once(run_dir, data.name, sample, f"none of the {cfg.samples} samples was correct: nothing to "
-                                                    f"fine-tune on (an easier --level, or more --samples)")
-    if not cfg.quiet:
-        print(f"rejection sampling: {stats['correct_samples']} of {stats['samples']} samples correct, "
-              f"{stats['problems_solved']} of {stats['problems']} problems solved, {stats['examples']} examples")
-    sft.run(SFTConfig(model=cfg.model, data=[str(data)],
-                      train=TrainConfig(out=str(run_dir), steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup,
-                                        batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed,
-                                        save_every=cfg.save_every, resume=(run_dir / "checkpoints").exists(),
-                                        quiet=cfg.quiet)))
-    return stats
+    return sample_and_sft(
+        cfg.model, cfg.model, Path(cfg.out) / "rft.jsonl", task, problems, cfg.group, cfg.temperature, cfg.max_tokens,
+        cfg.keep_per_problem, max_running=cfg.max_running,
+        none_kept=f"none of the {cfg.samples} samples was correct: nothing to fine-tune on (an easier --level, or "
+                  f"more --samples)",
+        train=TrainConfig(out=cfg.out, steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, batch_size=cfg.batch_size,
+                          seq_len=cfg.seq_len, seed=cfg.seed, save_every=cfg.save_every, quiet=cfg.quiet))
