@@ -38,7 +38,8 @@ from nanoseek.data.tasks import TASKS, Mixture, get_task, task_name
 from nanoseek.io import write_atomic
 from nanoseek.rl import recipe
 from nanoseek.rl.recipe import RL, Protocol
-from nanoseek.train.args import PretrainConfig, TrainConfig, TrainError
+from nanoseek.rl.rft import NothingVerified
+from nanoseek.train.args import PretrainConfig, TrainConfig
 
 ARMS = ("base", "r1zero", "sft", "rl", "rft", "rejection", "rl2", "student", "distill", "student_rl")
 
@@ -54,7 +55,9 @@ def student_base(a) -> Path:
     config = recipe.student_config(plan["preset"], a.student_layers, Path(a.out) / "student.json")
     pretrain.run(PretrainConfig(
         data=str(base / "data" / "tokens"), tokenizer=str(base / "tokenizer"), mix=plan["mix"], config=str(config),
-        train=TrainConfig(out=str(out), steps=a.student_steps, lr=plan["pretrain_lr"], warmup=50,
+        curriculum=plan.get("curriculum", False),  # as the speedrun pretrains its student
+        train=TrainConfig(out=str(out), steps=a.student_steps, lr=plan["pretrain_lr"],
+                          warmup=max(1, min(50, a.student_steps // 10)),
                           batch_size=plan["batch_size"], seq_len=plan["seq_len"], seed=0, resume=True, quiet=True,
                           save_every=max(10, a.student_steps // 8))))
     return recipe.finished(out)
@@ -75,36 +78,49 @@ def run_seed(seed: int, a, protocol: Protocol, rl: RL, results: dict, save) -> N
         mine[name]["wall_seconds"] = time.perf_counter() - t0
         save()
 
-    def scored(model: Path, template: str = "chat", **extra) -> dict:
-        return {**extra, "eval": recipe.score(model, template, proto)}
+    def scored(model: Path, **record) -> dict:
+        """A stage's record with its model scored, in the template it trained in (GRPO records theirs)."""
+        record.setdefault("template", "chat")
+        return {**record, "eval": recipe.score(model, record["template"], proto)}
 
-    def verified(teacher, start, dest, problems, k, temperature, steps, extra=(), level=None, keep=0) -> dict:
+    def verified(teacher, start, dest, problems, k, temperature, steps, salt, instead, extra=(), keep=0) -> dict:
         try:
             stats = recipe.verified_sft(teacher, start, dest, rl.task, problems, k, temperature, rl.max_tokens, steps,
-                                        a.sft_lr, seed, level=level, keep_per_problem=keep, extra=extra)
-        except TrainError as e:  # nothing verified: the stage is its start, and says so
-            return scored(start, skipped=str(e))
+                                        a.sft_lr, seed, level=rl.level, keep_per_problem=keep, extra=extra, salt=salt)
+        except NothingVerified as e:  # nothing to train on: the stage is the model the recipe goes on from
+            return scored(instead, skipped=str(e), instead=instead.name,
+                          template=mine.get(instead.name, {}).get("template", "chat"))
         return scored(dest, **stats)
 
+    def has_model(run: Path) -> bool:
+        return any(run.glob("*.safetensors"))
+
     stage("base", lambda: recipe.score_base(base / "pretrain", proto, a.headline))
-    stage("r1zero", lambda: scored(out / "r1zero", a.zero_template,
+    stage("r1zero", lambda: scored(out / "r1zero",
                                    **recipe.grpo(base / "pretrain", out / "r1zero", rl, a.zero_template, seed)))
     stage("sft", lambda: scored(recipe.sft(base / "pretrain", [labeled], out / "sft", a.sft_steps, a.sft_lr, seed)))
     stage("rl", lambda: scored(out / "rl", **recipe.grpo(out / "sft", out / "rl", rl, "chat", seed)))
     rl_samples = mine["rl"]["samples"] if "rl" in mine else rl.steps * rl.prompts * rl.group
     stage("rft", lambda: verified(out / "sft", out / "sft", out / "rft", rl_samples // rl.group, rl.group, 1.0,
-                                  rl.steps, level=rl.level))
+                                  rl.steps, salt=0, instead=out / "sft"))
     stage("rejection", lambda: verified(out / "rl", base / "pretrain", out / "rejection", a.rs_problems, a.rs_k, 1.0,
-                                        a.rs_steps, extra=[labeled], keep=a.rs_keep))
-    stage("rl2", lambda: scored(out / "rl2", **recipe.grpo(out / "rejection", out / "rl2", rl, "chat", seed,
-                                                           steps=a.rl2_steps)))
+                                        a.rs_steps, salt=1, instead=out / "rl", extra=[labeled], keep=a.rs_keep))
+    rl2_start = out / ("rejection" if has_model(out / "rejection") else "rl")  # nothing verified: from rl
+    if a.rl2_steps:  # a seed of its own: not rl's problems and samples again
+        stage("rl2", lambda: {"from": rl2_start.name, **scored(out / "rl2", **recipe.grpo(
+            rl2_start, out / "rl2", rl, "chat", seed + 1_000, steps=a.rl2_steps))})
     if any(arm in a.arms for arm in ("student", "distill", "student_rl")):
         student = student_base(a)
         stage("student", lambda: recipe.score_base(student, proto, a.headline))
-        teacher = out / ("rl2" if (out / "rl2").exists() else "rl")
+        teacher = out / ("rl2" if has_model(out / "rl2") else "rl")
+        drawn = out / "distill" / "teacher.json"  # samples drawn from one teacher are never reused for another
+        if drawn.exists() and json.loads(drawn.read_text())["teacher"] != teacher.name:
+            raise SystemExit(f"{drawn.parent} holds another teacher's samples: remove it to distil {teacher.name}")
+        drawn.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(drawn, json.dumps({"teacher": teacher.name}))
         stage("distill", lambda: {"teacher": teacher.name, **verified(
-            teacher, student, out / "distill", a.distill_problems, a.distill_k, 0.7, a.distill_steps,
-            keep=a.distill_keep)})
+            teacher, student, out / "distill", a.distill_problems, a.distill_k, 0.7, a.distill_steps, salt=2,
+            instead=student, keep=a.distill_keep)})
 
         def student_rl() -> dict:
             sft = recipe.sft(student, [labeled], out / "student_sft", a.sft_steps, a.sft_lr, seed)
@@ -132,8 +148,8 @@ def table(results: dict, task_levels: dict, k: int) -> str:
     for t, lv in rows:
         cells = [t if lv is None else f"{t} level {lv}"]
         for arm in header[1:]:
-            ev = [results[s][arm]["eval"][t] for s in seeds if arm in results[s]]
-            ev = [e if lv is None else e["levels"].get(str(lv)) for e in ev]
+            ev = [results[s][arm]["eval"].get(t) for s in seeds if arm in results[s]]
+            ev = [e if lv is None or not e else e["levels"].get(str(lv)) for e in ev]
             ev = [e for e in ev if e]
             cells.append(f"{mean_se([e['pass1'] for e in ev])} / {mean_se([e['pass_k'] for e in ev])}")
         lines.append("| " + " | ".join(cells) + " |")
@@ -142,7 +158,8 @@ def table(results: dict, task_levels: dict, k: int) -> str:
                    ("rl2", "rl"), ("rl2", "base"), ("distill", "student"), ("distill", "student_rl")):
         for t in task_levels:
             d = [results[s][a_]["eval"][t]["pass1"] - results[s][b_]["eval"][t]["pass1"]
-                 for s in seeds if a_ in results[s] and b_ in results[s]]
+                 for s in seeds if a_ in results[s] and b_ in results[s] and t in results[s][a_]["eval"]
+                 and t in results[s][b_]["eval"]]
             if d:
                 lines.append(f"- {a_} − {b_}, {t}: {mean_se(d)}")
     return "\n".join(lines) + "\n"
@@ -200,7 +217,15 @@ def main(argv=None) -> int:
     a.level = None if mixed else a.level
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    if a.k < 2:
+        p.error(f"--k must be >= 2 (got {a.k}): pass@k needs several samples; pass@1 is the greedy score")
     path = out / "results.json"
+    # one scoring protocol per OUT: results of other test problems or k are never mixed into one table
+    settings = {k: getattr(a, k) for k in ("base", "task", "levels", "eval_tasks", "n", "k", "max_tokens")}
+    saved = out / "protocol.json"
+    if saved.exists() and json.loads(saved.read_text()) != settings:
+        p.error(f"{out} holds results of other settings ({saved.read_text().strip()}); pick a new --out")
+    write_atomic(saved, json.dumps(settings))
     results = json.loads(path.read_text()) if path.exists() else {}
     protocol = Protocol.build(a.n, a.headline, a.levels, a.eval_tasks, k=a.k, max_tokens=a.max_tokens)
     levels = protocol.levels()

@@ -716,7 +716,9 @@ def parser_speedrun(sub: argparse._SubParsersAction) -> None:
                          "plan's)")
     sp.add_argument("--pretrain-steps", type=int, help="override the pretraining steps of the budget")
     sp.add_argument("--sft-steps", type=int, help="override the SFT steps of the budget")
-    sp.add_argument("--grpo-steps", type=int, help="override the steps of each GRPO stage of the budget")
+    sp.add_argument("--grpo-steps", type=int,
+                    help="override the steps of the GRPO stages (r1zero, rl, student_rl; the RFT control's SFT steps "
+                         "follow it) of the budget")
     sp.add_argument("--eval-n", type=int, help="test problems per task in each evaluation (at most 2,000)")
     sp.add_argument("--seed", type=int, help="seed for data, initialisation and sampling (default 0)")
     sp.add_argument("--quiet", action="store_true", help="no progress bars or per-stage output")

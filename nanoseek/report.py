@@ -45,8 +45,15 @@ def _se(p: float, n: int) -> float:
 
 
 def _diff(a: dict, b: dict) -> tuple[float, float]:
-    """pass@1 difference a - b in points and its standard error (the two rates' errors combined)."""
-    return 100 * (a["pass1"] - b["pass1"]), 100 * math.hypot(_se(a["pass1"], a["n"]), _se(b["pass1"], b["n"]))
+    """pass@1 difference a - b in points and its standard error: paired over the same test problems (the spread
+    of the per-problem differences), or, without per-problem results, the two rates' errors combined."""
+    d = 100 * (a["pass1"] - b["pass1"])
+    if len(a.get("correct", [])) == len(b.get("correct", [])) == a["n"] > 1:
+        diffs = [x - y for x, y in zip(a["correct"], b["correct"])]
+        mean = sum(diffs) / len(diffs)
+        var = sum((x - mean) ** 2 for x in diffs) / (len(diffs) - 1)
+        return d, 100 * math.sqrt(max(var, 0.25 / len(diffs)) / len(diffs))
+    return d, 100 * math.hypot(_se(a["pass1"], a["n"]), _se(b["pass1"], b["n"]))
 
 
 def _model_section(out: Path, plan, records: dict) -> list[str]:
@@ -142,20 +149,25 @@ def _accuracy_section(plan, records: dict) -> list[str]:
              f"under their better one (here: `{records['base']['template']}`); R1-Zero in the template it trained "
              f"in; every other stage in the chat template. pass@1 rising towards pass@{k} is sharpening what sampling "
              f"already finds; pass@{k} rising is new capability.", ""]
+    def header(stages: list[str]) -> list[str]:  # a stage that had nothing to train on is the model it went on from
+        return ["test problems"] + [STAGE_NAMES[s] + (f" (nothing verified: = {records[s]['instead']})"
+                                                      if "instead" in records[s] else "") for s in stages]
+
     stages = [s for s in R1_STAGES if s in records]
-    lines += _table(["test problems"] + [STAGE_NAMES[s] for s in stages], _accuracy_rows(records, stages, k))
+    lines += _table(header(stages), _accuracy_rows(records, stages, k))
     stages = [s for s in STUDENT_STAGES if s in records]
     if stages:
         lines += ["Distillation: the student is the teacher's shape at "
                   f"{plan.distill_layers} layer(s), pretrained on the same tokens.", ""]
-        lines += _table(["test problems"] + [STAGE_NAMES[s] for s in stages], _accuracy_rows(records, stages, k))
+        lines += _table(header(stages), _accuracy_rows(records, stages, k))
     return lines
 
 
-def _claim(name: str, a: dict, b: dict, margin: float = 0.0, ses: float = 0.0) -> str:
-    """One line: a claim, the measured difference with its standard error, and whether it holds."""
+def _claim(name: str, a: dict, b: dict, margin: float = 0.0) -> str:
+    """One line: a claim, the measured difference with its standard error, and whether it holds: at least
+    `margin` points, and more than two standard errors above 0."""
     d, se = _diff(a, b)
-    holds = d > margin and d > ses * se
+    holds = d >= margin and d - 2 * se > 0
     return f"- {name}: {d:+.1f} ± {se:.1f} points — **{'holds' if holds else 'does not hold'}**"
 
 
@@ -167,26 +179,36 @@ def _reading_section(plan, records: dict) -> list[str]:
         return []
     pre = max(("base", "sft"), key=lambda s: records[s]["eval"][head]["pass1"])
     lines = ["## What RL added", "",
-             f"Standard errors are binomial over the test problems of one run; experiments/r1.py repeats the "
-             f"comparisons over seeds (docs/r1.md). The best stage before RL on `{head}` is the "
-             f"{STAGE_NAMES[pre]} model.", ""]
+             f"Each claim is a difference in greedy pass@1 with its standard error, paired over the same test "
+             f"problems of this one run; it holds when it reaches its margin and is more than two standard errors "
+             f"above 0. experiments/r1.py repeats the comparisons over seeds (docs/r1.md). The best stage before "
+             f"RL on `{head}` is the {STAGE_NAMES[pre]} model.", ""]
     ev = {s: records[s]["eval"] for s in records if "eval" in records[s]}
     lines.append(_claim(f"final ({STAGE_NAMES[last]}) over the best pre-RL stage, `{head}`, by >= 10 points",
                         ev[last][head], ev[pre][head], margin=10))
     for task in ev[last]:
         if task != head:
             best = max(("base", "sft"), key=lambda s: ev[s][task]["pass1"])
-            lines.append(_claim(f"final over the best pre-RL stage, `{task}`, by > 2 standard errors",
-                                ev[last][task], ev[best][task], ses=2))
+            lines.append(_claim(f"final over the best pre-RL stage, `{task}`",
+                                ev[last][task], ev[best][task]))
+    fails = []
+    for s in (x for x in R1_STAGES if x in ev and x not in (last, "rft")):  # the control is no stage of the recipe
+        for task, e in ev[last].items():
+            for label, mine, theirs in [(task, e, ev[s][task])] + [
+                    (f"{task} level {lv}", c, ev[s][task]["levels"].get(lv)) for lv, c in e["levels"].items()]:
+                d, se = _diff(mine, theirs) if theirs else (0.0, 0.0)
+                if d < -se:
+                    fails.append(f"{label} under {STAGE_NAMES[s]} ({d:+.1f} ± {se:.1f})")
+    lines.append("- final at least every earlier stage on every task and level, within one standard error: "
+                 + ("**holds**" if not fails else "**does not hold**: " + "; ".join(fails)))
     if "rft" in ev:
-        lines.append(_claim(f"GRPO over the compute-matched RFT control, `{head}`", ev["rl"][head], ev["rft"][head],
-                            ses=2))
+        lines.append(_claim(f"GRPO over the compute-matched RFT control, `{head}`", ev["rl"][head], ev["rft"][head]))
     if "r1zero" in ev:
         lines.append(_claim(f"R1-Zero over the pretrained model, `{head}`, by >= 15 points", ev["r1zero"][head],
                             ev["base"][head], margin=15))
     if "distill" in ev and "student_rl" in ev:
         lines.append(_claim(f"the distilled student over GRPO on the student, `{head}`", ev["distill"][head],
-                            ev["student_rl"][head], ses=2))
+                            ev["student_rl"][head]))
         lines.append(_claim(f"the distilled student over its own base, `{head}`, by >= 10 points",
                             ev["distill"][head], ev["student"][head], margin=10))
     k = plan.eval_k

@@ -46,7 +46,7 @@ from pathlib import Path
 
 from .io import write_atomic
 from .rl.recipe import RL, Protocol, Stopped
-from .train.args import PretrainConfig, TrainConfig, TrainError
+from .train.args import PretrainConfig, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,7 @@ PLANS = {
 STAGES = ("data", "tokenizer", "tokens", "pretrain", "base", "r1zero", "sft", "rl", "rft", "rejection", "rl2",
           "final", "student", "distill", "student_rl", "report")
 DISTILL_STAGES = ("student", "distill", "student_rl")
-MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors")
+MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")  # and the weights
 
 
 class SpeedrunError(Exception):
@@ -205,14 +205,19 @@ class Speedrun:
         from .data.tasks import TASKS
         return [TASKS[t] for t in dict.fromkeys([self.plan.headline, *self.plan.eval_tasks])]
 
+    @property
+    def _labeled_seed(self) -> int:
+        """A draw of train problems no GRPO step (seed * 1_000_003 + step) nor sampling stage (below it) makes."""
+        return -1_000_000 - self.plan.seed
+
     def _labeled_problems(self, task, n: int):
         """n labeled train problems spread over the plan's levels (the task's own levels for the other tasks)."""
         p = self.plan
         levels = [lv for lv in p.levels if lv in task.levels] if task.name == p.headline else []
         if not levels:
-            return task.problems("train", n, seed=p.seed + 1)
+            return task.problems("train", n, seed=self._labeled_seed)
         return [q for i, lv in enumerate(levels)  # small levels give what they have
-                for q in task.problems("train", n // len(levels) + (i < n % len(levels)), level=lv, seed=p.seed + 1,
+                for q in task.problems("train", n // len(levels) + (i < n % len(levels)), level=lv, seed=self._labeled_seed,
                                        strict=False)]
 
     def stage_data(self) -> dict:
@@ -313,9 +318,11 @@ class Speedrun:
         from .rl import recipe
         return recipe.score_base(self.out / "pretrain", self.protocol, self.plan.headline, say=self._say)
 
-    def _grpo(self, start: Path, name: str, template: str = "chat", steps: int | None = None) -> dict:
+    def _grpo(self, start: Path, name: str, template: str = "chat", steps: int | None = None, seed: int = 0) -> dict:
+        """A GRPO stage; stages of one seed draw the same problems (a paired comparison) unless `seed` moves them."""
         from .rl import recipe
-        record = recipe.grpo(start, self.out / name, self.plan.rl(self.quiet), template, self.plan.seed, steps=steps)
+        record = recipe.grpo(start, self.out / name, self.plan.rl(self.quiet), template, self.plan.seed + seed,
+                             steps=steps)
         return {**record, "eval": self._score(self.out / name, template)}
 
     def stage_r1zero(self) -> dict:
@@ -333,16 +340,20 @@ class Speedrun:
         return self._grpo(self.out / "sft", "rl")
 
     def _verified(self, teacher: Path, start: Path, name: str, problems: int, k: int, temperature: float,
-                  steps: int, **kw) -> dict:
-        """recipe.verified_sft into OUT/name, scored; when nothing was verified the stage is its start, and says so."""
+                  steps: int, salt: int, instead: Path, **kw) -> dict:
+        """recipe.verified_sft into OUT/name, scored. When nothing was verified there is nothing to train on: the
+        stage's model is `instead` (the one the recipe goes on from), scored as such, and the record says so."""
         from .rl import recipe
+        from .rl.rft import NothingVerified
         p = self.plan
         try:
             stats = recipe.verified_sft(teacher, start, self.out / name, p.task, problems, k, temperature,
-                                        p.max_tokens, steps, p.sft_lr, p.seed, quiet=self.quiet, **kw)
-        except TrainError as e:
-            self._say(f"  {name}: {e}; scoring {start.name} in its place")
-            return {"skipped": str(e), "asked": problems * k, "eval": self._score(start)}
+                                        p.max_tokens, steps, p.sft_lr, p.seed, salt=salt, quiet=self.quiet, **kw)
+        except NothingVerified as e:
+            self._say(f"  {name}: {e}; the recipe goes on from {instead.name}")
+            template = self.records.get(instead.name, {}).get("template", "chat")  # the student: its base's
+            return {"skipped": str(e), "instead": instead.name, "asked": problems * k,
+                    "eval": self._score(instead, template)}
         return {**stats, "asked": problems * k, **self._train_record(self.out / name),
                 "eval": self._score(self.out / name)}
 
@@ -350,16 +361,17 @@ class Speedrun:
         """The control: as many samples as rl drew, from the same start, the verified ones SFT'd."""
         p = self.plan
         return self._verified(self.out / "sft", self.out / "sft", "rft", self.records["rl"]["samples"] // p.grpo_group,
-                              p.grpo_group, 1.0, p.grpo_steps)
+                              p.grpo_group, 1.0, p.grpo_steps, salt=0, instead=self.out / "sft")
 
     def stage_rejection(self) -> dict:
         p = self.plan
         return self._verified(self.out / "rl", self.out / "pretrain", "rejection", p.rs_problems, p.rs_k, 1.0,
-                              p.rs_steps, keep_per_problem=2, extra=[self.labeled])
+                              p.rs_steps, salt=1, instead=self.out / "rl", keep_per_problem=2, extra=[self.labeled])
 
     def stage_rl2(self) -> dict:
         start = "rl" if "skipped" in self.records["rejection"] else "rejection"  # nothing verified: from rl
-        return {"from": start, **self._grpo(self.out / start, "rl2", steps=self.plan.rl2_steps)}
+        # a seed of its own: not rl's problems and samples again
+        return {"from": start, **self._grpo(self.out / start, "rl2", steps=self.plan.rl2_steps, seed=1)}
 
     @property
     def last_rl(self) -> str:
@@ -371,8 +383,9 @@ class Speedrun:
         tmp = self.out / ".final.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        for name in MODEL_FILES:
-            shutil.copy2(src / name, tmp / name)
+        for path in src.iterdir():
+            if path.name in MODEL_FILES or ".safetensors" in path.name:  # sharded weights and their index too
+                shutil.copy2(path, tmp / path.name)
         shutil.rmtree(dest, ignore_errors=True)
         os.replace(tmp, dest)
         return {"from": self.last_rl, "speculative": self._speculative(dest)}
@@ -389,7 +402,7 @@ class Speedrun:
         """R1's distillation: the student SFT'd on the final model's verified answers to unlabeled problems."""
         p = self.plan
         return self._verified(self.out / "final", self.out / "student", "distill", p.distill_problems, p.distill_k,
-                              0.7, p.distill_steps, keep_per_problem=2)
+                              0.7, p.distill_steps, salt=2, instead=self.out / "student", keep_per_problem=2)
 
     def stage_student_rl(self) -> dict:
         """The control for distillation: RL on the student itself, from its own cold start, as long as rl."""

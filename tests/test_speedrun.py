@@ -105,8 +105,9 @@ def test_the_labeled_set_is_worked_and_apart_from_the_test_problems(interrupted_
     out = interrupted_then_finished[0]
     sft = [json.loads(line) for line in (out / "data" / "sft.jsonl").read_text().splitlines()]
     assert len(sft) == 100
-    labeled = [p for lv in (1, 2) for p in TASKS["arithmetic"].problems("train", 40, level=lv, seed=1, strict=False)]
-    by_prompt = {p.prompt: p for p in labeled + TASKS["sort"].problems("train", 20, seed=1)}
+    seed = -1_000_000  # the labeled set's draw: none a GRPO step or a sampling stage makes
+    labeled = [p for lv in (1, 2) for p in TASKS["arithmetic"].problems("train", 40, level=lv, seed=seed, strict=False)]
+    by_prompt = {p.prompt: p for p in labeled + TASKS["sort"].problems("train", 20, seed=seed)}
     counts = {"arithmetic": 0, "sort": 0}
     for m in sft:  # every label a real labeled set's: the worked solution, right
         problem = by_prompt[m["messages"][0]["content"]]
@@ -155,7 +156,7 @@ def test_other_settings_on_the_same_dir_are_refused(interrupted_then_finished, c
 def test_the_final_model_loads_in_transformers_with_the_same_greedy_tokens(interrupted_then_finished):
     transformers = pytest.importorskip("transformers")
     rl = interrupted_then_finished[0] / "final"
-    assert sorted(p.name for p in rl.iterdir()) == sorted(MODEL_FILES)
+    assert sorted(p.name for p in rl.iterdir()) == sorted([*MODEL_FILES, "model.safetensors"])
     tok = Tokenizer.load(rl)
     prompt = tok.render_chat([{"role": "user", "content": "What is 12 + 7?"}], add_generation_prompt=True)[0]
     engine = Engine(load_model(rl), tok)
@@ -200,3 +201,20 @@ def test_a_bad_task_is_refused_with_the_choices(tmp_path, capsys):
     plan = make_plan(True, task="sort@3,arithmetic@2", seed=3)
     assert plan.headline == "sort" and plan.seed == 3
     assert not (tmp_path / "x").exists()
+
+
+def test_claims_hold_only_past_their_margin_and_two_paired_standard_errors():
+    from nanoseek.report import _claim, _diff
+    from nanoseek.rl.recipe import Protocol
+
+    a = {"pass1": 0.6, "n": 10, "correct": [1] * 6 + [0] * 4}
+    b = {"pass1": 0.2, "n": 10, "correct": [1] * 2 + [0] * 8}
+    d, se = _diff(a, b)  # per-problem differences 0,0,1,1,1,1,0,0,0,0: variance 0.2667, se sqrt(0.02667)
+    assert d == pytest.approx(40.0) and se == pytest.approx(16.33, abs=0.01)
+    assert _diff({"pass1": 0.6, "n": 10}, {"pass1": 0.2, "n": 10})[1] == pytest.approx(20.0)  # unpaired: 0.2
+    assert "**holds**" in _claim("x", a, b) and "**holds**" in _claim("x", a, b, margin=40)
+    assert "does not hold" in _claim("x", a, b, margin=41) and "does not hold" in _claim("x", b, a)
+    near = {"pass1": 0.3, "n": 10, "correct": [1] * 3 + [0] * 7}  # +10 points on one problem: within 2 se
+    assert "does not hold" in _claim("x", near, b)
+    with pytest.raises(ValueError, match="k >= 2"):
+        Protocol.build(4, "arithmetic", [1], ["sort"], k=1)

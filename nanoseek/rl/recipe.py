@@ -37,6 +37,8 @@ class Protocol:
     @classmethod
     def build(cls, n: int, headline: str, levels: list[int], tasks: list[str], **kw) -> "Protocol":
         """n test problems per task, spread evenly over its levels (for the headline task: `levels`)."""
+        if kw.get("k", 2) < 2:
+            raise ValueError(f"pass@k needs k >= 2 samples per problem (got {kw['k']}); pass@1 is the greedy score")
         out = {}
         for name in dict.fromkeys([headline, *tasks]):
             task = TASKS[name]
@@ -67,6 +69,7 @@ def score(model_dir: str | Path, template: str, protocol: Protocol, say: Callabl
             levels.setdefault(str(r.level), []).append(r)
         result[name] = {"n": rep.n, "pass1": rep.pass1, "pass_k": rep.pass_k, "k": k, "format": rep.format_rate,
                         "mean_tokens": rep.mean_tokens, "template": template,
+                        "correct": [int(r.greedy_correct) for r in rep.problems],  # for paired differences
                         "levels": {lv: {"n": len(rs), "pass1": sum(r.greedy_correct for r in rs) / len(rs),
                                         "pass_k": sum(pass_at_k(r.samples, r.samples_correct, k) for r in rs) / len(rs)}
                                    for lv, rs in sorted(levels.items(), key=lambda x: int(x[0]))},
@@ -127,7 +130,7 @@ def grpo(start: str | Path, out: str | Path, rl: RL, template: str, seed: int, s
     and the held-out curve (greedy pass@1 and response length over the steps)."""
     from ..rl import train
 
-    steps = steps or rl.steps
+    steps = rl.steps if steps is None else steps
     out = Path(out)
     train.run(GRPORun(model=str(start), out=str(out), grpo=rl.config(template, seed, steps), steps=steps,
                       save_every=max(5, steps // 6), eval_every=max(1, steps // 10), eval_n=rl.curve_n, resume=True,
@@ -153,17 +156,20 @@ def sft(start: str | Path, data: list[str | Path], out: str | Path, steps: int, 
 
 def verified_sft(teacher: str | Path, start: str | Path, out: str | Path, task: str, problems: int, k: int,
                  temperature: float, max_tokens: int, steps: int, lr: float, seed: int, level: int | None = None,
-                 keep_per_problem: int = 0, extra: list[str | Path] = (), quiet: bool = True) -> dict:
+                 keep_per_problem: int = 0, extra: list[str | Path] = (), salt: int = 0, quiet: bool = True) -> dict:
     """`teacher` answers `problems` fresh train problems k times each; `start` is fine-tuned on the verified
     answers (and `extra` chat examples) into OUT. RFT (teacher = start, GRPO's sample count), R1's
     rejection-sampling stage (teacher = the RL model, start = the base, extra = the labeled set) and
-    distillation (start = a smaller student) are this one function. The sampling counts."""
+    distillation (start = a smaller student) are this one function, each with its own `salt` so that
+    each draws problems of its own. The sampling counts; rft.NothingVerified when none was right."""
     from .rft import sample_and_sft
 
     out = Path(out)
     try:
-        # other problems than GRPO draws at the same seed (its seeds are seed * 1_000_003 + step), as `nanoseek rft`
-        probs = get_task(task).problems("train", problems, level=level, seed=seed * 1_000_003 - 1, strict=False)
+        # other problems than GRPO draws at the same seed (its seeds are seed * 1_000_003 + step); salt 0 draws
+        # what `nanoseek rft` draws
+        probs = get_task(task).problems("train", problems, level=level, seed=seed * 1_000_003 - 1 - salt,
+                                        strict=False)
     except ValueError as e:
         raise TrainError(str(e)) from None
     stats = sample_and_sft(teacher, start, out / "samples.jsonl", get_task(task), probs, k, temperature, max_tokens,

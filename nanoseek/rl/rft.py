@@ -58,6 +58,10 @@ def rejection_sample(engine: Engine, task: Task, problems: list[Problem], k: int
                       "problems_solved": solved, "examples": len(examples)}
 
 
+class NothingVerified(TrainError):
+    """Rejection sampling kept nothing: no sample was right, so there is nothing to fine-tune on."""
+
+
 def sample_once(run: Path, name: str, sample: Callable[[], tuple[list[dict], dict]], none_kept: str) -> dict:
     """The counts of the chat examples in RUN/name: drawn by `sample()` and written (the examples, then
     RUN/samples.json, atomically: the counts mark them complete), or a previous run's, reused."""
@@ -67,7 +71,7 @@ def sample_once(run: Path, name: str, sample: Callable[[], tuple[list[dict], dic
     t0 = time.perf_counter()
     examples, stats = sample()
     if not examples:
-        raise TrainError(none_kept)
+        raise NothingVerified(none_kept)
     write_atomic(data, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples))
     stats["seconds"] = time.perf_counter() - t0
     write_atomic(counts, json.dumps(stats, indent=2))
