@@ -211,13 +211,16 @@ def _reading_section(plan, records: dict) -> list[str]:
                             ev["student_rl"][head]))
         lines.append(_claim(f"the distilled student over its own base, `{head}`, by >= 10 points",
                             ev["distill"][head], ev["student"][head], margin=10))
-    k = plan.eval_k
-    rise1 = 100 * (ev[last][head]["pass1"] - ev[pre][head]["pass1"])
-    risek = 100 * (ev[last][head]["pass_k"] - ev[pre][head]["pass_k"])
-    lines += ["", f"On `{head}`, from the best pre-RL stage to the final model, pass@1 moved {rise1:+.1f} points and "
-                  f"pass@{k} {risek:+.1f}: " + ("RL mostly sharpened what sampling already found." if risek <= 0 < rise1
-                                                 else "sampling finds more than before too." if risek > 0
-                                                 else "nothing rose."), ""]
+    k, a, b = plan.eval_k, ev[last][head], ev[pre][head]
+    rise1, se1 = _diff(a, b)
+    risek = 100 * (a["pass_k"] - b["pass_k"])
+    sek = 100 * math.hypot(_se(a["pass_k"], a["n"]), _se(b["pass_k"], b["n"]))
+    up1, upk = rise1 > 2 * se1, risek > 2 * sek
+    verdict = ("RL sharpened what sampling already found." if up1 and not upk
+               else "sampling finds more than before, too." if upk
+               else "neither moved by more than two standard errors.")
+    lines += ["", f"On `{head}`, from the best pre-RL stage to the final model, pass@1 moved {rise1:+.1f} ± {se1:.1f} "
+                  f"points and pass@{k} {risek:+.1f} ± {sek:.1f}: {verdict}", ""]
     return lines
 
 
