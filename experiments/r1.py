@@ -200,7 +200,8 @@ def main(argv=None) -> int:
     p.add_argument("--rs-problems", type=int, default=1000,
                    help="rejection stage: unlabeled train problems the rl model answers (default 1000)")
     p.add_argument("--rs-k", type=int, default=4, help="rejection stage: answers per problem (default 4)")
-    p.add_argument("--rs-keep", type=int, default=2, help="rejection stage: verified answers kept per problem (default 2)")
+    p.add_argument("--rs-keep", type=int, default=2,
+                   help="rejection stage: verified answers kept per problem (default 2)")
     p.add_argument("--rs-steps", type=int, default=300, help="rejection stage: SFT steps from the base (default 300)")
     p.add_argument("--rl2-steps", type=int, default=100, help="second GRPO stage's steps (default 100)")
     p.add_argument("--student-layers", type=int, default=2, help="the distillation student's layers (default 2)")

@@ -80,7 +80,8 @@ def _model_section(out: Path, plan, records: dict) -> list[str]:
 
 def _grpo_note(r: dict, plan) -> str:
     return (f"{r['steps']} steps of {plan.grpo_prompts} problems × {plan.grpo_group} ({r['samples']:,} samples, "
-            f"`{r['template']}` template); reward {_num(r['first_reward'], '.2f')} → {_num(r['last_reward'], '.2f')}, "
+            f"`{r['template']}` template); reward {_num(r['first_reward'], '.2f')} → "
+            f"{_num(r['last_reward'], '.2f')}, "
             f"response length {_num(r['first_response_length'], '.0f')} → {_num(r['last_response_length'], '.0f')} "
             f"tokens (first → last 10 steps)")
 

@@ -217,8 +217,8 @@ class Speedrun:
         if not levels:
             return task.problems("train", n, seed=self._labeled_seed)
         return [q for i, lv in enumerate(levels)  # small levels give what they have
-                for q in task.problems("train", n // len(levels) + (i < n % len(levels)), level=lv, seed=self._labeled_seed,
-                                       strict=False)]
+                for q in task.problems("train", n // len(levels) + (i < n % len(levels)), level=lv,
+                                       seed=self._labeled_seed, strict=False)]
 
     def stage_data(self) -> dict:
         from .data.corpus import write_corpus

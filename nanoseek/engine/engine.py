@@ -464,17 +464,22 @@ class Engine:
             if not finished:
                 self.cancel(rid)  # the caller stopped listening
 
-    def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None
-                 ) -> list[Request]:
-        """Run prompts to completion; returns their requests (output ids, text, finish reasons)."""
+    def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None,
+                 progress: str | None = None) -> list[Request]:
+        """Run prompts to completion; returns their requests (output ids, text, finish reasons). With `progress`,
+        a progress bar of that name counts finished requests."""
+        from tqdm import tqdm
+
         plist = params if isinstance(params, list) else [params] * len(prompts)
         ids = [self.add(p, sp) for p, sp in zip(prompts, plist)]
         done: dict[int, Request] = {}
         requests = {r.id: r for r in self.waiting}
-        while self.has_work():
-            for out in self.step():
-                if out.finish_reason:
-                    done[out.id] = requests[out.id]
+        with tqdm(total=len(ids), desc=progress, unit="seq", disable=progress is None) as bar:
+            while self.has_work():
+                for out in self.step():
+                    if out.finish_reason:
+                        done[out.id] = requests[out.id]
+                        bar.update()
         return [done[i] for i in ids]
 
 

@@ -2,7 +2,7 @@
 once and experiments/r1.py repeats over seeds.
 
     pretrained ─► r1zero                                  GRPO straight from the base (R1-Zero)
-    pretrained ─► sft ─► rl ─► rejection ─► rl2            R1: cold start, GRPO, rejection sampling + SFT, GRPO
+    pretrained ─► sft ─► rl ─► rejection ─► rl2            R1: cold start, GRPO, rejection + SFT, GRPO
                       └─► rft                             the control: RFT with as many samples as rl drew
     teacher ─► distill (a smaller pretrained student SFT'd on the teacher's verified answers)
     student ─► student_sft ─► student_rl                  the control: GRPO on the student itself

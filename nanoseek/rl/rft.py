@@ -34,14 +34,16 @@ from .evaluate import answer_params, completion_text, prompt_ids
 
 
 def rejection_sample(engine: Engine, task: Task, problems: list[Problem], k: int, temperature: float,
-                     max_tokens: int, keep_per_problem: int, seed: int) -> tuple[list[dict], dict]:
+                     max_tokens: int, keep_per_problem: int, seed: int, progress: bool = False
+                     ) -> tuple[list[dict], dict]:
     """k completions per problem; the distinct ones the task verifies, at most `keep_per_problem` each (0: all),
     as chat examples, and counts."""
     tok = engine.tok
     ids = [prompt_ids(tok, p, "chat") for p in problems]
     params = [answer_params(tok, temperature=temperature, max_tokens=max_tokens, seed=seed * 1_000_003 + i)
               for i in range(len(problems) * k)]
-    reqs = engine.generate([x for x in ids for _ in range(k)], params)
+    reqs = engine.generate([x for x in ids for _ in range(k)], params,
+                           progress="rejection sampling" if progress else None)
     examples, correct, solved = [], 0, 0
     for i, p in enumerate(problems):
         kept: list[str] = []
@@ -87,7 +89,8 @@ def sample_and_sft(teacher: str | Path, start: str | Path, data: Path, task: Tas
     R1's rejection-sampling stage and distillation share; returns the sampling counts."""
     def sample() -> tuple[list[dict], dict]:
         engine = Engine(load_model(teacher, device=resolve_device()), Tokenizer.load(teacher), max_running=max_running)
-        return rejection_sample(engine, task, problems, k, temperature, max_tokens, keep_per_problem, train.seed)
+        return rejection_sample(engine, task, problems, k, temperature, max_tokens, keep_per_problem, train.seed,
+                                progress=not train.quiet)
 
     data.parent.mkdir(parents=True, exist_ok=True)
     stats = sample_once(data.parent, data.name, sample, none_kept or (
