@@ -110,7 +110,7 @@ def plot_accuracy(accuracy: dict[str, dict[str, float]], path: str | Path) -> Pa
     plt = _pyplot()
     stages = list(accuracy)
     tasks = sorted({t for v in accuracy.values() for t in v})
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.15 * len(stages)), 3.8))  # room for each stage's label
     width = 0.8 / max(1, len(tasks))
     for i, task in enumerate(tasks):
         xs = [s + i * width for s in range(len(stages))]
@@ -118,7 +118,7 @@ def plot_accuracy(accuracy: dict[str, dict[str, float]], path: str | Path) -> Pa
         bars = ax.bar(xs, vals, width, label=task)
         ax.bar_label(bars, fmt="%.0f", fontsize=8)
     ax.set_xticks([s + width * (len(tasks) - 1) / 2 for s in range(len(stages))],
-                  [textwrap.fill(st, 16) for st in stages], fontsize=8)
+                  [textwrap.fill(st, 13) for st in stages], fontsize=8)
     ax.set_ylabel("test pass@1 (%)")
     ax.set_ylim(0, 105)
     ax.legend()
