@@ -42,6 +42,7 @@ import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 from .io import write_atomic
@@ -304,7 +305,7 @@ class Speedrun:
 
     # ---- R1's recipe (nanoseek/rl/recipe.py), every stage scored under one protocol ----------
 
-    @property
+    @cached_property  # the test problems are drawn once, not at every stage's scoring
     def protocol(self) -> Protocol:
         p = self.plan
         return Protocol.build(p.eval_n, p.headline, list(p.levels), list(p.eval_tasks), k=p.eval_k,

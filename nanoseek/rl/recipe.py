@@ -168,11 +168,11 @@ def verified_sft(teacher: str | Path, start: str | Path, out: str | Path, task: 
     try:
         # other problems than GRPO draws at the same seed (its seeds are seed * 1_000_003 + step); salt 0 draws
         # what `nanoseek rft` draws
-        probs = get_task(task).problems("train", problems, level=level, seed=seed * 1_000_003 - 1 - salt,
-                                        strict=False)
+        practised = get_task(task)
+        probs = practised.problems("train", problems, level=level, seed=seed * 1_000_003 - 1 - salt, strict=False)
     except ValueError as e:
         raise TrainError(str(e)) from None
-    stats = sample_and_sft(teacher, start, out / "samples.jsonl", get_task(task), probs, k, temperature, max_tokens,
+    stats = sample_and_sft(teacher, start, out / "samples.jsonl", practised, probs, k, temperature, max_tokens,
                            keep_per_problem, extra=list(extra),
                            train=TrainConfig(out=str(out), steps=steps, lr=lr, warmup=max(1, steps // 10), seed=seed,
                                              quiet=quiet, save_every=max(10, steps // 3)))
