@@ -192,6 +192,7 @@ def main(argv=None) -> int:
     p.add_argument("--beta", type=float, default=0.04, help="GRPO KL weight (default 0.04)")
     p.add_argument("--advantage-scale", choices=["std", "none"], default="std",
                    help="GRPO's advantage: (r - mean) / std, or r - mean as Dr. GRPO (default std)")
+    p.add_argument("--temperature", type=float, default=1.0, help="GRPO rollouts' temperature (default 1)")
     p.add_argument("--warmup", type=int, default=10, help="GRPO warm-up steps (default 10)")
     p.add_argument("--resample", type=int, default=2, help="GRPO dynamic-sampling draws from mid-run (default 2)")
     p.add_argument("--sft-steps", type=int, default=150, help="cold-start SFT steps (default 150)")
@@ -232,7 +233,7 @@ def main(argv=None) -> int:
     levels = protocol.levels()
     rl = RL(a.task, level=a.level, steps=a.steps, prompts=a.prompts, group=a.group, max_tokens=a.max_tokens,
             lr=a.grpo_lr, beta=a.beta, warmup=a.warmup, resample=a.resample, advantage_scale=a.advantage_scale,
-            curve_n=a.curve_n)
+            temperature=a.temperature, curve_n=a.curve_n)
 
     def save() -> None:
         write_atomic(path, json.dumps(results, indent=2))

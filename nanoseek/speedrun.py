@@ -55,6 +55,7 @@ class Plan:
     """Everything a speedrun does, sized for a budget."""
     preset: str
     corpus_mb: float
+    corpus_brief: float  # share of the corpus's task documents that give the answer without the working
     vocab_size: int
     mix: str
     pretrain_steps: int
@@ -76,6 +77,7 @@ class Plan:
     grpo_warmup: int  # steps of linear lr warm-up
     grpo_resample: int  # DAPO's dynamic sampling from mid-run: extra draws while groups lack signal
     grpo_advantage: str  # std: (r - mean) / std as GRPO; none: r - mean as Dr. GRPO
+    grpo_temperature: float  # the rollouts' sampling temperature
     rs_problems: int  # the rejection stage: unlabeled train problems the rl model answers
     rs_k: int  # answers per problem
     rs_steps: int  # SFT steps from the pretrained model on the verified ones and the labeled set
@@ -100,7 +102,8 @@ class Plan:
     def rl(self, quiet: bool) -> RL:
         return RL(self.task, steps=self.grpo_steps, prompts=self.grpo_prompts, group=self.grpo_group,
                   max_tokens=self.max_tokens, lr=self.grpo_lr, beta=self.grpo_beta, warmup=self.grpo_warmup,
-                  resample=self.grpo_resample, advantage_scale=self.grpo_advantage, curve_n=self.curve_n, quiet=quiet)
+                  resample=self.grpo_resample, advantage_scale=self.grpo_advantage,
+                  temperature=self.grpo_temperature, curve_n=self.curve_n, quiet=quiet)
 
 
 # The corpus is mostly worked task solutions (arithmetic levels 2 and 3 weighted up, and sorting), with
@@ -115,20 +118,20 @@ PLANS = {
     # GRPO: the two-stage recipe of docs/grpo.md (plain GRPO, then dynamic sampling anchored at the first
     # stage's policy) after an lr warm-up, on a mixture of the headline task's levels and the second task.
     # docs/log.md has the runs behind these choices.
-    "full": Plan(preset="small", corpus_mb=12, vocab_size=4096, mix="math=400,prose=2,code=1",
+    "full": Plan(preset="small", corpus_mb=12, corpus_brief=0.5, vocab_size=4096, mix="math=400,prose=2,code=1",
                  pretrain_steps=2000, pretrain_lr=3e-3, curriculum=True, batch_size=8, seq_len=256,
                  sft_examples=500, sft_steps=150, sft_lr=5e-4,
                  task="arithmetic@2,arithmetic@3,sort@3,sort@4", levels=(1, 2, 3), eval_tasks=("arithmetic", "sort"),
                  grpo_steps=60, grpo_prompts=16, grpo_group=8, grpo_lr=2e-4, grpo_beta=0.04, grpo_warmup=10,
-                 grpo_resample=2, grpo_advantage="std", rs_problems=600, rs_k=4, rs_steps=200, rl2_steps=40,
+                 grpo_resample=2, grpo_advantage="std", grpo_temperature=1.0, rs_problems=600, rs_k=4, rs_steps=200, rl2_steps=40,
                  max_tokens=200, eval_n=150, eval_k=8, curve_n=60,
                  distill_layers=2, distill_pretrain_steps=700, distill_problems=1000, distill_k=4, distill_steps=300),
-    "quick": Plan(preset="tiny", corpus_mb=1.5, vocab_size=512, mix="math=130,prose=2,code=1",
+    "quick": Plan(preset="tiny", corpus_mb=1.5, corpus_brief=0.5, vocab_size=512, mix="math=130,prose=2,code=1",
                   pretrain_steps=60, pretrain_lr=3e-3, curriculum=True, batch_size=8, seq_len=128,
                   sft_examples=100, sft_steps=20, sft_lr=1e-3,
                   task="arithmetic@1,arithmetic@2,sort@3", levels=(1, 2), eval_tasks=("arithmetic", "sort"),
                   grpo_steps=3, grpo_prompts=4, grpo_group=4, grpo_lr=1e-5, grpo_beta=0.04, grpo_warmup=2,
-                  grpo_resample=1, grpo_advantage="std", rs_problems=8, rs_k=2, rs_steps=4, rl2_steps=2,
+                  grpo_resample=1, grpo_advantage="std", grpo_temperature=1.0, rs_problems=8, rs_k=2, rs_steps=4, rl2_steps=2,
                   max_tokens=48, eval_n=16, eval_k=2, curve_n=8,
                   distill_layers=1, distill_pretrain_steps=20, distill_problems=16, distill_k=2, distill_steps=6),
 }
@@ -229,7 +232,8 @@ class Speedrun:
         raw = self.out / "data" / "raw"
         if raw.exists():
             shutil.rmtree(raw)
-        files = write_corpus(raw, p.corpus_mb, seed=p.seed, kinds=CORPUS_KINDS, tasks=CORPUS_TASKS)
+        files = write_corpus(raw, p.corpus_mb, seed=p.seed, kinds=CORPUS_KINDS, tasks=CORPUS_TASKS,
+                             brief=p.corpus_brief)
         raw_mb = sum(f.stat().st_size for f in files) / 1e6
         report = curate([str(raw)], self.out / "data" / "curated", CurateConfig(), workers=os.cpu_count() or 1,
                         progress=not self.quiet)

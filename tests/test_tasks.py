@@ -241,6 +241,30 @@ def test_corpus_mix_and_levels_are_honoured_and_checked(tmp_path):
         write_corpus(tmp_path / "d", 0.01, kinds={"poetry": 1.0})
 
 
+def test_brief_share_writes_that_share_of_task_documents_without_their_working(tmp_path):
+    import json
+    import re
+
+    from nanoseek.data.corpus import write_corpus
+
+    def tasks(brief, out):
+        files = write_corpus(tmp_path / out, 0.2, seed=2, kinds={"math": 1.0}, tasks={"arithmetic": (2, 3)},
+                             brief=brief)
+        return [r for f in files for line in f.read_text().splitlines() if (r := json.loads(line)).get("task")]
+
+    assert tasks(0.0, "a") == tasks(0.0, "b")  # no brief share draws nothing: corpora made before are unchanged
+    docs = tasks(0.5, "half")
+    brief = [r["text"] for r in docs if r["text"].split("<think>\n", 1)[1].startswith("so ")]
+    assert 0.4 < len(brief) / len(docs) < 0.6
+    for text in brief:  # the conclusion and the right answer, no working
+        a, op, b, answer = re.fullmatch(r"What is (\d+) (.) (\d+)\?\n<think>\nso \1 \2 \3 = (-?\d+)\n</think> "
+                                        r"<answer>\4</answer>", text).groups()
+        assert int(answer) == {"+": int(a) + int(b), "-": int(a) - int(b), "x": int(a) * int(b)}[op]
+    with pytest.raises(ValueError, match="share of task documents without their working"):
+        write_corpus(tmp_path / "bad", 0.01, brief=1.5)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_a_mixture_interleaves_its_pairs_and_verifies_each_problem_by_its_own_task():
     mix = get_task("arithmetic@2,arithmetic@3,countdown@3")
     ps = mix.problems("train", 7, seed=4)

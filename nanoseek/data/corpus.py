@@ -10,7 +10,11 @@ changed) of earlier ones, 1% junk. `kinds` changes the document mix and `tasks` 
 levels the solutions come from, each (task, level) entry equally likely (repeat one to weight it):
 
     write_corpus("raw/", 30, kinds={"math": 0.85, "prose": 0.1, "code": 0.05},
-                 tasks={"arithmetic": (1, 2, 2, 3), "countdown": (3,)})
+                 tasks={"arithmetic": (1, 2, 2, 3), "countdown": (3,)}, brief=0.5)
+
+`brief` is the share of task documents that give the answer without the working (the task's
+`brief` form), as most answers on the web do: a model pretrained on such a mix knows both ways
+to answer, and which one it picks is what RL can change (docs/r1.md).
 
 Task problems always come from the train split, so test and validation problems never leak in.
 """
@@ -58,24 +62,27 @@ def _chinese(rng: random.Random) -> str:
 KINDS = {"math": 0.55, "prose": 0.25, "code": 0.12, "chinese": 0.08}
 
 
-def _task(rng: random.Random, tasks: dict[str, tuple[int, ...]]) -> dict:
-    """A worked solution of a train-split problem: test and validation problems never leak into pretraining.
-    Every (task, level) entry is equally likely; an empty tuple means all of the task's levels once."""
+def _task(rng: random.Random, tasks: dict[str, tuple[int, ...]], brief: float = 0.0) -> dict:
+    """A train-split problem and its worked solution, or with probability `brief` its answer alone: test and
+    validation problems never leak into pretraining. Every (task, level) entry is equally likely; an empty
+    tuple means all of the task's levels once."""
     entries = [(name, lv) for name, levels in tasks.items() for lv in (levels or TASKS[name].levels)]
     name, level = rng.choice(entries)
     task = TASKS[name]
     while split_of((p := task.make(rng, level)).key) != "train":
         pass
-    return {"text": f"{p.prompt}\n{task.solution(p)}", "difficulty": p.level, "task": task.name}
+    text = task.brief(p) if brief and rng.random() < brief else task.solution(p)
+    return {"text": f"{p.prompt}\n{text}", "difficulty": p.level, "task": task.name}
 
 
 def documents(rng: random.Random, kinds: dict[str, float] | None = None,
-              tasks: dict[str, tuple[int, ...]] | None = None):
+              tasks: dict[str, tuple[int, ...]] | None = None, brief: float = 0.0):
     """An endless stream of raw records ({"text": ...} plus task metadata)."""
+    _check_brief(brief)
     kinds = _check_kinds(kinds or KINDS)
     tasks = _check_tasks(tasks or {name: () for name in TASKS})
     names, weights = list(kinds), list(kinds.values())
-    makers = {"math": lambda: _task(rng, tasks), "prose": lambda: {"text": _prose(rng)},
+    makers = {"math": lambda: _task(rng, tasks, brief), "prose": lambda: {"text": _prose(rng)},
               "code": lambda: {"text": _code(rng)}, "chinese": lambda: {"text": _chinese(rng)}}
     recent: list[str] = []
     while True:
@@ -107,6 +114,11 @@ def _check_kinds(kinds: dict[str, float]) -> dict[str, float]:
     return kinds
 
 
+def _check_brief(brief: float) -> None:
+    if not 0 <= brief <= 1:
+        raise ValueError(f"brief is the share of task documents without their working: 0 to 1 (got {brief})")
+
+
 def _check_tasks(tasks: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
     for name, levels in tasks.items():
         if name not in TASKS:
@@ -119,12 +131,14 @@ def _check_tasks(tasks: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]
 
 
 def write_corpus(out: str | Path, megabytes: float, seed: int = 0, file_megabytes: float = 32,
-                 kinds: dict[str, float] | None = None, tasks: dict[str, tuple[int, ...]] | None = None) -> list[Path]:
+                 kinds: dict[str, float] | None = None, tasks: dict[str, tuple[int, ...]] | None = None,
+                 brief: float = 0.0) -> list[Path]:
     """Write about `megabytes` of jsonl into `out`, in files of about `file_megabytes`."""
+    _check_brief(brief)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    stream = documents(rng, kinds, tasks)
+    stream = documents(rng, kinds, tasks, brief)
     files, total = [], 0
     limit = int(megabytes * 1e6)
     while total < limit:

@@ -102,6 +102,7 @@ class RL:
     warmup: int = 10
     resample: int = 2
     advantage_scale: str = "std"
+    temperature: float = 1.0  # rollouts' sampling temperature (R1-Zero: 1)
     curve_n: int = 100  # held-out test problems of each point of the curve over the steps
     quiet: bool = True
 
@@ -110,7 +111,8 @@ class RL:
         return GRPOConfig(self.task, level=self.level, prompts=self.prompts, group=self.group,
                           max_tokens=self.max_tokens, lr=self.lr, beta=self.beta, seed=seed, warmup=self.warmup,
                           averaging="token", normalize="signal", advantage_scale=self.advantage_scale,
-                          resample=self.resample, resample_from=half, ref_refresh=half, template=template)
+                          resample=self.resample, resample_from=half, ref_refresh=half, template=template,
+                          temperature=self.temperature)
 
 
 def finished(run: str | Path) -> Path:
