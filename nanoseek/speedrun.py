@@ -118,7 +118,7 @@ PLANS = {
     # GRPO: the two-stage recipe of docs/grpo.md (plain GRPO, then dynamic sampling anchored at the first
     # stage's policy) after an lr warm-up, on a mixture of the headline task's levels and the second task.
     # docs/log.md has the runs behind these choices.
-    "full": Plan(preset="small", corpus_mb=12, corpus_brief=0.5, vocab_size=4096, mix="math=400,prose=2,code=1",
+    "full": Plan(preset="small", corpus_mb=12, corpus_brief=0.0, vocab_size=4096, mix="math=400,prose=2,code=1",
                  pretrain_steps=2000, pretrain_lr=3e-3, curriculum=True, batch_size=8, seq_len=256,
                  sft_examples=500, sft_steps=150, sft_lr=5e-4,
                  task="arithmetic@2,arithmetic@3,sort@3,sort@4", levels=(1, 2, 3), eval_tasks=("arithmetic", "sort"),
@@ -126,7 +126,7 @@ PLANS = {
                  grpo_resample=2, grpo_advantage="std", grpo_temperature=1.0, rs_problems=600, rs_k=4, rs_steps=200, rl2_steps=40,
                  max_tokens=200, eval_n=150, eval_k=8, curve_n=60,
                  distill_layers=2, distill_pretrain_steps=700, distill_problems=1000, distill_k=4, distill_steps=300),
-    "quick": Plan(preset="tiny", corpus_mb=1.5, corpus_brief=0.5, vocab_size=512, mix="math=130,prose=2,code=1",
+    "quick": Plan(preset="tiny", corpus_mb=1.5, corpus_brief=0.0, vocab_size=512, mix="math=130,prose=2,code=1",
                   pretrain_steps=60, pretrain_lr=3e-3, curriculum=True, batch_size=8, seq_len=128,
                   sft_examples=100, sft_steps=20, sft_lr=1e-3,
                   task="arithmetic@1,arithmetic@2,sort@3", levels=(1, 2), eval_tasks=("arithmetic", "sort"),

@@ -14,7 +14,7 @@ levels the solutions come from, each (task, level) entry equally likely (repeat 
 
 `brief` is the share of task documents that give the answer without the working (the task's
 `brief` form), as most answers on the web do: a model pretrained on such a mix knows both ways
-to answer, and which one it picks is what RL can change (docs/r1.md).
+to answer, and which one it picks is what RL can change (docs/log.md has what that gave).
 
 Task problems always come from the train split, so test and validation problems never leak in.
 """
