@@ -201,5 +201,3 @@ def include_usage(req: _Body) -> bool:
         raise APIError(400, "stream_options.include_usage must be a boolean", "stream_options")
     return value
 
-
-Kind = Literal["chat", "completion"]
