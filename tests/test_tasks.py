@@ -265,6 +265,23 @@ def test_brief_share_writes_that_share_of_task_documents_without_their_working(t
     assert not (tmp_path / "bad").exists()
 
 
+def test_ops_weights_arithmetic_operations_in_the_corpus(tmp_path):
+    import json
+    import re
+
+    from nanoseek.data.corpus import write_corpus
+
+    files = write_corpus(tmp_path / "a", 0.2, seed=5, kinds={"math": 1.0}, tasks={"arithmetic": (2,)},
+                         ops={"-": 2.0})
+    ops = [m.group(1) for f in files for line in f.read_text().splitlines()
+           if (m := re.match(r"What is \d+ (.) \d+\?", json.loads(line)["text"]))]
+    assert len(ops) > 500 and 0.43 < ops.count("-") / len(ops) < 0.57  # 2 of 4
+    assert 0.18 < ops.count("+") / len(ops) < 0.32
+    for bad in ({"/": 1.0}, {"-": -1.0}, {"+": 0.0}):
+        with pytest.raises(ValueError, match="ops weights arithmetic's operations"):
+            write_corpus(tmp_path / "bad", 0.01, ops=bad)
+
+
 def test_a_mixture_interleaves_its_pairs_and_verifies_each_problem_by_its_own_task():
     mix = get_task("arithmetic@2,arithmetic@3,countdown@3")
     ps = mix.problems("train", 7, seed=4)

@@ -15,6 +15,8 @@ levels the solutions come from, each (task, level) entry equally likely (repeat 
 `brief` is the share of task documents that give the answer without the working (the task's
 `brief` form), as most answers on the web do: a model pretrained on such a mix knows both ways
 to answer, and which one it picks is what RL can change (docs/log.md has what that gave).
+`ops` weights arithmetic's operations (e.g. `{"-": 2}`: subtraction twice as often as + or x; the
+test problems keep their even mix).
 
 Task problems always come from the train split, so test and validation problems never leak in.
 """
@@ -62,27 +64,32 @@ def _chinese(rng: random.Random) -> str:
 KINDS = {"math": 0.55, "prose": 0.25, "code": 0.12, "chinese": 0.08}
 
 
-def _task(rng: random.Random, tasks: dict[str, tuple[int, ...]], brief: float = 0.0) -> dict:
+def _task(rng: random.Random, tasks: dict[str, tuple[int, ...]], brief: float = 0.0,
+          ops: dict[str, float] | None = None) -> dict:
     """A train-split problem and its worked solution, or with probability `brief` its answer alone: test and
     validation problems never leak into pretraining. Every (task, level) entry is equally likely; an empty
     tuple means all of the task's levels once."""
     entries = [(name, lv) for name, levels in tasks.items() for lv in (levels or TASKS[name].levels)]
     name, level = rng.choice(entries)
     task = TASKS[name]
-    while split_of((p := task.make(rng, level)).key) != "train":
-        pass
+    top = max(ops.values()) if ops else 0
+    while (split_of((p := task.make(rng, level)).key) != "train"
+           or ops and name == "arithmetic" and rng.random() * top >= ops.get(p.meta["op"], 1.0)):
+        pass  # an operation of weight w is kept w / (the largest weight) of the times it is drawn
     text = task.brief(p) if brief and rng.random() < brief else task.solution(p)
     return {"text": f"{p.prompt}\n{text}", "difficulty": p.level, "task": task.name}
 
 
 def documents(rng: random.Random, kinds: dict[str, float] | None = None,
-              tasks: dict[str, tuple[int, ...]] | None = None, brief: float = 0.0):
+              tasks: dict[str, tuple[int, ...]] | None = None, brief: float = 0.0,
+              ops: dict[str, float] | None = None):
     """An endless stream of raw records ({"text": ...} plus task metadata)."""
     _check_brief(brief)
+    ops = _check_ops(ops)
     kinds = _check_kinds(kinds or KINDS)
     tasks = _check_tasks(tasks or {name: () for name in TASKS})
     names, weights = list(kinds), list(kinds.values())
-    makers = {"math": lambda: _task(rng, tasks, brief), "prose": lambda: {"text": _prose(rng)},
+    makers = {"math": lambda: _task(rng, tasks, brief, ops), "prose": lambda: {"text": _prose(rng)},
               "code": lambda: {"text": _code(rng)}, "chinese": lambda: {"text": _chinese(rng)}}
     recent: list[str] = []
     while True:
@@ -119,6 +126,13 @@ def _check_brief(brief: float) -> None:
         raise ValueError(f"brief is the share of task documents without their working: 0 to 1 (got {brief})")
 
 
+def _check_ops(ops: dict[str, float] | None) -> dict[str, float] | None:
+    if ops and (set(ops) - set("+-x") or any(not w >= 0 for w in ops.values()) or not max(ops.values()) > 0):
+        raise ValueError(f"ops weights arithmetic's operations: weights >= 0 (not all 0) for some of +, -, x "
+                         f"(got {ops})")
+    return ops or None
+
+
 def _check_tasks(tasks: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
     for name, levels in tasks.items():
         if name not in TASKS:
@@ -132,13 +146,14 @@ def _check_tasks(tasks: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]
 
 def write_corpus(out: str | Path, megabytes: float, seed: int = 0, file_megabytes: float = 32,
                  kinds: dict[str, float] | None = None, tasks: dict[str, tuple[int, ...]] | None = None,
-                 brief: float = 0.0) -> list[Path]:
+                 brief: float = 0.0, ops: dict[str, float] | None = None) -> list[Path]:
     """Write about `megabytes` of jsonl into `out`, in files of about `file_megabytes`."""
     _check_brief(brief)
+    _check_ops(ops)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    stream = documents(rng, kinds, tasks, brief)
+    stream = documents(rng, kinds, tasks, brief, ops)
     files, total = [], 0
     limit = int(megabytes * 1e6)
     while total < limit:
