@@ -39,28 +39,19 @@ from nanoseek.io import write_atomic
 from nanoseek.rl import recipe
 from nanoseek.rl.recipe import RL, Protocol
 from nanoseek.rl.rft import NothingVerified
-from nanoseek.train.args import PretrainConfig, TrainConfig
 
 ARMS = ("base", "r1zero", "sft", "rl", "rft", "rejection", "rl2", "student", "distill", "student_rl")
 
 
 def student_base(a) -> Path:
-    """The student: the base's shape at fewer layers, pretrained on the base's own tokens and plan."""
-    from nanoseek.train import pretrain
-
+    """The student: the base's shape at fewer layers, pretrained on the base's own tokens and plan (curriculum
+    included, as the speedrun pretrains its student)."""
     base, out = Path(a.base), Path(a.out) / "student-base"
     if any(out.glob("*.safetensors")):
         return out
     plan = json.loads((base / "speedrun.json").read_text())["plan"]
     config = recipe.student_config(plan["preset"], a.student_layers, Path(a.out) / "student.json")
-    pretrain.run(PretrainConfig(
-        data=str(base / "data" / "tokens"), tokenizer=str(base / "tokenizer"), mix=plan["mix"], config=str(config),
-        curriculum=plan.get("curriculum", False),  # as the speedrun pretrains its student
-        train=TrainConfig(out=str(out), steps=a.student_steps, lr=plan["pretrain_lr"],
-                          warmup=max(1, min(50, a.student_steps // 10)),
-                          batch_size=plan["batch_size"], seq_len=plan["seq_len"], seed=0, resume=True, quiet=True,
-                          save_every=max(10, a.student_steps // 8))))
-    return recipe.finished(out)
+    return recipe.pretrain(base, out, a.student_steps, plan, config=str(config))
 
 
 def run_seed(seed: int, a, protocol: Protocol, rl: RL, results: dict, save) -> None:

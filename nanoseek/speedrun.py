@@ -47,7 +47,6 @@ from pathlib import Path
 
 from .io import write_atomic
 from .rl.recipe import RL, Protocol, Stopped
-from .train.args import PretrainConfig, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -56,6 +55,7 @@ class Plan:
     preset: str
     corpus_mb: float
     corpus_brief: float  # share of the corpus's task documents that give the answer without the working
+    corpus_ops: tuple[tuple[str, float], ...]  # arithmetic's operations weighted in the corpus; (): even
     vocab_size: int
     mix: str
     pretrain_steps: int
@@ -118,7 +118,7 @@ PLANS = {
     # GRPO: the two-stage recipe of docs/grpo.md (plain GRPO, then dynamic sampling anchored at the first
     # stage's policy) after an lr warm-up, on a mixture of the headline task's levels and the second task.
     # docs/log.md has the runs behind these choices.
-    "full": Plan(preset="small", corpus_mb=12, corpus_brief=0.0, vocab_size=4096, mix="math=400,prose=2,code=1",
+    "full": Plan(preset="small", corpus_mb=12, corpus_brief=0.0, corpus_ops=(), vocab_size=4096, mix="math=400,prose=2,code=1",
                  pretrain_steps=2000, pretrain_lr=3e-3, curriculum=True, batch_size=8, seq_len=256,
                  sft_examples=500, sft_steps=150, sft_lr=5e-4,
                  task="arithmetic@2,arithmetic@3,sort@3,sort@4", levels=(1, 2, 3), eval_tasks=("arithmetic", "sort"),
@@ -126,7 +126,7 @@ PLANS = {
                  grpo_resample=2, grpo_advantage="std", grpo_temperature=1.0, rs_problems=600, rs_k=4, rs_steps=200, rl2_steps=40,
                  max_tokens=200, eval_n=150, eval_k=8, curve_n=60,
                  distill_layers=2, distill_pretrain_steps=700, distill_problems=1000, distill_k=4, distill_steps=300),
-    "quick": Plan(preset="tiny", corpus_mb=1.5, corpus_brief=0.0, vocab_size=512, mix="math=130,prose=2,code=1",
+    "quick": Plan(preset="tiny", corpus_mb=1.5, corpus_brief=0.0, corpus_ops=(), vocab_size=512, mix="math=130,prose=2,code=1",
                   pretrain_steps=60, pretrain_lr=3e-3, curriculum=True, batch_size=8, seq_len=128,
                   sft_examples=100, sft_steps=20, sft_lr=1e-3,
                   task="arithmetic@1,arithmetic@2,sort@3", levels=(1, 2), eval_tasks=("arithmetic", "sort"),
@@ -233,7 +233,7 @@ class Speedrun:
         if raw.exists():
             shutil.rmtree(raw)
         files = write_corpus(raw, p.corpus_mb, seed=p.seed, kinds=CORPUS_KINDS, tasks=CORPUS_TASKS,
-                             brief=p.corpus_brief)
+                             brief=p.corpus_brief, ops=dict(p.corpus_ops))
         raw_mb = sum(f.stat().st_size for f in files) / 1e6
         report = curate([str(raw)], self.out / "data" / "curated", CurateConfig(), workers=os.cpu_count() or 1,
                         progress=not self.quiet)
@@ -258,22 +258,9 @@ class Speedrun:
     def labeled(self) -> Path:
         return self.out / "data" / "sft.jsonl"
 
-    def _train(self, **settings) -> TrainConfig:
-        """A training stage's loop settings, resuming a stopped run."""
-        return TrainConfig(resume=True, quiet=self.quiet, **settings)
-
     def _pretrain(self, run: Path, steps: int, **model) -> None:
-        from .rl.recipe import finished
-        from .train import pretrain
-
-        p = self.plan
-        pretrain.run(PretrainConfig(
-            data=str(self.out / "data" / "tokens"), tokenizer=str(self.out / "tokenizer"), mix=p.mix,
-            curriculum=p.curriculum, **model,
-            train=self._train(out=str(run), steps=steps, lr=p.pretrain_lr, warmup=max(1, min(50, steps // 10)),
-                              batch_size=p.batch_size, seq_len=p.seq_len, seed=p.seed,
-                              save_every=max(10, steps // 8))))
-        finished(run)
+        from .rl import recipe
+        recipe.pretrain(self.out, run, steps, asdict(self.plan), seed=self.plan.seed, quiet=self.quiet, **model)
 
     def stage_tokenizer(self) -> dict:
         from .tokenizer import train_on_files

@@ -190,6 +190,13 @@ def test_sequence_logprobs_share_prompts_and_match_a_plain_forward():
         assert (a is None) == (b is None)
         if a is not None:
             assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    # at the rollouts' temperature: the log-probs of the distribution they were sampled from
+    hot = sequence_logprobs(model, seqs, starts, temperature=0.7)[0]
+    for b, (s, start) in enumerate(zip(seqs, starts)):
+        rows = (model(torch.tensor([s]))[0, start - 1: -1] / 0.7).log_softmax(-1)
+        n = len(s) - start
+        assert torch.allclose(hot[b, :n], rows.gather(-1, torch.tensor(s[start:])[:, None])[:, 0], atol=1e-5)
+        assert not torch.allclose(hot[b, :n], logp[b, :n].detach(), atol=1e-3)
 
 
 def test_grpo_updates_raise_the_logprob_of_rewarded_completions():

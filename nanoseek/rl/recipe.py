@@ -182,6 +182,23 @@ def verified_sft(teacher: str | Path, start: str | Path, out: str | Path, task: 
     return stats
 
 
+def pretrain(speedrun_dir: str | Path, out: str | Path, steps: int, plan: dict, seed: int = 0, quiet: bool = True,
+             **model) -> Path:
+    """Pretrain into OUT on a speedrun dir's tokens and tokenizer with its plan's settings (`plan`: the plan as a
+    dict), resumed after a stop; `model` is the preset or config. The speedrun's base and both scripts' students."""
+    from ..train import pretrain as pretrain_loop
+    from ..train.args import PretrainConfig
+
+    speedrun_dir = Path(speedrun_dir)
+    pretrain_loop.run(PretrainConfig(
+        data=str(speedrun_dir / "data" / "tokens"), tokenizer=str(speedrun_dir / "tokenizer"), mix=plan["mix"],
+        curriculum=plan.get("curriculum", False), **model,
+        train=TrainConfig(out=str(out), steps=steps, lr=plan["pretrain_lr"], warmup=max(1, min(50, steps // 10)),
+                          batch_size=plan["batch_size"], seq_len=plan["seq_len"], seed=seed, resume=True, quiet=quiet,
+                          save_every=max(10, steps // 8))))
+    return finished(out)
+
+
 def student_config(teacher_preset: str, layers: int, path: Path) -> Path:
     """The teacher's shape at `layers` layers (the first stays dense, as in the teacher), as a config file."""
     from ..config import preset

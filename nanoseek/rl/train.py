@@ -3,8 +3,8 @@
     nanoseek grpo --model runs/x/sft --task arithmetic --out runs/x/rl --steps 100
 
 Each step: P train problems (a fresh seeded draw per step); G completions each from the engine
-(temperature 1, ending at </answer>); rule rewards; group-normalised advantages; the log-probs of
-the sampled tokens under the sampling policy (`old`) and the frozen reference; then
+(at --temperature, ending at </answer>); rule rewards; group-normalised advantages; the log-probs of
+the sampled tokens under the sampling policy (`old`, at the rollouts' temperature) and the frozen reference; then
 --inner-updates passes of the clipped GRPO loss over the batch in minibatches, one optimizer
 step per pass. Groups whose completions all scored the same are counted and left out: their
 advantages are 0, so they would add only the KL term. With --resample N (DAPO's dynamic sampling)
@@ -73,11 +73,12 @@ class _SharedPrompts:
         return torch.cat((c_pre, c_kv), 1), torch.cat((k_pre, k_pe), 1)
 
 
-def sequence_logprobs(model: Transformer, seqs: list[list[int]], starts: list[int], entropy: bool = False
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def sequence_logprobs(model: Transformer, seqs: list[list[int]], starts: list[int], entropy: bool = False,
+                      temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Log-probs (B, W) of each completion's tokens (completion b = seqs[b][starts[b]:], its token t in
-    column t; W the longest), their mask, and with `entropy` the policy's per-token entropy there
-    (for logging, no gradient).
+    column t; W the longest) under the policy at `temperature` (the distribution the rollouts sampled
+    from), their mask, and with `entropy` that distribution's per-token entropy there (for logging, no
+    gradient).
 
     Consecutive sequences with the same prompt (a GRPO group) share its forward: the prompt less its
     last token runs once per group, then each sequence runs from its prompt's last token on,
@@ -117,7 +118,7 @@ def sequence_logprobs(model: Transformer, seqs: list[list[int]], starts: list[in
     W = T - 1  # position t predicts token t + 1; completion b has len(own[b]) - 1 tokens
     mask = (torch.arange(W)[None, :] < torch.tensor([len(r) - 1 for r in own])[:, None]).float().to(device)
     where = mask.bool()  # the head runs only on these rows, not on the padding after shorter completions
-    logp_rows = model.lm_head(h[:, :-1][where]).float().log_softmax(-1)  # (N, V)
+    logp_rows = (model.lm_head(h[:, :-1][where]).float() / temperature).log_softmax(-1)  # (N, V)
     logp = torch.zeros(len(seqs), W, dtype=logp_rows.dtype, device=device)
     logp = logp.masked_scatter(where, logp_rows.gather(-1, x[:, 1:][where][:, None])[:, 0])
     ent = None
@@ -170,11 +171,12 @@ def grpo_step(policy: Transformer, ref: Transformer | None, optim, engine: Engin
         starts = [len(prompts[i]) for i, _ in keep]
         advantages = torch.stack([adv[i, j] for i, j in keep]).to(next(policy.parameters()).device)
         batches = [range(k, min(k + cfg.minibatch, len(seqs))) for k in range(0, len(seqs), cfg.minibatch)]
+        T = cfg.temperature or 1.0  # greedy rollouts (0) have no distribution of their own: score them at 1
         with torch.no_grad():  # the sampling policy (needed from the second update on) and the reference
-            old = ([sequence_logprobs(policy, [seqs[b] for b in mb], [starts[b] for b in mb])[0] for mb in batches]
-                   if cfg.inner_updates > 1 else [None] * len(batches))
-            refs = ([sequence_logprobs(ref, [seqs[b] for b in mb], [starts[b] for b in mb])[0] for mb in batches]
-                    if ref is not None else [None] * len(batches))
+            old = ([sequence_logprobs(policy, [seqs[b] for b in mb], [starts[b] for b in mb], temperature=T)[0]
+                    for mb in batches] if cfg.inner_updates > 1 else [None] * len(batches))
+            refs = ([sequence_logprobs(ref, [seqs[b] for b in mb], [starts[b] for b in mb], temperature=T)[0]
+                     for mb in batches] if ref is not None else [None] * len(batches))
         total_tokens = sum(len(s) - st for s, st in zip(seqs, starts))
         # --normalize batch: the published objective's mean over all P x G completions, where a group
         # without reward variance counts with advantage 0, so a step with little signal moves little
@@ -185,7 +187,7 @@ def grpo_step(policy: Transformer, ref: Transformer | None, optim, engine: Engin
             kl = clip_frac = entropy = 0.0
             for mb, old_lp, ref_lp in zip(batches, old, refs):
                 logp, mask, ent = sequence_logprobs(policy, [seqs[b] for b in mb], [starts[b] for b in mb],
-                                                    entropy=True)
+                                                    entropy=True, temperature=T)
                 if old_lp is None:  # one update per rollout: the policy is still the sampling policy
                     old_lp = logp.detach()
                 loss, stats = grpo_loss(logp, old_lp, advantages[list(mb)], mask, ref_lp, cfg.clip_eps, cfg.beta,
