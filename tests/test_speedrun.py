@@ -191,6 +191,18 @@ def test_bad_step_counts_are_refused(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+def test_the_plans_operation_weights_reach_the_curated_corpus(tmp_path):
+    import gzip
+    import re
+
+    from nanoseek.speedrun import Speedrun, make_plan
+
+    plan = make_plan(True, corpus_ops=(("-", 1.0), ("+", 0.0), ("x", 0.0)), corpus_mb=0.3)
+    Speedrun(tmp_path / "run", plan, distill=False, quiet=True).stage_data()
+    text = "".join(gzip.open(f, "rt").read() for f in (tmp_path / "run" / "data" / "curated").glob("*.jsonl.gz"))
+    ops = re.findall(r"What is [0-9]+ ([-+x]) [0-9]+\?", text)
+    assert len(ops) > 50 and set(ops) == {"-"}
+
 
 def test_a_bad_task_is_refused_with_the_choices(tmp_path, capsys):
     with pytest.raises(SystemExit):
