@@ -111,17 +111,17 @@ class Plan:
 # mixes by documents and a prose document is several solutions long, so the mix weights math far above
 # the rest to keep most pretraining tokens on the tasks (docs/log.md has the corpora tried). Countdown's
 # searches need one-line products a model this small cannot do, so they are left out.
-# Subtraction documents come twice as often as the other operations': mixed evenly, no base of this size
-# learned subtraction's digit facts.
 CORPUS_KINDS = {"math": 0.9, "prose": 0.06, "code": 0.02, "chinese": 0.02}
 CORPUS_TASKS = {"arithmetic": (1, 2, 2, 3, 3, 3), "sort": (3, 4)}
 
 PLANS = {
     # GRPO: the two-stage recipe of docs/grpo.md (plain GRPO, then dynamic sampling anchored at the first
     # stage's policy) after an lr warm-up, on a mixture of the headline task's levels and the second task.
-    # docs/log.md has the runs behind these choices.
+    # docs/log.md has the runs behind these choices. Subtraction documents come twice as often as the other
+    # operations': mixed evenly, no base of this size learned subtraction's digit facts.
     "full": Plan(preset="small", corpus_mb=12, corpus_brief=0.0, corpus_ops=(("-", 2.0),), vocab_size=4096,
-                 mix="math=400,prose=2,code=1", pretrain_steps=3000, pretrain_lr=3e-3, curriculum=True, batch_size=8, seq_len=256,
+                 mix="math=400,prose=2,code=1", pretrain_steps=3000, pretrain_lr=3e-3, curriculum=True,
+                 batch_size=8, seq_len=256,
                  sft_examples=500, sft_steps=150, sft_lr=5e-4,
                  task="arithmetic@2,arithmetic@3,sort@3,sort@4", levels=(1, 2, 3), eval_tasks=("arithmetic", "sort"),
                  grpo_steps=60, grpo_prompts=16, grpo_group=8, grpo_lr=2e-4, grpo_beta=0.04, grpo_warmup=10,

@@ -118,7 +118,8 @@ def sequence_logprobs(model: Transformer, seqs: list[list[int]], starts: list[in
     W = T - 1  # position t predicts token t + 1; completion b has len(own[b]) - 1 tokens
     mask = (torch.arange(W)[None, :] < torch.tensor([len(r) - 1 for r in own])[:, None]).float().to(device)
     where = mask.bool()  # the head runs only on these rows, not on the padding after shorter completions
-    logp_rows = (model.lm_head(h[:, :-1][where]).float() / temperature).log_softmax(-1)  # (N, V)
+    logits = model.lm_head(h[:, :-1][where]).float()  # (N, V)
+    logp_rows = (logits if temperature == 1.0 else logits / temperature).log_softmax(-1)
     logp = torch.zeros(len(seqs), W, dtype=logp_rows.dtype, device=device)
     logp = logp.masked_scatter(where, logp_rows.gather(-1, x[:, 1:][where][:, None])[:, 0])
     ent = None
