@@ -21,6 +21,7 @@ from torch import nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .config import ModelConfig, yarn_mscale
+from .train import fp8
 
 
 class RMSNorm(nn.Module):
@@ -51,7 +52,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     wins (docs/engine.md). Training, eager code and batched decoding (the engine compiles with
     dynamic shapes, so a batch of 2 or more is symbolic) take F.linear. This is the model's one
     concession to the compiled engine: every projection goes through it, so it cannot live there.
+    Training under `fp8.autocast` runs it as FP8 GEMMs (train/fp8.py).
     """
+    recipe = fp8.active()
+    if recipe is not None:
+        return fp8.linear(x, weight, recipe)
     if (torch.compiler.is_compiling() and not torch.is_grad_enabled() and x.device.type == "cpu"
             and statically_known_true(x.numel() <= FEW_ROWS * x.shape[-1])):
         return (x[..., None, :] * weight).sum(-1)
@@ -340,12 +345,17 @@ class Experts(nn.Module):
         # gradient for every expert
         segments = PermuteRows.apply(slots, order, inverse).split(counts)  # E tensors (n_e, D)
         gate_up, down = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
+        recipe = fp8.active()
+
+        def mm(a, w):  # a @ w^T, as FP8 GEMMs when training in FP8
+            return a @ w.T if recipe is None else fp8.linear(a, w, recipe)
+
         outs = []
         for seg, w13, w2 in zip(segments, gate_up, down):
             if seg.shape[0] == 0:
                 continue
-            gate, up = (seg @ w13.T).chunk(2, dim=-1)
-            outs.append((F.silu(gate) * up) @ w2.T)
+            gate, up = mm(seg, w13).chunk(2, dim=-1)
+            outs.append(mm(F.silu(gate) * up, w2))
         y = PermuteRows.apply(torch.cat(outs), inverse, order).view(N, K, D)  # back in slot order
         y = torch.bmm(weights.unsqueeze(1).to(y.dtype), y).squeeze(1)  # sum_k g_k * FFN_k(x)
         return y.to(x.dtype)

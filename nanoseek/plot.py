@@ -152,3 +152,18 @@ def plot_curves(curves: dict[str, Path], path: str | Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def plot_losses(runs: dict[str, Path], path: str | Path, smooth: int = 10) -> Path:
+    """Training loss over the steps, one line per run ({label: run dir}), each a running mean over `smooth`
+    steps so that runs differing by less than the step-to-step noise can be told apart."""
+    series, steps = {}, []
+    for label, run in runs.items():
+        rows = read_metrics(run)
+        loss = [r["loss"] for r in rows]
+        series[label] = [sum(loss[max(0, i - smooth + 1):i + 1]) / len(loss[max(0, i - smooth + 1):i + 1])
+                         for i in range(len(loss))]
+        steps = steps if len(steps) >= len(rows) else [r["step"] for r in rows]
+    n = min(len(s) for s in series.values())
+    return _lines(Path(path), steps[:n], {k: v[:n] for k, v in series.items()}, "step",
+                  f"training loss (mean of {smooth} steps)")

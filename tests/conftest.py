@@ -32,3 +32,17 @@ def train_tiny(ids: list[int], steps: int, seed: int = 0) -> Transformer:
         out.loss.backward()
         opt.step()
     return model.eval()
+
+
+def token_shards(root):
+    """A small generated corpus, curated and tokenized byte-level: ROOT/tokens, ROOT/tok."""
+    from nanoseek.data.corpus import write_corpus
+    from nanoseek.data.curate import curate
+    from nanoseek.data.shards import tokenize_dir
+    from nanoseek.tokenizer import Tokenizer
+
+    write_corpus(root / "raw", 0.4, seed=0)
+    curate([root / "raw"], root / "curated", workers=1)
+    Tokenizer.byte_level().save(root / "tok")
+    tokenize_dir(root / "curated", root / "tok", root / "tokens", workers=1)
+    return root

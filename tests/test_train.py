@@ -10,12 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import token_shards
 
 from nanoseek import Transformer, load_model, preset
 from nanoseek.cli import main
-from nanoseek.data.shards import tokenize_dir
-from nanoseek.data.curate import curate
-from nanoseek.data.corpus import write_corpus
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train import common
 from nanoseek.train.common import LossConfig, OptimConfig, Trainer, build_optimizer, lr_at, update_balance_bias
@@ -24,15 +22,11 @@ from nanoseek.train.dist import World
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    write_corpus(root / "raw", 0.4, seed=0)
-    curate([root / "raw"], root / "curated", workers=1)
-    Tokenizer.byte_level().save(root / "tok")
-    tokenize_dir(root / "curated", root / "tok", root / "tokens", workers=1)
-    return root
+    return token_shards(tmp_path_factory.mktemp("train"))
 
 
 def pretrain_argv(data, out, *extra):
+    """`nanoseek pretrain` of tiny for a few seconds on `token_shards(data)`."""
     return ["pretrain", "--preset", "tiny", "--data", str(data / "tokens"), "--tokenizer", str(data / "tok"),
             "--out", str(out), "--batch-size", "4", "--seq-len", "32", "--precision", "fp32", "--warmup", "3",
             "--quiet", *extra]
@@ -125,8 +119,9 @@ def test_pretrain_writes_checkpoints_metrics_and_a_final_model(data, tmp_path):
     assert precision == {"precision": "fp32", "reason": "--precision fp32", "tokens_per_s": None}
 
 
-def test_resume_after_sigkill_is_bit_exact(data, tmp_path):
-    args = ["--steps", "60", "--save-every", "4"]  # many steps: the kill must land mid-run
+@pytest.mark.parametrize("precision", ["fp32", "fp8"])
+def test_resume_after_sigkill_is_bit_exact(data, tmp_path, precision):
+    args = ["--steps", "60", "--save-every", "4", "--precision", precision]  # many steps: the kill lands mid-run
     assert main(pretrain_argv(data, tmp_path / "ref", *args)) == 0
     cmd = [sys.executable, "-m", "nanoseek", *pretrain_argv(data, tmp_path / "run", *args)]
     proc = subprocess.Popen(cmd)

@@ -46,6 +46,7 @@ class TrainConfig:
     balance_weight: float = 1e-4  # alpha
     bias_gamma: float = 1e-3  # gamma; 0 disables bias balancing
     precision: str = "auto"
+    fp8_scaling: str = "fine"  # fine (V3's 1x128 tiles, 128x128 blocks) or tensor; with precision fp8
     seed: int = 0
     save_every: int = 100
     keep: int = 2
@@ -58,7 +59,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_choice("schedule", self.schedule, ("wsd", "cosine"))
         check_choice("optimizer", self.optimizer, ("adamw", "muon"))
-        check_choice("precision", self.precision, ("auto", "fp32", "bf16"))
+        check_choice("precision", self.precision, ("auto", "fp32", "bf16", "fp8"))
+        check_choice("fp8_scaling", self.fp8_scaling, ("fine", "tensor"))
 
 
 @dataclass(kw_only=True)
@@ -149,11 +151,16 @@ def add_common_arguments(p: argparse.ArgumentParser, default_lr: float, default_
     p.add_argument("--bias-gamma", type=float, default=d("bias_gamma"),
                    help="gamma, the balancing-bias step per optimizer step; 0 disables "
                         f"(default {shown(d('bias_gamma'))})")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=d("precision"),
-                   help="fp32, bf16 (autocast) or auto: on a CPU with bf16 instructions, time a few forward+backward "
-                        "passes in both and keep bf16 only if it is 1.1x faster; bf16 on a GPU that has it; fp32 "
-                        "elsewhere. The choice and its reason go to RUN/precision.json; --resume keeps it "
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp8"], default=d("precision"),
+                   help="fp32, bf16 (autocast), fp8 or auto: on a CPU with bf16 instructions, time a few "
+                        "forward+backward passes in both and keep bf16 only if it is 1.1x faster; bf16 on a GPU "
+                        "that has it; fp32 elsewhere. fp8: DeepSeek-V3's FP8 training of the linear layers "
+                        "(real FP8 GEMMs on Hopper GPUs, simulated exactly elsewhere, so slower on a CPU; "
+                        "docs/fp8.md). The choice and its reason go to RUN/precision.json; --resume keeps it "
                         "(default auto)")
+    p.add_argument("--fp8-scaling", choices=["fine", "tensor"], default=d("fp8_scaling"),
+                   help="with --precision fp8: fine, V3's scales per 1x128 activation tile and 128x128 weight "
+                        "block, or tensor, one scale per GEMM operand, to compare (default fine)")
     p.add_argument("--seed", type=int, default=d("seed"), help=f"seed for init and data order (default {d('seed')})")
     p.add_argument("--save-every", type=int, default=d("save_every"),
                    help=f"checkpoint every N steps (default {d('save_every')})")

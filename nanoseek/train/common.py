@@ -31,6 +31,7 @@ from ..io import COMMIT, atomic_dir
 from ..model import MoE, Transformer
 from .args import TrainError
 from .dist import World, all_reduce, average_gradients
+from . import fp8
 from .precision import choose, measure
 
 
@@ -178,15 +179,18 @@ class LossConfig:
 class Trainer:
     def __init__(self, model: Transformer, optim: Optimizers, optim_cfg: OptimConfig, loss_cfg: LossConfig,
                  total_steps: int, world: World, precision: str = "auto", max_bad_steps: int = 10,
-                 batch_shape: tuple[int, int] = (8, 256), resumed_precision: str | None = None):
-        """`precision`: fp32, bf16 or auto (measured at `batch_shape`, see precision.py);
-        `resumed_precision`: what a resumed run computed in, which `auto` keeps."""
+                 batch_shape: tuple[int, int] = (8, 256), resumed_precision: str | None = None,
+                 fp8_scaling: str = "fine"):
+        """`precision`: fp32, bf16, fp8 or auto (measured at `batch_shape`, see precision.py);
+        `resumed_precision`: what a resumed run computed in, which `auto` keeps; `fp8_scaling`: fine
+        (V3's tiles and blocks) or tensor, for fp8."""
         self.model, self.optim, self.oc, self.lc = model, optim, optim_cfg, loss_cfg
         self.total, self.world = total_steps, world
         self.requested = precision
         self.precision = choose(precision, world.device, lambda: self._measure(batch_shape),
                                 f"batch {batch_shape[0]} x {batch_shape[1]} tokens", resumed_precision)
         self.amp = self.precision.dtype
+        self.fp8 = fp8.Recipe(fp8_scaling, kernel="auto") if self.precision.fp8 else None
         self.step_num = 0  # optimizer steps taken (or skipped) so far
         self.skipped, self.bad_in_a_row, self.max_bad = 0, 0, max_bad_steps
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -201,7 +205,8 @@ class Trainer:
         counts, tokens = None, 0
         for x, y in micro_batches:
             x, y = x.to(dev), y.to(dev)
-            with torch.autocast(dev.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            with (torch.autocast(dev.type, dtype=self.amp or torch.float32, enabled=self.amp is not None),
+                  fp8.autocast(self.fp8)):
                 out = model.loss(x, y, self.lc.mtp_weight, self.lc.balance_weight)
             (out.loss / len(micro_batches)).backward()
             sums += torch.tensor([out.loss.item(), out.lm_loss.item(), out.mtp_loss.item(),

@@ -1,11 +1,13 @@
-"""Which precision a training run computes in: fp32, or bf16 autocast, decided by measurement.
+"""Which precision a training run computes in: fp32, bf16 autocast or FP8 linears; `auto` measures.
 
 `--precision auto` cannot go by CPU flags alone: on a host with AVX512-BF16 a 1024-cube bf16 matmul
 is several times fp32's, yet a small MoE model's many small GEMMs, plus autocast's casts, can make
 bf16 training slower than fp32 (docs/log.md). So `auto` times a few forward+backward passes of the
 run's own model at its own batch shape in both precisions and keeps the faster one; bf16 must win
 by `MARGIN` to be taken, since fp32 is the more exact of the two. GPUs with bf16 take it unmeasured.
-A resumed run keeps the precision it started with, so its steps stay bit-exact.
+A resumed run keeps the precision it started with, so its steps stay bit-exact. `fp8` is asked for,
+never picked: the linear layers' GEMMs in FP8 (fp8.py) and the rest as V3 keeps it, bf16 on a GPU
+and fp32 on the CPU, where FP8 is simulated.
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ class Choice:
     dtype: torch.dtype | None  # the autocast dtype; None: plain fp32
     reason: str
     rates: dict[str, float] | None = None  # tokens/s of forward+backward, where measured
+    fp8: bool = False  # the linear layers' GEMMs in FP8
 
     @property
     def name(self) -> str:
-        return NAMES[self.dtype]
+        return "fp8" if self.fp8 else NAMES[self.dtype]
 
 
 def cpu_has_bf16() -> bool:
@@ -98,8 +101,13 @@ def choose(requested: str, device: torch.device, rates_fn, shape: str = "the run
         return Choice(None, "--precision fp32")
     if requested == "bf16":
         return Choice(torch.bfloat16, "--precision bf16")
+    if requested == "fp8":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return Choice(torch.bfloat16, "--precision fp8: FP8 linear layers, bf16 elsewhere", fp8=True)
+        return Choice(None, "--precision fp8: FP8 linear layers (simulated off Hopper GPUs), fp32 elsewhere",
+                      fp8=True)
     if requested != "auto":
-        raise ValueError(f"precision must be auto, fp32 or bf16 (got {requested!r})")
+        raise ValueError(f"precision must be auto, fp32, bf16 or fp8 (got {requested!r})")
     if resumed is not None:
         return Choice(torch.bfloat16 if resumed == "bf16" else None, "the precision this run started with")
     if device.type == "cuda":
