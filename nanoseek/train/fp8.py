@@ -100,6 +100,11 @@ def _scaled_mm(a: torch.Tensor, a_kind: str, b: torch.Tensor, b_kind: str) -> to
     """a (M, K) @ b (N, K)^T as one real FP8 GEMM, a grouped by `a_kind` and b by `b_kind` ("tile" or
     "block"), both along K; None where torch's kernel does not take these shapes (then the caller
     simulates). The result is bf16, as V3's GEMMs write it."""
+    (M, K), N = a.shape, b.shape[0]
+    if M % TILE or N % TILE or K % (4 * TILE):
+        # torch (2.11) takes other shapes too but returned wrong values for K = 256 on an H200: its
+        # scale layouts want every dimension whole tiles and K/128 a multiple of 4 (16-byte strides)
+        return None
     try:
         qa, sa = quantize(a, *groups("fine", a.shape, a_kind))
         qb, sb = quantize(b, *groups("fine", b.shape, b_kind))
