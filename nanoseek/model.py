@@ -502,7 +502,7 @@ class LossOutput:
     lm_loss: torch.Tensor
     mtp_loss: torch.Tensor  # (1/D) sum_k CE_k, unweighted; 0 without MTP or with mtp_weight=0
     balance_loss: torch.Tensor  # summed over MoE layers, unweighted
-    expert_counts: torch.Tensor  # (MoE layers, E) tokens per expert, main-model layers only
+    expert_counts: torch.Tensor  # (MoE layers, E) tokens per expert, in `moe_gates` order (zeros: MTP not run)
 
 
 class Transformer(nn.Module):
@@ -565,6 +565,11 @@ class Transformer(nn.Module):
                 stats.append(s)
         return self.norm(h), stats
 
+    def moe_gates(self) -> list[Gate]:
+        """Every MoE layer's gate: the main layers' in order, then the MTP modules'."""
+        blocks = [*self.layers, *(m.block for m in self.mtp)]
+        return [b.mlp.gate for b in blocks if isinstance(b.mlp, MoE)]
+
     def forward(self, input_ids: torch.Tensor, start_pos: int | torch.Tensor = 0, cache=None, mask=None,
                 absorb: bool = False) -> torch.Tensor:
         """Logits (B, T, vocab). With a cache, `input_ids` continue the cached context at `start_pos`."""
@@ -581,7 +586,7 @@ class Transformer(nn.Module):
         T = input_ids.shape[1]
         h, stats = self.trunk(input_ids)
         lm_loss = linear_cross_entropy(h, self.lm_head.weight, targets)
-        mtp_losses, h_prev = [], h
+        mtp_losses, mtp_stats, h_prev = [], [], h
         for k, mtp in enumerate(self.mtp, start=1):
             if T - k < 1 or mtp_weight == 0:
                 break
@@ -589,13 +594,17 @@ class Transformer(nn.Module):
             cos, sin = self.rope(torch.arange(T - k, device=h.device), h.dtype)
             emb = self.embed_tokens(input_ids[:, k:])  # Emb(t_{i+k})
             h_prev, s = mtp(h_prev, emb, cos, sin)
+            mtp_stats.append(s)
             mtp_losses.append(linear_cross_entropy(mtp.shared_head.norm(h_prev), self.lm_head.weight,
                                                    targets[:, k:]))
         zero = lm_loss.new_zeros(())
         mtp_loss = torch.stack(mtp_losses).mean() if mtp_losses else zero
-        balance = torch.stack([s.balance_loss for s in stats]).sum() if stats else zero
-        counts = (torch.stack([s.counts for s in stats]) if stats
-                  else torch.zeros(0, self.cfg.n_routed_experts, dtype=torch.long))
+        # the MTP modules' MoE layers are balanced like the main ones (their bias too: `moe_gates`)
+        ran = stats + [s for s in mtp_stats if s is not None]
+        balance = torch.stack([s.balance_loss for s in ran]).sum() if ran else zero
+        E, layers = self.cfg.n_routed_experts, len(self.moe_gates())
+        skipped = [torch.zeros(E, dtype=torch.long, device=h.device)] * (layers - len(ran))
+        counts = torch.stack([s.counts for s in ran] + skipped) if layers else torch.zeros(0, E, dtype=torch.long)
         total = lm_loss + mtp_weight * mtp_loss + balance_weight * balance
         return LossOutput(total, lm_loss, mtp_loss, balance, counts)
 

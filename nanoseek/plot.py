@@ -74,13 +74,16 @@ def plot_run(run: str | Path) -> list[Path]:
     counts = [r["expert_counts"] for r in rows if r.get("expert_counts")]
     if counts:
         arr = np.array(counts, dtype=float)  # (steps, layers, experts)
-        share = arr / arr.sum(-1, keepdims=True) * arr.shape[-1]
+        share = arr / arr.sum(-1, keepdims=True).clip(min=1) * arr.shape[-1]
         layers = arr.shape[1]
+        config = Path(run) / "config.json"  # the last rows are the MTP modules' (model.moe_gates order)
+        mtp = json.loads(config.read_text()).get("num_nextn_predict_layers", 0) if config.exists() else 0
         fig, axes = plt.subplots(layers, 1, figsize=(7, 2.2 * layers + 0.6), squeeze=False)
         for i, ax in enumerate(axes[:, 0]):
             im = ax.imshow(share[:, i].T, aspect="auto", cmap="viridis", interpolation="nearest",
                            extent=(steps[0], steps[-1], arr.shape[-1] - 0.5, -0.5), vmin=0, vmax=max(2, share.max()))
-            ax.set_ylabel(f"MoE layer {i}\nexpert")
+            name = f"MTP module {i - layers + mtp + 1}" if i >= layers - mtp else f"MoE layer {i}"
+            ax.set_ylabel(f"{name}\nexpert")
             fig.colorbar(im, ax=ax, label="load / even share")
         axes[-1, 0].set_xlabel("step")
         fig.tight_layout()

@@ -163,7 +163,8 @@ def test_mtp_loss_matches_hand_computation(tiny_model):
     lm = F.cross_entropy(m.lm_head(h).reshape(-1, 512), y.reshape(-1), ignore_index=-100)
     assert torch.allclose(out.mtp_loss, mtp) and torch.allclose(out.lm_loss, lm)
     assert torch.allclose(out.loss, lm + 0.5 * mtp + 0.01 * out.balance_loss)
-    assert out.expert_counts.shape == (1, 8) and out.expert_counts.sum() == 2 * 9 * 2
+    assert out.expert_counts.shape == (2, 8)  # the MoE layer, then the MTP module's
+    assert out.expert_counts.sum(-1).tolist() == [2 * 9 * 2, 2 * 8 * 2]
 
 
 def test_uniform_head_gives_log_vocab_losses(tiny_model):

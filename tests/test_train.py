@@ -48,10 +48,45 @@ def test_lr_schedules():
 
 def test_balance_bias_moves_toward_balance():
     model = Transformer(preset("tiny"))
-    counts = torch.tensor([[10.0, 2, 4, 4, 4, 4, 4, 0]])  # mean 4
+    counts = torch.tensor([[10.0, 2, 4, 4, 4, 4, 4, 0], [0] * 8])  # the MoE layer's (mean 4); the MTP module's
     update_balance_bias(model, counts, gamma=0.01)
     bias = model.layers[1].mlp.gate.e_score_correction_bias
     assert bias.tolist() == pytest.approx([-0.01, 0.01, 0, 0, 0, 0, 0, 0.01])
+    assert model.mtp[0].block.mlp.gate.e_score_correction_bias.tolist() == [0] * 8  # it did not run
+
+
+def test_the_mtp_modules_gate_is_balanced_too():
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny"))
+    trainer = _trainer(model, steps=4)
+    x = torch.randint(0, 64, (4, 32))
+    trainer.step([(x, torch.roll(x, -1, 1))])
+    for gate in model.moe_gates():  # the main layer's, then the MTP module's
+        assert gate.e_score_correction_bias.abs().sum() > 0
+    assert model.moe_gates()[-1] is model.mtp[0].block.mlp.gate
+
+
+def test_loss_schedules_follow_v3():
+    lc = LossConfig(mtp_weight=0.3, bias_gamma=1e-3, gamma_off_share=0.25, mtp_later=(0.1, 0.5))
+    got = [lc.at(step, 8) for step in range(8)]
+    assert got == [(0.3, 1e-3)] * 4 + [(0.1, 1e-3)] * 2 + [(0.1, 0.0)] * 2
+    assert [LossConfig().at(step, 8) for step in (0, 7)] == [(0.3, 1e-3)] * 2  # constant by default
+
+
+def test_the_bias_stops_moving_in_the_gamma_off_tail():
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny"))
+    oc = OptimConfig(warmup=1)
+    trainer = Trainer(model, build_optimizer(model, oc), oc, LossConfig(gamma_off_share=0.5, mtp_later=(0.0, 0.5)),
+                      4, World(), "fp32")
+    x = torch.randint(0, 64, (4, 32))
+    steps = [trainer.step([(x, torch.roll(x, -1, 1))]) for _ in range(2)]
+    bias = [g.e_score_correction_bias.clone() for g in model.moe_gates()]
+    steps += [trainer.step([(x, torch.roll(x, -1, 1))]) for _ in range(2)]
+    assert all(torch.equal(a, g.e_score_correction_bias) for a, g in zip(bias, model.moe_gates()))
+    assert [m["bias_gamma"] for m in steps] == [1e-3, 1e-3, 0.0, 0.0]
+    assert [m["mtp_weight"] for m in steps] == [0.3, 0.3, 0.0, 0.0]
+    assert steps[-1]["mtp_loss"] == 0.0 and steps[0]["mtp_loss"] > 0
 
 
 def _trainer(model, steps=10, **kw):
@@ -84,7 +119,8 @@ def test_training_lowers_the_loss_and_records_expert_loads():
     for _ in range(28):
         last = trainer.step([(x, torch.roll(x, -1, 1))])
     assert last["loss"] < first["loss"] - 1.0
-    assert len(last["expert_counts"]) == 1 and sum(last["expert_counts"][0]) == 4 * 32 * 2
+    main, mtp = last["expert_counts"]  # tiny's one MoE layer, then its MTP module's
+    assert sum(main) == 4 * 32 * 2 and sum(mtp) == 4 * 31 * 2
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
@@ -175,6 +211,11 @@ def test_bad_input_is_a_clear_error(data, tmp_path, capsys):
     argv[argv.index(str(data / "tokens"))] = str(tmp_path / "missing")
     assert main(argv) == 2
     assert "index.json: not found" in capsys.readouterr().err
+    for flag, value, says in [("--mtp-weight-schedule", "0.1", "must be WEIGHT@SHARE"),
+                              ("--mtp-weight-schedule", "0.1@2", "must be WEIGHT@SHARE"),
+                              ("--balance-gamma-schedule", "1.5", "share of the steps in [0, 1]")]:
+        assert main(pretrain_argv(data, tmp_path / "r4", "--steps", "2", flag, value)) == 2
+        assert says in capsys.readouterr().err
 
 
 def test_torchrun_two_processes_match_one(data, tmp_path):

@@ -45,6 +45,8 @@ class TrainConfig:
     mtp_weight: float = 0.3  # lambda
     balance_weight: float = 1e-4  # alpha
     bias_gamma: float = 1e-3  # gamma; 0 disables bias balancing
+    balance_gamma_schedule: float = 0.0  # gamma is 0 for this last share of the steps
+    mtp_weight_schedule: str | None = None  # "W@F": the MTP weight becomes W from share F of the steps on
     precision: str = "auto"
     fp8_scaling: str = "fine"  # fine (V3's 1x128 tiles, 128x128 blocks) or tensor; with precision fp8
     seed: int = 0
@@ -61,6 +63,23 @@ class TrainConfig:
         check_choice("optimizer", self.optimizer, ("adamw", "muon"))
         check_choice("precision", self.precision, ("auto", "fp32", "bf16", "fp8"))
         check_choice("fp8_scaling", self.fp8_scaling, ("fine", "tensor"))
+        if not 0 <= self.balance_gamma_schedule <= 1:
+            raise TrainError(f"--balance-gamma-schedule must be a share of the steps in [0, 1] "
+                             f"(got {self.balance_gamma_schedule})")
+        self.mtp_later()  # checks it
+
+    def mtp_later(self) -> tuple[float, float] | None:
+        """--mtp-weight-schedule "W@F" as (W, F)."""
+        if self.mtp_weight_schedule is None:
+            return None
+        try:
+            weight, share = (float(v) for v in self.mtp_weight_schedule.split("@"))
+        except ValueError:
+            weight = share = None
+        if weight is None or weight < 0 or not 0 <= share <= 1:
+            raise TrainError(f"--mtp-weight-schedule must be WEIGHT@SHARE, e.g. 0.1@0.68 for V3's 0.1 from 68% of "
+                             f"the steps on (got {self.mtp_weight_schedule!r})")
+        return weight, share
 
 
 @dataclass(kw_only=True)
@@ -151,6 +170,12 @@ def add_common_arguments(p: argparse.ArgumentParser, default_lr: float, default_
     p.add_argument("--bias-gamma", type=float, default=d("bias_gamma"),
                    help="gamma, the balancing-bias step per optimizer step; 0 disables "
                         f"(default {shown(d('bias_gamma'))})")
+    p.add_argument("--balance-gamma-schedule", type=float, default=d("balance_gamma_schedule"), metavar="SHARE",
+                   help="stop moving the balancing bias (gamma 0) for this last share of the steps, as V3 did for "
+                        "its last 500B of 14.8T tokens, about 0.034 (default 0: never)")
+    p.add_argument("--mtp-weight-schedule", default=d("mtp_weight_schedule"), metavar="WEIGHT@SHARE",
+                   help="change the MTP weight to WEIGHT from SHARE of the steps on; V3: --mtp-weight 0.3 "
+                        "--mtp-weight-schedule 0.1@0.68 (default: --mtp-weight throughout)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp8"], default=d("precision"),
                    help="fp32, bf16 (autocast), fp8 or auto: on a CPU with bf16 instructions, time a few "
                         "forward+backward passes in both and keep bf16 only if it is 1.1x faster; bf16 on a GPU "

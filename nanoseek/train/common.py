@@ -28,7 +28,7 @@ import torch
 
 from ..checkpoint import write_model
 from ..io import COMMIT, atomic_dir
-from ..model import MoE, Transformer
+from ..model import Transformer
 from .args import TrainError
 from .dist import World, all_reduce, average_gradients
 from . import fp8
@@ -158,12 +158,13 @@ def build_optimizer(model: Transformer, c: OptimConfig) -> Optimizers:
 def update_balance_bias(model: Transformer, counts: torch.Tensor, gamma: float) -> None:
     """V3 §2.1.2: b_i += gamma for underloaded experts, -= gamma for overloaded ones, per MoE layer.
 
-    counts: (MoE layers, E) tokens routed to each expert this step, summed over all ranks.
+    counts: (MoE layers, E) tokens routed to each expert this step, summed over all ranks, in
+    `model.moe_gates()` order (the MTP modules' last; a module that did not run has all zeros,
+    and moves no bias).
     """
     if gamma == 0 or counts.numel() == 0:
         return
-    gates = [block.mlp.gate for block in model.layers if isinstance(block.mlp, MoE)]
-    for gate, load in zip(gates, counts.float(), strict=True):
+    for gate, load in zip(model.moe_gates(), counts.float(), strict=True):
         gate.e_score_correction_bias += gamma * torch.sign(load.mean() - load)
 
 
@@ -174,6 +175,16 @@ class LossConfig:
     mtp_weight: float = 0.3
     balance_weight: float = 1e-4  # alpha
     bias_gamma: float = 1e-3  # gamma; 0 turns bias balancing off
+    gamma_off_share: float = 0.0  # gamma is 0 for this last share of the steps (V3: its last 500B of 14.8T tokens)
+    mtp_later: tuple[float, float] | None = None  # (weight, from share): V3's 0.3, then 0.1 for the last 4.8T tokens
+
+    def at(self, step: int, total: int) -> tuple[float, float]:
+        """The MTP weight and the bias step gamma in force at optimizer step `step` (0-based) of `total`."""
+        mtp = self.mtp_weight
+        if self.mtp_later is not None and step >= self.mtp_later[1] * total:
+            mtp = self.mtp_later[0]
+        gamma = 0.0 if step >= (1 - self.gamma_off_share) * total else self.bias_gamma
+        return mtp, gamma
 
 
 class Trainer:
@@ -203,11 +214,12 @@ class Trainer:
         t0 = time.perf_counter()
         sums = torch.zeros(4, dtype=torch.float64)  # loss, lm, mtp, balance
         counts, tokens = None, 0
+        mtp_weight, gamma = self.lc.at(self.step_num, self.total)
         for x, y in micro_batches:
             x, y = x.to(dev), y.to(dev)
             with (torch.autocast(dev.type, dtype=self.amp or torch.float32, enabled=self.amp is not None),
                   fp8.autocast(self.fp8)):
-                out = model.loss(x, y, self.lc.mtp_weight, self.lc.balance_weight)
+                out = model.loss(x, y, mtp_weight, self.lc.balance_weight)
             (out.loss / len(micro_batches)).backward()
             sums += torch.tensor([out.loss.item(), out.lm_loss.item(), out.mtp_loss.item(),
                                   out.balance_loss.item()], dtype=torch.float64)
@@ -222,7 +234,7 @@ class Trainer:
         self.step_num += 1
         metrics = {"step": self.step_num, "loss": sums[0].item(), "lm_loss": sums[1].item(),
                    "mtp_loss": sums[2].item(), "balance_loss": sums[3].item(), "grad_norm": grad_norm.item(),
-                   "lr": lr, "tokens": tokens * self.world.world_size}
+                   "lr": lr, "tokens": tokens * self.world.world_size, "mtp_weight": mtp_weight, "bias_gamma": gamma}
         if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
             self.optim.zero_grad()
             self.skipped += 1
@@ -235,9 +247,9 @@ class Trainer:
         self.bad_in_a_row = 0
         self.optim.set_lr(lr)
         self.optim.step()
-        update_balance_bias(model, counts, self.lc.bias_gamma)
+        update_balance_bias(model, counts, gamma)
         if counts.numel():
-            load = counts / counts.sum(-1, keepdim=True) * counts.shape[-1]  # load / mean load
+            load = counts / counts.sum(-1, keepdim=True).clamp(min=1) * counts.shape[-1]  # load / mean load
             metrics["expert_load_max_over_mean"] = [round(v, 4) for v in load.max(-1).values.tolist()]
             metrics["expert_counts"] = counts.long().tolist()
         metrics["seconds"] = time.perf_counter() - t0
