@@ -218,30 +218,64 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
 
 def parser_cost(sub: argparse._SubParsersAction) -> None:
-    sp = sub.add_parser("cost", help="parameters, activated parameters, KV-cache bytes and FLOPs of a config",
+    sp = sub.add_parser("cost", help="parameters, KV-cache bytes, FLOPs, and training and serving dollars of a config",
                         description="Print total and activated parameters, KV-cache bytes per token (MLA "
-                                    "against MHA and GQA-8), FLOPs per token and the cache of a 128K context.")
+                                    "against MHA and GQA-8), FLOPs per token, the cache of a 128K context, and "
+                                    "what pretraining and serving cost at a stated GPU throughput and price "
+                                    "(defaults: DeepSeek-V3's published figures).")
     _add_config_flags(sp)
     sp.add_argument("--seq-len", type=int, default=4096,
                     help="context length for the attention FLOPs (default 4096)")
     sp.add_argument("--dtype", choices=["bf16", "fp16", "fp32", "fp8"], default="bf16",
                     help="cache element type (default bf16)")
     sp.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    from .cost import V3_BUDGET as b  # no torch import: --help stays fast
+    sp.add_argument("--train-tokens", type=float, default=b.train_tokens,
+                    help=f"pretraining tokens (default V3's {b.train_tokens:.3g})")
+    sp.add_argument("--peak-tflops", type=float, default=b.peak_tflops,
+                    help=f"one GPU's peak TFLOP/s in the training precision (default {b.peak_tflops:g}: the H800's "
+                         "dense bf16)")
+    sp.add_argument("--mfu", type=float, default=b.mfu,
+                    help=f"model FLOPs utilisation assumed, as a fraction of the peak (default {b.mfu:g}: about "
+                         "what V3's published GPU-hours imply)")
+    sp.add_argument("--gpu-hour-price", type=float, default=b.gpu_hour_usd,
+                    help=f"dollars per GPU-hour (default {b.gpu_hour_usd:g}, V3's rental assumption)")
+    sp.add_argument("--extra-gpu-hours", type=float, default=b.extra_gpu_hours,
+                    help=f"GPU-hours beside pretraining (default {b.extra_gpu_hours:.0f}: V3's context extension "
+                         "and post-training)")
+    sp.add_argument("--decode-tokens-per-s", type=float, default=b.decode_tokens_per_s,
+                    help=f"output tokens/s of one serving node (default {b.decode_tokens_per_s:.0f}: DeepSeek-V2's "
+                         "on 8 H800s)")
+    sp.add_argument("--node-gpus", type=int, default=b.node_gpus, help=f"GPUs per serving node (default {b.node_gpus})")
+    sp.add_argument("--usd-to-rmb", type=float, default=b.usd_to_rmb,
+                    help=f"exchange rate for the RMB figure (default {b.usd_to_rmb:g})")
     sp.set_defaults(func=cmd_cost)
 
 
 def cmd_cost(args: argparse.Namespace) -> int:
-    from .cost import estimate, format_cost
+    from .cost import Budget, dollars, estimate, format_cost, format_dollars
 
     name, cfg = _config_from(args)
+    budget = Budget(args.train_tokens, args.peak_tflops, args.mfu, args.gpu_hour_price, args.extra_gpu_hours,
+                    args.decode_tokens_per_s, args.node_gpus, args.usd_to_rmb)
+    for flag, value in [("--train-tokens", budget.train_tokens), ("--peak-tflops", budget.peak_tflops),
+                        ("--decode-tokens-per-s", budget.decode_tokens_per_s), ("--node-gpus", budget.node_gpus)]:
+        if value <= 0:
+            raise UsageError(f"{flag} must be > 0 (got {value:g})")
+    if not 0 < budget.mfu <= 1:
+        raise UsageError(f"--mfu must be a fraction in (0, 1] (got {budget.mfu:g})")
+    if budget.gpu_hour_usd < 0 or budget.extra_gpu_hours < 0 or budget.usd_to_rmb <= 0:
+        raise UsageError("--gpu-hour-price and --extra-gpu-hours must be >= 0 and --usd-to-rmb > 0")
     try:
         cost = estimate(cfg, seq_len=args.seq_len, dtype=args.dtype)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    money = dollars(cost, budget)
     if args.json:
-        print(json.dumps({"name": name, **cost.as_dict()}, indent=2))
+        print(json.dumps({"name": name, **cost.as_dict(), **money}, indent=2))
     else:
         print(format_cost(name, cost))
+        print(format_dollars(money, budget, cost.seq_len))
     return 0
 
 

@@ -2,7 +2,8 @@
 
 Pure arithmetic on a ModelConfig -- nothing is instantiated, so it works for DeepSeek-V3 itself:
 `nanoseek cost --preset deepseek-v3` gives 671B total / 37B activated parameters and 576 cached
-elements per token per layer. The MHA baseline caches full keys and values for every head,
+elements per token per layer; with `dollars`, what a training run and serving cost in GPU-hours and
+dollars at a stated throughput and price. The MHA baseline caches full keys and values for every head,
 2 * heads * head_dim with head_dim = qk_nope_head_dim (the paper's d_h); GQA-8 keeps 8 KV heads.
 """
 
@@ -28,6 +29,7 @@ class Cost:
     kv_bytes_128k_mha: int
     flops_per_token_forward: int  # at `seq_len` tokens of causal context
     flops_per_token_train: int  # forward + backward = 3x forward
+    flops_per_token_train_mtp: int  # the MTP modules' share on top, when trained with them
     seq_len: int
     dtype: str
 
@@ -70,6 +72,8 @@ def estimate(c: ModelConfig, seq_len: int = 4096, dtype: str = "bf16") -> Cost:
         t, a = _layer_params(c, i)
         total, activated = total + t, activated + a
     mtp = sum(_layer_params(c, L + k)[0] + 2 * D + 2 * D * D + D for k in range(c.num_nextn_predict_layers))
+    # each MTP module runs a block, its projection and the shared head once more per token
+    mtp_activated = sum(_layer_params(c, L + k)[1] + 2 * D * D + V * D for k in range(c.num_nextn_predict_layers))
 
     nbytes = DTYPE_BYTES[dtype]
     kv_mla = L * c.kv_cache_dim * nbytes
@@ -82,8 +86,65 @@ def estimate(c: ModelConfig, seq_len: int = 4096, dtype: str = "bf16") -> Cost:
     ctx = (seq_len + 1) / 2
     attention = L * 2 * H * (c.qk_head_dim + c.v_head_dim) * ctx
     forward = int(matmul + attention)
+    mtp_forward = int(2 * mtp_activated + attention / L * c.num_nextn_predict_layers)
     return Cost(total, activated, mtp, c.kv_cache_dim, kv_mla, kv_mha, kv_gqa, kv_mla * 131072,
-                kv_mha * 131072, forward, 3 * forward, seq_len, dtype)
+                kv_mha * 131072, forward, 3 * forward, 3 * mtp_forward, seq_len, dtype)
+
+
+# ---- what training and serving cost in GPU-hours and dollars ----------------------------------------
+# The defaults are DeepSeek-V3's own: 14.8T training tokens on H800s at $2 per GPU-hour, 119K + 5K
+# GPU-hours for context extension and post-training (V3 §1, Table 1); the H800's dense bf16 peak,
+# 989 TFLOP/s; and the V2 paper's generation throughput, over 50K tokens/s on one node of 8 H800s.
+# The MFU is an assumption: V3's 180K GPU-hours per trillion tokens imply about 40% under this FLOP count.
+
+
+@dataclass
+class Budget:
+    train_tokens: float
+    peak_tflops: float  # per GPU
+    mfu: float
+    gpu_hour_usd: float
+    extra_gpu_hours: float  # beside pretraining: context extension, post-training
+    decode_tokens_per_s: float  # per serving node
+    node_gpus: int
+    usd_to_rmb: float
+
+
+V3_BUDGET = Budget(train_tokens=14.8e12, peak_tflops=989.0, mfu=0.40, gpu_hour_usd=2.0, extra_gpu_hours=124e3,
+                   decode_tokens_per_s=50e3, node_gpus=8, usd_to_rmb=7.2)
+
+
+def dollars(cost: Cost, b: Budget) -> dict[str, float]:
+    """GPU-hours and dollars of pretraining `cost`'s model on b.train_tokens (MTP included) and of serving it."""
+    flops = cost.flops_per_token_train + cost.flops_per_token_train_mtp
+    per_gpu = b.peak_tflops * 1e12 * b.mfu
+    hours_per_t = flops * 1e12 / per_gpu / 3600
+    pretrain_hours = hours_per_t * b.train_tokens / 1e12
+    serve_usd = b.node_gpus * b.gpu_hour_usd / (b.decode_tokens_per_s * 3600) * 1e6
+    return {"train_flops_per_token": flops, "gpu_hours_per_trillion_tokens": hours_per_t,
+            "pretrain_gpu_hours": pretrain_hours, "pretrain_usd": pretrain_hours * b.gpu_hour_usd,
+            "total_gpu_hours": pretrain_hours + b.extra_gpu_hours,
+            "total_usd": (pretrain_hours + b.extra_gpu_hours) * b.gpu_hour_usd,
+            "serve_usd_per_million_output_tokens": serve_usd,
+            "serve_rmb_per_million_output_tokens": serve_usd * b.usd_to_rmb}
+
+
+def format_dollars(d: dict[str, float], b: Budget, seq_len: int) -> str:
+    rows = [
+        ("training FLOPs / token (MTP incl.)", f"{_human(d['train_flops_per_token'], 'FLOP')} at {seq_len} ctx"),
+        ("GPU-hours / trillion tokens", f"{d['gpu_hours_per_trillion_tokens'] / 1e3:,.1f}K at {b.peak_tflops:g} "
+                                        f"TFLOP/s peak x {b.mfu:.0%} MFU"),
+        (f"pretraining, {_human(b.train_tokens)} tokens", f"{d['pretrain_gpu_hours'] / 1e6:.3f}M GPU-hours, "
+                                                          f"${d['pretrain_usd'] / 1e6:.3f}M at ${b.gpu_hour_usd:g}/h"),
+        ("with other stages' GPU-hours", f"+{b.extra_gpu_hours / 1e3:,.0f}K = {d['total_gpu_hours'] / 1e6:.3f}M "
+                                         f"GPU-hours, ${d['total_usd'] / 1e6:.3f}M"),
+        ("serving, per million output tokens", f"${d['serve_usd_per_million_output_tokens']:.3f} "
+                                               f"({d['serve_rmb_per_million_output_tokens']:.2f} RMB at {b.usd_to_rmb:g}) "
+                                               f"at {b.decode_tokens_per_s:,.0f} tok/s per {b.node_gpus}-GPU node"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(["cost (every assumption beside its number; change them with the flags)"] +
+                     [f"  {k:<{width}}  {v}" for k, v in rows])
 
 
 def _human(n: float, unit: str = "") -> str:

@@ -108,3 +108,24 @@ def test_cli_tasks(tmp_path, capsys):
     assert main(["tasks", "sample"]) == 2
     assert main(["tasks", "corpus", "--out", str(tmp_path / "raw"), "--megabytes", "0.2"]) == 0
     assert sum(f.stat().st_size for f in (tmp_path / "raw").iterdir()) >= 200_000
+
+
+def test_v3s_published_training_cost_from_its_own_flop_count():
+    from nanoseek.cost import V3_BUDGET, dollars
+    d = dollars(estimate(preset("deepseek-v3")), V3_BUDGET)
+    assert abs(d["gpu_hours_per_trillion_tokens"] / 180e3 - 1) < 0.03  # V3: 180K H800 GPU-hours per 1T tokens
+    assert abs(d["pretrain_gpu_hours"] / 2.664e6 - 1) < 0.03  # its pretraining: 2,664K GPU-hours
+    assert abs(d["total_usd"] / 5.576e6 - 1) < 0.03  # and $5.576M in all at $2/h
+    # serving: a node's dollars per hour over the tokens it writes in an hour
+    assert d["serve_usd_per_million_output_tokens"] == pytest.approx(8 * 2.0 / (50e3 * 3600) * 1e6)
+
+
+def test_cli_cost_states_its_assumptions_and_checks_them(capsys):
+    assert main(["cost", "--preset", "deepseek-v3", "--mfu", "0.2", "--gpu-hour-price", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "at 989 TFLOP/s peak x 20% MFU" in out and "at $1/h" in out and "per 8-GPU node" in out
+    assert main(["cost", "--preset", "small", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["pretrain_usd"] > 0
+    for flag, value in [("--mfu", "1.5"), ("--peak-tflops", "0"), ("--node-gpus", "-1")]:
+        assert main(["cost", "--preset", "small", flag, value]) == 2
+        assert flag in capsys.readouterr().err
