@@ -322,6 +322,18 @@ class PermuteRows(torch.autograd.Function):
         return grad.index_select(0, inverse), None, None
 
 
+def expert_ffn(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """One routed expert's SwiGLU, x (n, D) -> (n, D), its gate and up rows stacked in w13 (2I, D); as
+    FP8 GEMMs when training in FP8."""
+    recipe = fp8.active()
+
+    def mm(a, w):  # a @ w^T
+        return a @ w.T if recipe is None else fp8.linear(a, w, recipe)
+
+    gate, up = mm(x, w13).chunk(2, dim=-1)
+    return mm(F.silu(gate) * up, w2)
+
+
 class Experts(nn.Module):
     """E SwiGLU experts stored stacked; the checkpoint splits them into `experts.{e}.*_proj`."""
 
@@ -345,17 +357,7 @@ class Experts(nn.Module):
         # gradient for every expert
         segments = PermuteRows.apply(slots, order, inverse).split(counts)  # E tensors (n_e, D)
         gate_up, down = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
-        recipe = fp8.active()
-
-        def mm(a, w):  # a @ w^T, as FP8 GEMMs when training in FP8
-            return a @ w.T if recipe is None else fp8.linear(a, w, recipe)
-
-        outs = []
-        for seg, w13, w2 in zip(segments, gate_up, down):
-            if seg.shape[0] == 0:
-                continue
-            gate, up = mm(seg, w13).chunk(2, dim=-1)
-            outs.append(mm(F.silu(gate) * up, w2))
+        outs = [expert_ffn(seg, w13, w2) for seg, w13, w2 in zip(segments, gate_up, down) if seg.shape[0]]
         y = PermuteRows.apply(torch.cat(outs), inverse, order).view(N, K, D)  # back in slot order
         y = torch.bmm(weights.unsqueeze(1).to(y.dtype), y).squeeze(1)  # sum_k g_k * FFN_k(x)
         return y.to(x.dtype)

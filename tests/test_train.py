@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -232,6 +233,59 @@ def test_torchrun_two_processes_match_one(data, tmp_path):
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(a) == len(b) == 20
     assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-5
+
+
+@pytest.mark.parametrize("topk_group", [1, 2])  # tiny: 2 groups of 4 experts; 1 is node-limited to one rank
+def test_expert_parallel_two_processes_match_one(data, tmp_path, topk_group):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    assert main(["init", "--preset", "tiny", "--out", str(tmp_path / "cfg")]) == 0
+    cfg = json.loads((tmp_path / "cfg" / "config.json").read_text())
+    (tmp_path / "cfg" / "config.json").write_text(json.dumps({**cfg, "topk_group": topk_group}))
+    common_args = ["--steps", "20", "--save-every", "100", "--seed", "3"]
+
+    def argv(out, batch, *extra):
+        a = pretrain_argv(data, tmp_path / out, *common_args, *extra)
+        a[a.index("--preset"):a.index("--preset") + 2] = ["--config", str(tmp_path / "cfg" / "config.json")]
+        a[a.index("--batch-size") + 1] = batch
+        return a
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "nanoseek", *argv("one", "4")], check=True, env=env)
+    subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "nanoseek",
+                    *argv("ep", "2", "--expert-parallel", "2")], check=True, env=env)
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "ep")
+    assert len(a) == len(b) == 20
+    assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-5
+    one, two = load_model(tmp_path / "one"), load_model(tmp_path / "ep")  # the same HF dir: all experts
+    for (name, x), y in zip(one.state_dict().items(), two.state_dict().values()):
+        assert (x - y).abs().max() <= 1e-5, name
+    rows = [json.loads(x) for x in (tmp_path / "ep" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["expert_counts"] == [json.loads(x) for x in
+                                         (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()][-1]["expert_counts"]
+    assert max(r["ep_most_ranks_per_token"] for r in rows) <= topk_group  # node-limited: at most topk_group ranks
+    assert 0 < rows[-1]["ep_remote_ranks_per_token"] <= topk_group
+
+
+def test_expert_parallel_resumes_exactly(data, tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def run(out, *extra):
+        argv = pretrain_argv(data, tmp_path / out, "--steps", "8", "--save-every", "4", "--batch-size", "2",
+                             "--expert-parallel", "2", *extra)
+        subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "nanoseek", *argv], check=True,
+                       env=env)
+
+    run("ref")
+    shutil.copytree(tmp_path / "ref" / "checkpoints" / "step-00000004", tmp_path / "run" / "checkpoints" / "step-00000004")
+    (tmp_path / "run" / "metrics.jsonl").write_text(
+        "".join(x + "\n" for x in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()[:4]))
+    run("run", "--resume")  # each rank's optimizer moments for its own experts come back
+    assert losses(tmp_path / "run") == losses(tmp_path / "ref")
+    with pytest.raises(subprocess.CalledProcessError):  # a checkpoint is a plain model dir, but EP needs torchrun
+        subprocess.run([sys.executable, "-m", "nanoseek", *pretrain_argv(data, tmp_path / "x", "--steps", "2",
+                                                                         "--expert-parallel", "2")],
+                       check=True, env=env, capture_output=True)
 
 
 def test_plot_writes_pngs(data, tmp_path):

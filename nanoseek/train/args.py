@@ -49,6 +49,7 @@ class TrainConfig:
     mtp_weight_schedule: str | None = None  # "W@F": the MTP weight becomes W from share F of the steps on
     precision: str = "auto"
     fp8_scaling: str = "fine"  # fine (V3's 1x128 tiles, 128x128 blocks) or tensor; with precision fp8
+    expert_parallel: int = 1  # ranks the routed experts are sharded over (= the torchrun processes)
     seed: int = 0
     save_every: int = 100
     keep: int = 2
@@ -63,6 +64,8 @@ class TrainConfig:
         check_choice("optimizer", self.optimizer, ("adamw", "muon"))
         check_choice("precision", self.precision, ("auto", "fp32", "bf16", "fp8"))
         check_choice("fp8_scaling", self.fp8_scaling, ("fine", "tensor"))
+        if self.expert_parallel < 1:
+            raise TrainError(f"--expert-parallel must be >= 1 (got {self.expert_parallel})")
         if not 0 <= self.balance_gamma_schedule <= 1:
             raise TrainError(f"--balance-gamma-schedule must be a share of the steps in [0, 1] "
                              f"(got {self.balance_gamma_schedule})")
@@ -186,6 +189,11 @@ def add_common_arguments(p: argparse.ArgumentParser, default_lr: float, default_
     p.add_argument("--fp8-scaling", choices=["fine", "tensor"], default=d("fp8_scaling"),
                    help="with --precision fp8: fine, V3's scales per 1x128 activation tile and 128x128 weight "
                         "block, or tensor, one scale per GEMM operand, to compare (default fine)")
+    p.add_argument("--expert-parallel", type=int, default=d("expert_parallel"), metavar="N",
+                   help="shard every MoE layer's routed experts over the N torchrun processes and send tokens to "
+                        "them with all-to-all; the rest stays data parallel. N must equal --nproc_per_node; "
+                        "n_group a multiple of N makes topk_group bound the ranks a token visits (docs/training.md) "
+                        "(default 1: every rank holds every expert)")
     p.add_argument("--seed", type=int, default=d("seed"), help=f"seed for init and data order (default {d('seed')})")
     p.add_argument("--save-every", type=int, default=d("save_every"),
                    help=f"checkpoint every N steps (default {d('save_every')})")

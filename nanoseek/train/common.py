@@ -31,7 +31,7 @@ from ..io import COMMIT, atomic_dir
 from ..model import Transformer
 from .args import TrainError
 from .dist import World, all_reduce, average_gradients
-from . import fp8
+from . import ep, fp8
 from .precision import choose, measure
 
 
@@ -205,6 +205,10 @@ class Trainer:
         self.step_num = 0  # optimizer steps taken (or skipped) so far
         self.skipped, self.bad_in_a_row, self.max_bad = 0, 0, max_bad_steps
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.shards = [p for p in self.params if ep.is_sharded(p)]  # expert parallel: this rank's experts
+        self.replicated = [p for p in self.params if not ep.is_sharded(p)]
+        if self.shards:
+            ep.traffic(model, world)  # the measurement's passes are not training traffic
 
     def step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
         """One optimizer step over the micro-batches; returns its metrics."""
@@ -226,10 +230,10 @@ class Trainer:
             counts = out.expert_counts if counts is None else counts + out.expert_counts
             tokens += int((y != -100).sum())
         sums /= len(micro_batches)
-        average_gradients(self.params, self.world)
+        average_gradients(self.replicated, self.world)
         all_reduce(sums, self.world, average=True)
         counts = all_reduce(counts.to(torch.float64), self.world)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.oc.clip)
+        grad_norm = self._clip()
         lr = lr_at(self.step_num, self.total, self.oc)
         self.step_num += 1
         metrics = {"step": self.step_num, "loss": sums[0].item(), "lm_loss": sums[1].item(),
@@ -252,8 +256,26 @@ class Trainer:
             load = counts / counts.sum(-1, keepdim=True).clamp(min=1) * counts.shape[-1]  # load / mean load
             metrics["expert_load_max_over_mean"] = [round(v, 4) for v in load.max(-1).values.tolist()]
             metrics["expert_counts"] = counts.long().tolist()
+        if self.shards:
+            metrics.update(ep.traffic(model, self.world))
         metrics["seconds"] = time.perf_counter() - t0
         return metrics
+
+    def _clip(self) -> torch.Tensor:
+        """Clip to the global gradient norm; expert shards hold the sum over every rank's tokens (ep.py),
+        so they are averaged by dividing, and their norms add up over the ranks."""
+        if not self.shards:
+            return torch.nn.utils.clip_grad_norm_(self.params, self.oc.clip)
+        for p in self.shards:  # a shard whose experts got no tokens: zero, as its slice of one process's stack
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in self.shards]
+        torch._foreach_div_(grads, self.world.world_size)
+        local = torch.nn.utils.get_total_norm(grads).pow(2)
+        norm = (torch.nn.utils.get_total_norm([p.grad for p in self.replicated if p.grad is not None]).pow(2)
+                + all_reduce(local, self.world)).sqrt()
+        torch.nn.utils.clip_grads_with_norm_(self.params, self.oc.clip, norm)
+        return norm
 
     def _measure(self, batch_shape: tuple[int, int]) -> dict[str, float]:
         """Both precisions' rates, averaged over ranks so that every rank makes the same choice."""

@@ -4,6 +4,7 @@
 
 Every rank holds the whole model; after backward, gradients are averaged across ranks in one
 flat all-reduce, so every rank takes the identical optimizer step. Rank 0 alone writes files.
+With --expert-parallel the routed experts are sharded over the ranks instead (ep.py).
 """
 
 from __future__ import annotations
@@ -59,6 +60,15 @@ def all_reduce(t: torch.Tensor, world: World, average: bool = False) -> torch.Te
         if average:
             t /= world.world_size
     return t
+
+
+def gather_objects(obj, world: World) -> list:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if world.world_size == 1:
+        return [obj]
+    out = [None] * world.world_size
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def barrier(world: World) -> None:

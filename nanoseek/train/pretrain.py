@@ -27,7 +27,7 @@ from ..io import write_atomic
 from ..model import Transformer
 from ..perf import matmul_peak
 from ..tokenizer import Tokenizer
-from . import dist
+from . import dist, ep
 from .args import PretrainConfig, TrainConfig, TrainError, settings
 from .common import (LossConfig, MetricsLog, OptimConfig, Trainer, build_optimizer, complete_checkpoints,
                      graceful_sigint, load_training_state, save_checkpoint, set_rng_state)
@@ -101,6 +101,16 @@ def train_loop(tc: TrainConfig, model: Transformer, saved: dict | None, next_mic
         run.mkdir(parents=True, exist_ok=True)
         (run / "train_args.json").write_text(json.dumps(command, indent=2, default=str))
     model.to(world.device)
+    sharded = tc.expert_parallel > 1
+    if sharded:
+        if tc.expert_parallel != world.world_size:
+            raise TrainError(f"--expert-parallel {tc.expert_parallel} must equal the number of processes "
+                             f"({world.world_size}): run it as torchrun --nproc_per_node={tc.expert_parallel} "
+                             f"(expert parallel inside data-parallel groups is not built)")
+        try:
+            ep.shard(model, world)
+        except ValueError as e:
+            raise TrainError(str(e)) from None
     optim = build_optimizer(model, oc)
     trainer = Trainer(model, optim, oc, lc, tc.steps, world, tc.precision, tc.max_bad_steps,
                       batch_shape=(tc.batch_size, tc.seq_len),
@@ -112,7 +122,7 @@ def train_loop(tc: TrainConfig, model: Transformer, saved: dict | None, next_mic
         write_atomic(run / "precision.json", json.dumps(
             {"precision": choice.name, "reason": choice.reason, "tokens_per_s": choice.rates}, indent=2))
     if saved:
-        optim.load_state_dict(saved["optimizer"])
+        optim.load_state_dict(saved["optimizer_ranks"][world.rank] if sharded else saved["optimizer"])
         trainer.load_state_dict(saved["trainer"])
         data_state.load_state_dict(saved["data"])
         set_rng_state(saved["rng"])
@@ -138,21 +148,25 @@ def train_loop(tc: TrainConfig, model: Transformer, saved: dict | None, next_mic
                                 tok_s=f"{m.get('tokens_per_s', 0):.0f}", refresh=False)
                 last = trainer.step_num == tc.steps
                 if trainer.step_num % tc.save_every == 0 or last or stop["now"]:
-                    if world.main:
-                        try:
-                            save_checkpoint(run, model, optim, trainer,
-                                            {"data": data_state.state_dict(), **(extra_state_fn() if extra_state_fn else {})},
-                                            tokenizer_files, tc.keep)
-                        except OSError as e:
-                            done = complete_checkpoints(run)
-                            raise TrainError(f"could not save a checkpoint in {run}: {e.strerror or e}; "
-                                             f"the previous one ({done[-1] if done else 'none'}) is intact") from None
+                    extra = {"data": data_state.state_dict(), **(extra_state_fn() if extra_state_fn else {})}
+                    with ep.gathered(model, world) if sharded else contextlib.nullcontext():
+                        if sharded:  # each rank's optimizer holds its own experts' moments
+                            extra["optimizer_ranks"] = dist.gather_objects(optim.state_dict(), world)
+                        if world.main:
+                            try:
+                                save_checkpoint(run, model, optim, trainer, extra, tokenizer_files, tc.keep)
+                            except OSError as e:
+                                done = complete_checkpoints(run)
+                                raise TrainError(f"could not save a checkpoint in {run}: {e.strerror or e}; "
+                                                 f"the previous one ({done[-1] if done else 'none'}) is intact") from None
                     dist.barrier(world)
                 if stop["now"]:
                     break
         finally:
             bar.close()
             log.close()
+    if sharded:
+        ep.unshard(model, world)
     if trainer.step_num == tc.steps and world.main:
         export_final(model, run, tokenizer_files)
     return model
