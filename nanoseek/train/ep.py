@@ -64,7 +64,8 @@ class ShardedExperts(nn.Module):
         self.down_proj = nn.Parameter(experts.down_proj.detach()[lo:lo + self.n].clone())
         for p in (self.gate_up_proj, self.down_proj):
             p.expert_shard = True  # Trainer: not all-reduced; see the module docstring
-        self.tokens = self.sent = self.widest = 0  # tokens routed, (token, other rank) pairs sent, most ranks a token visited
+        # the traffic: tokens routed, copies sent to other ranks, outputs they send back, most ranks one token visited
+        self.tokens = self.sent = self.returned = self.widest = 0
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, counts: list[int]):
         N, D = x.shape
@@ -89,6 +90,7 @@ class ShardedExperts(nn.Module):
         slots = x.new_zeros(N * K, D, dtype=y.dtype).index_copy(0, order, y).view(N, K, D)
         self.tokens += N
         self.sent += sum(send) - send[self.rank]
+        self.returned += sum(out_send) - out_send[self.rank]
         self.widest = max(self.widest, int(goes.sum(1).max()) if N else 0)
         return torch.bmm(weights.unsqueeze(1).to(slots.dtype), slots).squeeze(1).to(x.dtype)
 
@@ -161,15 +163,19 @@ def is_sharded(p: torch.nn.Parameter) -> bool:
 
 
 def traffic(model: Transformer, world: World) -> dict[str, float]:
-    """The dispatch since the last call, over all ranks: other ranks a token was sent to, per token and MoE
-    layer (each a copy of its hidden state; the combine sends as many back), and the most ranks any token
-    visited in one layer. Resets the counts."""
+    """The traffic since the last call, over all ranks, per token and MoE layer: copies of its hidden state
+    sent to other ranks (dispatch) and expert outputs sent back (combine, one per chosen expert there),
+    and the most ranks any token visited in one layer. Resets the counts."""
     layers = [m.experts for m in moe_layers(model) if isinstance(m.experts, ShardedExperts)]
-    t = torch.tensor([sum(x.tokens for x in layers), sum(x.sent for x in layers)], dtype=torch.float64)
-    widest = torch.tensor([max((x.widest for x in layers), default=0)], dtype=torch.float64)
+    device = layers[0].down_proj.device
+    t = torch.tensor([sum(x.tokens for x in layers), sum(x.sent for x in layers), sum(x.returned for x in layers)],
+                     dtype=torch.float64, device=device)
+    widest = torch.tensor([max((x.widest for x in layers), default=0)], dtype=torch.float64, device=device)
     if world.world_size > 1:
         dist.all_reduce(t)
         dist.all_reduce(widest, op=dist.ReduceOp.MAX)
     for x in layers:
-        x.tokens = x.sent = x.widest = 0
-    return {"ep_remote_ranks_per_token": (t[1] / t[0].clamp(min=1)).item(), "ep_most_ranks_per_token": int(widest)}
+        x.tokens = x.sent = x.returned = x.widest = 0
+    tokens = t[0].clamp(min=1)
+    return {"ep_remote_ranks_per_token": (t[1] / tokens).item(), "ep_returned_per_token": (t[2] / tokens).item(),
+            "ep_most_ranks_per_token": int(widest.item())}
