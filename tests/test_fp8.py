@@ -158,12 +158,12 @@ def test_the_model_trains_in_fp8_only_where_v3_does():
     assert model.embed_tokens.weight.grad is not None
 
 
-def test_pretrain_in_fp8_saves_a_normal_model_dir_transformers_loads(tmp_path):
+def test_small_pretrains_in_fp8_and_saves_a_normal_model_dir_transformers_loads(tmp_path):
     transformers = pytest.importorskip("transformers")
     data = token_shards(tmp_path)
     run = tmp_path / "run"
-    assert main(["pretrain", "--preset", "tiny", "--data", str(data / "tokens"), "--tokenizer", str(data / "tok"),
-                 "--out", str(run), "--batch-size", "4", "--seq-len", "32", "--steps", "4", "--precision", "fp8",
+    assert main(["pretrain", "--preset", "small", "--data", str(data / "tokens"), "--tokenizer", str(data / "tok"),
+                 "--out", str(run), "--batch-size", "2", "--seq-len", "32", "--steps", "4", "--precision", "fp8",
                  "--fp8-scaling", "fine", "--quiet"]) == 0
     assert json.loads((run / "precision.json").read_text())["precision"] == "fp8"
     assert json.loads((run / "train_args.json").read_text())["fp8_scaling"] == "fine"
