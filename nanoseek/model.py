@@ -601,9 +601,10 @@ class Transformer(nn.Module):
                                                    targets[:, k:]))
         zero = lm_loss.new_zeros(())
         mtp_loss = torch.stack(mtp_losses).mean() if mtp_losses else zero
-        # the MTP modules' MoE layers are balanced like the main ones (their bias too: `moe_gates`)
+        # the balance loss covers the main layers; every gate's bias is balanced, the MTP modules' too,
+        # from the counts (`moe_gates` order)
+        balance = torch.stack([s.balance_loss for s in stats]).sum() if stats else zero
         ran = stats + [s for s in mtp_stats if s is not None]
-        balance = torch.stack([s.balance_loss for s in ran]).sum() if ran else zero
         E, layers = self.cfg.n_routed_experts, len(self.moe_gates())
         skipped = [torch.zeros(E, dtype=torch.long, device=h.device)] * (layers - len(ran))
         counts = torch.stack([s.counts for s in ran] + skipped) if layers else torch.zeros(0, E, dtype=torch.long)
