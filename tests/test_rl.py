@@ -274,6 +274,33 @@ def test_cli_grpo_logs_checkpoints_and_resumes_exactly(sft_tiny, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("extra", [[], ["--resample", "2", "--beta", "0.04"]], ids=["plain", "resample-kl"])
+def test_grpo_under_torchrun_equals_one_process(sft_tiny, tmp_path, extra):
+    """Two processes share the groups out, and take the same steps: the same rollouts, metrics and weights."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from nanoseek import load_model
+    flags = ["grpo", "--model", str(sft_tiny), "--task", "arithmetic", "--level", "1", "--prompts", "4", "--group",
+             "4", "--max-tokens", "64", "--lr", "1e-3", "--steps", "3", "--quiet", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "nanoseek", *flags, "--out", str(tmp_path / "one")], check=True, env=env)
+    subprocess.run([str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node=2", "-m",
+                    "nanoseek", *flags, "--out", str(tmp_path / "two")], check=True, env=env)
+    one, two = ([json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("one", "two"))
+    assert [m["step"] for m in two] == [1, 2, 3]
+    for a, b in zip(one, two):
+        for key in ("reward", "accuracy", "response_length", "zero_variance_groups", "trained_sequences", "draws"):
+            assert a[key] == pytest.approx(b[key], abs=1e-6), key  # sums in float32 per rank
+        assert a["kl"] == pytest.approx(b["kl"], abs=1e-6) and a["entropy"] == pytest.approx(b["entropy"], rel=1e-5)
+    assert sum(m["trained_sequences"] for m in one) > 0
+    a, b = load_model(tmp_path / "one").state_dict(), load_model(tmp_path / "two").state_dict()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+
+
 def test_resample_draws_until_p_groups_have_signal(sft_tiny, tmp_path):
     """--resample (DAPO's dynamic sampling): more draws of P problems while fewer than P groups have reward
     variance; at most P groups train; each draw is other problems; a bad value is refused."""
@@ -306,8 +333,8 @@ def test_resample_draws_until_p_groups_have_signal(sft_tiny, tmp_path):
     tok = Tokenizer.load(sft_tiny)
     engine, cfg = Engine(load_model(sft_tiny), tok, max_running=8), GRPOConfig("arithmetic", level=1, prompts=2,
                                                                               group=2, max_tokens=8)
-    first, again, second = (rollout(engine, TASKS["arithmetic"], cfg, 5, tok, draw)[0] for draw in (0, 0, 1))
-    assert first == again and first != second
+    first, again, second = (rollout(engine, TASKS["arithmetic"], cfg, 5, tok, draw)[1] for draw in (0, 0, 1))
+    assert first == again and first != second  # the prompts of each draw
 
 
 def test_cli_distill_keeps_only_verified_samples(sft_tiny, tmp_path, capsys):

@@ -16,6 +16,12 @@ RUN/ holds metrics.jsonl (reward, accuracy, format rate, response length, KL, cl
 entropy, zero-variance groups, timings per step), with --eval-every eval.jsonl (greedy pass@1 and
 response length on held-out test problems over the steps), checkpoints/step-N/ (committed
 atomically; --resume continues from the newest, bit for bit) and, at the end, the final model dir.
+
+    torchrun --nproc_per_node=2 -m nanoseek grpo ...    # each rank samples every second group
+
+Under torchrun the groups are shared out over the ranks; which groups train, the loss's normalisation
+and the metrics are global, and the gradients add up over the ranks, so N processes take the step
+one process takes.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import load_model, resolve_device, save_model
+from ..checkpoint import load_model, save_model
 from ..data.tasks import get_task
 from ..engine.engine import Engine
 from ..io import write_atomic
@@ -37,7 +43,8 @@ from ..tokenizer import Tokenizer
 from ..train.args import TrainError, settings
 from ..train.common import (MetricsLog, OptimConfig, complete_checkpoints, graceful_sigint, load_training_state, lr_at,
                             save_checkpoint, set_rng_state)
-from ..train.pretrain import export_final
+from ..train.dist import World, all_reduce, average_gradients, barrier
+from ..train.pretrain import export_final, training_world
 from .args import GRPOConfig, GRPORun
 from .evaluate import answer_params, completion_text, evaluate, prompt_ids
 from .grpo import group_advantages, grpo_loss
@@ -129,48 +136,63 @@ def sequence_logprobs(model: Transformer, seqs: list[list[int]], starts: list[in
     return logp, mask, ent
 
 
-def rollout(engine: Engine, task, cfg: GRPOConfig, step: int, tok: Tokenizer, draw: int = 0):
-    """P problems x G completions: problems, prompt ids, requests, scores (P, G). `draw` k > 0 is the
-    step's k-th extra draw under --resample: other problems and sampling seeds, as fixed as the first."""
+def rollout(engine: Engine, task, cfg: GRPOConfig, step: int, tok: Tokenizer, draw: int = 0, world: World = World()):
+    """This rank's share of P problems x G completions: prompt ids, requests and scores of groups
+    rank, rank + W, ... (all P in one process). `draw` k > 0 is the step's k-th extra draw under
+    --resample: other problems and sampling seeds, as fixed as the first. Every completion's seed is
+    its place among the P x G, so any number of ranks samples the same tokens."""
     problems = task.problems("train", cfg.prompts, level=cfg.level,
                              seed=cfg.seed * 1_000_003 + step + draw * 100_000_007)
-    prompts = [prompt_ids(tok, p, cfg.template) for p in problems]
+    mine = range(world.rank, cfg.prompts, world.world_size)
+    prompts = [prompt_ids(tok, problems[i], cfg.template) for i in mine]
     params = [answer_params(tok, temperature=cfg.temperature, max_tokens=cfg.max_tokens,
-                            seed=(cfg.seed * 7919 + step) * 10_007 + i + draw * 1_000_000_007)
-              for i in range(cfg.prompts * cfg.group)]
+                            seed=(cfg.seed * 7919 + step) * 10_007 + i * cfg.group + j + draw * 1_000_000_007)
+              for i in mine for j in range(cfg.group)]
     reqs = engine.generate([p for p in prompts for _ in range(cfg.group)], params)
     rewards = RewardConfig(cfg.format_weight, cfg.language_weight)
-    scores = [[score(task, problems[i], completion_text(tok, reqs[i * cfg.group + j]), rewards)
-               for j in range(cfg.group)] for i in range(cfg.prompts)]
-    return problems, prompts, reqs, scores
+    scores = [[score(task, problems[i], completion_text(tok, reqs[n * cfg.group + j]), rewards)
+               for j in range(cfg.group)] for n, i in enumerate(mine)]
+    return list(mine), prompts, reqs, scores
 
 
 def grpo_step(policy: Transformer, ref: Transformer | None, optim, engine: Engine, task, cfg: GRPOConfig, step: int,
-              tok: Tokenizer) -> dict:
+              tok: Tokenizer, world: World = World()) -> dict:
+    """One GRPO step. Under torchrun each rank samples and scores its share of the groups; which groups
+    train, the loss's normalisation and the metrics are global, and the update is data parallel, so
+    any number of ranks takes the step one process takes."""
     t0 = time.perf_counter()
-    prompts, reqs, scores, draws = [], [], [], 0
+    ids, prompts, reqs, scores, draws = [], [], [], [], 0
+    flat_all = torch.zeros(0, dtype=torch.bool)  # every group of every draw so far, in draw order: no signal
     while True:  # one draw of P groups; with --resample, more while fewer than P groups carry signal
-        _, p, r, sc = rollout(engine, task, cfg, step, tok, draws)
-        prompts, reqs, scores, draws = prompts + p, reqs + r, scores + sc, draws + 1
-        signal = sum(len({s.reward for s in row}) > 1 for row in scores)
-        if signal >= cfg.prompts or draws > (cfg.resample if step >= cfg.resample_from else 0):
+        mine, p, r, sc = rollout(engine, task, cfg, step, tok, draws, world)
+        flags = torch.zeros(cfg.prompts, dtype=torch.float64)
+        flags[mine] = torch.tensor([float(len({s.reward for s in row}) == 1) for row in sc], dtype=torch.float64)
+        flat_all = torch.cat((flat_all, all_reduce(flags, world).bool()))
+        ids, prompts, reqs, scores = ids + [draws * cfg.prompts + i for i in mine], prompts + p, reqs + r, scores + sc
+        draws += 1
+        if int((~flat_all).sum()) >= cfg.prompts or draws > (cfg.resample if step >= cfg.resample_from else 0):
             break
     t_roll = time.perf_counter() - t0
-    rewards = torch.tensor([[s.reward for s in row] for row in scores])
+    rewards = torch.tensor([[s.reward for s in row] for row in scores]).view(len(scores), cfg.group)
     adv, flat = group_advantages(rewards, scale=cfg.advantage_scale)
-    groups = [i for i in range(len(scores)) if not flat[i]][: cfg.prompts]  # at most P groups train
+    trained = [g for g in range(len(flat_all)) if not flat_all[g]][: cfg.prompts]  # at most P groups, all ranks
+    groups = [n for n, g in enumerate(ids) if g in set(trained)]  # this rank's of them
     keep = [(i, j) for i in groups for j in range(cfg.group)]
     lengths = [len(r.output) for r in reqs]
-    m = {"step": step + 1, "reward": rewards.mean().item(),
-         "accuracy": sum(s.correct for row in scores for s in row) / rewards.numel(),
-         "format": sum(s.formatted for row in scores for s in row) / rewards.numel(),
-         "response_length": sum(lengths) / len(lengths), "zero_variance_groups": int(flat.sum()),
-         "draws": draws, "trained_sequences": len(keep), "rollout_seconds": t_roll}
+    sums = all_reduce(torch.tensor([rewards.sum().item(), rewards.numel(),
+                                    sum(s.correct for row in scores for s in row),
+                                    sum(s.formatted for row in scores for s in row), sum(lengths)],
+                                   dtype=torch.float64), world)
+    m = {"step": step + 1, "reward": (sums[0] / sums[1]).item(), "accuracy": (sums[2] / sums[1]).item(),
+         "format": (sums[3] / sums[1]).item(), "response_length": (sums[4] / sums[1]).item(),
+         "zero_variance_groups": int(flat_all.sum()), "draws": draws, "trained_sequences": len(trained) * cfg.group,
+         "rollout_seconds": t_roll}
     kl = clip_frac = entropy = 0.0
-    if keep:
+    if trained:
         seqs = [prompts[i] + reqs[i * cfg.group + j].output for i, j in keep]
         starts = [len(prompts[i]) for i, _ in keep]
-        advantages = torch.stack([adv[i, j] for i, j in keep]).to(next(policy.parameters()).device)
+        rows, cols = (torch.tensor(v, dtype=torch.long) for v in ([i for i, _ in keep], [j for _, j in keep]))
+        advantages = adv[rows, cols].to(next(policy.parameters()).device)  # empty where this rank trains none
         batches = [range(k, min(k + cfg.minibatch, len(seqs))) for k in range(0, len(seqs), cfg.minibatch)]
         T = cfg.temperature or 1.0  # greedy rollouts (0) have no distribution of their own: score them at 1
         with torch.no_grad():  # the sampling policy (needed from the second update on) and the reference
@@ -178,10 +200,11 @@ def grpo_step(policy: Transformer, ref: Transformer | None, optim, engine: Engin
                     for mb in batches] if cfg.inner_updates > 1 else [None] * len(batches))
             refs = ([sequence_logprobs(ref, [seqs[b] for b in mb], [starts[b] for b in mb], temperature=T)[0]
                      for mb in batches] if ref is not None else [None] * len(batches))
-        total_tokens = sum(len(s) - st for s, st in zip(seqs, starts))
+        total_tokens = all_reduce(torch.tensor(float(sum(len(s) - st for s, st in zip(seqs, starts)))), world).item()
+        total_seqs = len(trained) * cfg.group
         # --normalize batch: the published objective's mean over all P x G completions, where a group
         # without reward variance counts with advantage 0, so a step with little signal moves little
-        signal_share = len(groups) / cfg.prompts if cfg.normalize == "batch" else 1.0
+        signal_share = len(trained) / cfg.prompts if cfg.normalize == "batch" else 1.0
         policy.train()
         for _ in range(cfg.inner_updates):
             optim.zero_grad(set_to_none=True)
@@ -193,24 +216,29 @@ def grpo_step(policy: Transformer, ref: Transformer | None, optim, engine: Engin
                     old_lp = logp.detach()
                 loss, stats = grpo_loss(logp, old_lp, advantages[list(mb)], mask, ref_lp, cfg.clip_eps, cfg.beta,
                                         cfg.averaging)
-                share = (len(mb) / len(seqs) if cfg.averaging == "sequence" else float(mask.sum()) / total_tokens)
+                share = (len(mb) / total_seqs if cfg.averaging == "sequence" else float(mask.sum()) / total_tokens)
                 (loss * share * signal_share).backward()
                 tokens_share = float(mask.sum()) / total_tokens
                 kl += stats.kl * tokens_share
                 clip_frac += stats.clip_fraction * tokens_share
                 entropy += float((ent * mask).sum()) / total_tokens
+            if world.world_size > 1:  # each rank's share of one global mean: their gradients add up
+                for p in policy.parameters():
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                average_gradients(list(policy.parameters()), world, average=False)
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.clip)
             optim.step()
         policy.eval()
         m["grad_norm"] = float(grad_norm)
+        kl, clip_frac, entropy = all_reduce(torch.tensor([kl, clip_frac, entropy], dtype=torch.float64), world).tolist()
     m.update(kl=kl, clip_fraction=clip_frac, entropy=entropy, seconds=time.perf_counter() - t0)
     return m
 
 
 def run(r: GRPORun) -> Transformer:
-    """A GRPO run as `r` says; returns the policy (RUN holds it once every step ran)."""
-    from tqdm import tqdm
-
+    """A GRPO run as `r` says; returns the policy (RUN holds it once every step ran). Under torchrun,
+    every rank runs it and samples its share of the groups (grpo_step)."""
     cfg = r.grpo
     for name, value in [(n, getattr(r, n)) for n in ("steps", "save_every", "keep")] + \
                        [(n, getattr(cfg, n)) for n in ("prompts", "group", "max_tokens", "inner_updates", "minibatch")]:
@@ -237,13 +265,24 @@ def run(r: GRPORun) -> Transformer:
         raise TrainError(str(e)) from None
     if r.eval_every and not held_out:
         raise TrainError(f"--eval-every: {task.name} has no test problems at level {cfg.level}")
+    with training_world() as world:
+        if cfg.prompts < world.world_size:
+            raise TrainError(f"--prompts {cfg.prompts} is fewer than the {world.world_size} processes: each needs a group")
+        return _train(r, task, held_out, world)
+
+
+def _train(r: GRPORun, task, held_out: list, world: World) -> Transformer:
+    """The run itself, on every rank: rank 0 alone writes files and scores the held-out problems."""
+    from tqdm import tqdm
+
+    cfg = r.grpo
     run = Path(r.out)
     done = complete_checkpoints(run)
     if done and not r.resume:
         raise TrainError(f"{run} already has checkpoints (newest: {done[-1].name}); pass --resume to continue it "
                          f"or choose another --out")
     saved = load_training_state(done[-1]) if (r.resume and done) else None
-    device = resolve_device()  # rollouts and updates on a GPU if there is one
+    device = world.device  # rollouts and updates on a GPU if there is one
     policy = load_model(done[-1] if saved else r.model).to(device)
     tok = Tokenizer.load(r.model)
     tok.check_fits(policy.cfg.vocab_size)
@@ -267,30 +306,34 @@ def run(r: GRPORun) -> Transformer:
         optim.load_state_dict(saved["optimizer"])
         steps.step_num = saved["trainer"]["step"]
         set_rng_state(saved["rng"])
-    run.mkdir(parents=True, exist_ok=True)
-    write_atomic(run / "grpo_args.json", json.dumps(settings(r), indent=2, default=str))
-    if ref is not None and not saved:
-        save_model(ref, run / "reference")
-    log = MetricsLog(run, True, steps.step_num)
-    curve = MetricsLog(run, bool(held_out), steps.step_num, name="eval.jsonl")
+    if world.main:
+        run.mkdir(parents=True, exist_ok=True)
+        write_atomic(run / "grpo_args.json", json.dumps(settings(r), indent=2, default=str))
+        if ref is not None and not saved:
+            save_model(ref, run / "reference")
+    log = MetricsLog(run, world.main, steps.step_num)
+    curve = MetricsLog(run, bool(held_out) and world.main, steps.step_num, name="eval.jsonl")
 
     def evaluate_held_out() -> None:
-        report = evaluate(engine, task, held_out, max_tokens=cfg.max_tokens, template=cfg.template)
-        curve.write({"step": steps.step_num, "pass1": report.pass1, "format": report.format_rate,
-                     "mean_tokens": report.mean_tokens, "n": report.n})
+        if world.main:
+            report = evaluate(engine, task, held_out, max_tokens=cfg.max_tokens, template=cfg.template)
+            curve.write({"step": steps.step_num, "pass1": report.pass1, "format": report.format_rate,
+                         "mean_tokens": report.mean_tokens, "n": report.n})
+        barrier(world)
 
     if held_out and steps.step_num == 0:
         evaluate_held_out()
     files = tok.files(policy.cfg.max_position_embeddings)
     schedule = OptimConfig(lr=cfg.lr, warmup=cfg.warmup, decay_frac=0.0)  # linear warm-up, then constant
-    bar = tqdm(total=r.steps, initial=steps.step_num, disable=r.quiet, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=r.steps, initial=steps.step_num, disable=r.quiet or not world.main, unit="step",
+               dynamic_ncols=True)
     with graceful_sigint() as stop:
         try:
             while steps.step_num < r.steps:
                 lr = lr_at(steps.step_num, r.steps, schedule)
                 for group in optim.param_groups:
                     group["lr"] = lr
-                m = {**grpo_step(policy, ref, optim, engine, task, cfg, steps.step_num, tok), "lr": lr}
+                m = {**grpo_step(policy, ref, optim, engine, task, cfg, steps.step_num, tok, world), "lr": lr}
                 steps.step_num += 1
                 log.write(m)
                 bar.update(1)
@@ -300,16 +343,20 @@ def run(r: GRPORun) -> Transformer:
                     evaluate_held_out()
                 refresh = ref is not None and cfg.ref_refresh and steps.step_num % cfg.ref_refresh == 0
                 if refresh or steps.step_num % r.save_every == 0 or steps.step_num == r.steps or stop["now"]:
-                    save_checkpoint(run, policy, optim, steps, {"config": asdict(cfg)}, files, r.keep)
+                    if world.main:
+                        save_checkpoint(run, policy, optim, steps, {"config": asdict(cfg)}, files, r.keep)
+                    barrier(world)
                 if refresh:  # after its checkpoint: a resume never finds a reference newer than its step
                     ref.load_state_dict(policy.state_dict())
-                    save_model(ref, run / "reference")
+                    if world.main:
+                        save_model(ref, run / "reference")
+                    barrier(world)
                 if stop["now"]:
                     break
         finally:
             bar.close()
             log.close()
             curve.close()
-    if steps.step_num == r.steps:
+    if steps.step_num == r.steps and world.main:
         export_final(policy, run, files)
     return policy

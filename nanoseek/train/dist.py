@@ -40,14 +40,15 @@ def init() -> World:
     return World(int(os.environ.get("RANK", "0")), size, local, device)
 
 
-def average_gradients(params: list[torch.nn.Parameter], world: World) -> None:
-    """grad <- mean over ranks, as one flat all-reduce."""
+def average_gradients(params: list[torch.nn.Parameter], world: World, average: bool = True) -> None:
+    """grad <- mean (or, with average=False, sum) over ranks, as one flat all-reduce."""
     if world.world_size == 1:
         return
     grads = [p.grad for p in params if p.grad is not None]
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
-    flat /= world.world_size
+    if average:
+        flat /= world.world_size
     offset = 0
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
