@@ -364,6 +364,40 @@ def test_cli_distill_keeps_only_verified_samples(sft_tiny, tmp_path, capsys):
     assert "teacher" in capsys.readouterr().out
 
 
+def test_distill_under_torchrun_samples_and_trains_like_one_process(sft_tiny, tmp_path):
+    """Two processes share the teacher's sampling out and train the student data parallel: the same
+    examples, the same rows in every SFT step (each rank half of the batch), one report. (The weights are
+    not compared: data parallel SFT averages each rank's per-token mean, as pretraining does.)"""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from nanoseek import Transformer, load_model, preset, save_model
+    from nanoseek.tokenizer import Tokenizer
+    torch.manual_seed(1)
+    student = tmp_path / "student-base"
+    save_model(Transformer(preset("tiny", num_hidden_layers=1)), student, extra_files=Tokenizer.byte_level().files())
+    flags = ["distill", "--teacher", str(sft_tiny), "--student", str(student), "--task", "arithmetic", "--problems",
+             "21", "--k", "8", "--temperature", "1.0", "--max-tokens", "64", "--steps", "4", "--eval-n", "8", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "nanoseek", *flags, "--out", str(tmp_path / "one")], check=True, env=env)
+    subprocess.run([str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node=2", "-m",
+                    "nanoseek", *flags, "--out", str(tmp_path / "two")], check=True, env=env)
+    assert (tmp_path / "one" / "distill.jsonl").read_text() == (tmp_path / "two" / "distill.jsonl").read_text()
+    one, two = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", "two"))
+    same = ("task", "test_problems", "teacher_pass1", "student_before_pass1", "samples", "correct_samples",
+            "problems", "problems_solved", "examples")
+    assert {k: one[k] for k in same} == {k: two[k] for k in same}
+    steps = [[json.loads(line)["tokens"] for line in (tmp_path / d / "student" / "metrics.jsonl").open()
+              if '"tokens"' in line] for d in ("one", "two")]
+    assert len(steps[0]) == 4 and steps[0] == steps[1]
+    start = load_model(student).state_dict()
+    trained = load_model(tmp_path / "two" / "student").state_dict()
+    assert max((start[k] - trained[k]).abs().max().item() for k in start) > 0
+
+
 def test_compiled_rollouts_follow_the_weight_updates(sft_tiny, tmp_path):
     """grpo --compile: the optimizer changes the weights in place between rollouts; the compiled decode
     step must decode with the new weights (as a fresh eager engine does), without compiling again."""

@@ -1,6 +1,7 @@
 """`nanoseek distill`: R1's distillation in miniature — rejection-sample a teacher, SFT a student.
 
     nanoseek distill --teacher runs/x/rl --student runs/x/small-base --task arithmetic --out runs/x/distill
+    torchrun --nproc_per_node=2 -m nanoseek distill ...   # the ranks share the sampling, then train data parallel
 
 1. The teacher answers --problems train problems --k times each (temperature --temperature,
    through the engine); only completions the task's verifier accepts are kept, at most
@@ -22,6 +23,7 @@ from ..data.tasks import get_task
 from ..engine.engine import Engine
 from ..io import write_atomic
 from ..tokenizer import Tokenizer
+from ..train import dist
 from ..train.args import TrainConfig, TrainError
 from .args import DistillConfig
 from .evaluate import evaluate
@@ -43,12 +45,15 @@ def run(cfg: DistillConfig) -> dict:
         raise TrainError(str(e)) from None
     run = Path(cfg.out)
     student_run = run / "student"
+    world = dist.init()  # under torchrun: the sampling shared out, the SFT data parallel, rank 0 evaluates
     stats = sample_and_sft(
         cfg.teacher, cfg.student, run / "distill.jsonl", task, problems, cfg.k, cfg.temperature, cfg.max_tokens,
         cfg.keep_per_problem, max_running=cfg.max_running,
         none_kept=f"the teacher solved none of the {len(problems)} problems in {cfg.k} tries each; nothing to distil "
                   f"(train the teacher more, or raise --k)",
         train=TrainConfig(out=str(student_run), steps=cfg.steps, lr=cfg.lr, seed=cfg.seed, quiet=cfg.quiet))
+    if not world.main:
+        return stats
     device = resolve_device()  # evaluation on a GPU if there is one, as the sampling and the student's SFT
     teacher = Engine(load_model(cfg.teacher, device=device), Tokenizer.load(cfg.teacher), max_running=cfg.max_running)
     student = Engine(load_model(student_run, device=device), Tokenizer.load(student_run), max_running=cfg.max_running)

@@ -27,46 +27,53 @@ from ..data.tasks import Problem, Task, get_task
 from ..engine.engine import Engine
 from ..io import write_atomic
 from ..tokenizer import Tokenizer
-from ..train import sft
+from ..train import dist, sft
 from ..train.args import SFTConfig, TrainConfig, TrainError
 from .args import RFTConfig
 from .evaluate import answer_params, completion_text, prompt_ids
 
 
 def rejection_sample(engine: Engine, task: Task, problems: list[Problem], k: int, temperature: float,
-                     max_tokens: int, keep_per_problem: int, seed: int, progress: bool = False
-                     ) -> tuple[list[dict], dict]:
+                     max_tokens: int, keep_per_problem: int, seed: int, progress: bool = False,
+                     world: dist.World = dist.World()) -> tuple[list[dict], dict]:
     """k completions per problem; the distinct ones the task verifies, at most `keep_per_problem` each (0: all),
-    as chat examples, and counts."""
+    as chat examples, and counts. Under torchrun each rank answers every world_size-th problem with the seeds
+    one process would use, and every rank gets all the examples in one process's order."""
     tok = engine.tok
-    ids = [prompt_ids(tok, p, "chat") for p in problems]
-    params = [answer_params(tok, temperature=temperature, max_tokens=max_tokens, seed=seed * 1_000_003 + i)
-              for i in range(len(problems) * k)]
+    mine = list(range(world.rank, len(problems), world.world_size))
+    ids = [prompt_ids(tok, problems[i], "chat") for i in mine]
+    params = [answer_params(tok, temperature=temperature, max_tokens=max_tokens, seed=seed * 1_000_003 + i * k + j)
+              for i in mine for j in range(k)]
     reqs = engine.generate([x for x in ids for _ in range(k)], params,
-                           progress="rejection sampling" if progress else None)
-    examples, correct, solved = [], 0, 0
-    for i, p in enumerate(problems):
+                           progress="rejection sampling" if progress and world.main else None)
+    kept_by_problem, correct = {}, 0
+    for n, i in enumerate(mine):
         kept: list[str] = []
-        for r in reqs[i * k:(i + 1) * k]:
+        for r in reqs[n * k:(n + 1) * k]:
             text = completion_text(tok, r).strip()
-            if task.verify(p, text):
+            if task.verify(problems[i], text):
                 correct += 1
                 if text not in kept and (not keep_per_problem or len(kept) < keep_per_problem):
                     kept.append(text)
-        solved += bool(kept)
-        examples += [{"messages": [{"role": "user", "content": p.prompt}, {"role": "assistant", "content": t}]}
-                     for t in kept]
-    return examples, {"samples": len(reqs), "correct_samples": correct, "problems": len(problems),
-                      "problems_solved": solved, "examples": len(examples)}
+        kept_by_problem[i] = kept
+    shares = dist.gather_objects((kept_by_problem, correct), world)
+    kept_by_problem = {i: kept for share, _ in shares for i, kept in share.items()}
+    correct = sum(c for _, c in shares)
+    examples = [{"messages": [{"role": "user", "content": p.prompt}, {"role": "assistant", "content": t}]}
+                for i, p in enumerate(problems) for t in kept_by_problem[i]]
+    return examples, {"samples": len(problems) * k, "correct_samples": correct, "problems": len(problems),
+                      "problems_solved": sum(map(bool, kept_by_problem.values())), "examples": len(examples)}
 
 
 class NothingVerified(TrainError):
     """Rejection sampling kept nothing: no sample was right, so there is nothing to fine-tune on."""
 
 
-def sample_once(run: Path, name: str, sample: Callable[[], tuple[list[dict], dict]], none_kept: str) -> dict:
+def sample_once(run: Path, name: str, sample: Callable[[], tuple[list[dict], dict]], none_kept: str,
+                world: dist.World = dist.World()) -> dict:
     """The counts of the chat examples in RUN/name: drawn by `sample()` and written (the examples, then
-    RUN/samples.json, atomically: the counts mark them complete), or a previous run's, reused."""
+    RUN/samples.json, atomically: the counts mark them complete), or a previous run's, reused. Under torchrun
+    every rank samples its share and rank 0 writes."""
     data, counts = run / name, run / "samples.json"
     if data.exists() and counts.exists():
         return json.loads(counts.read_text())
@@ -74,9 +81,11 @@ def sample_once(run: Path, name: str, sample: Callable[[], tuple[list[dict], dic
     examples, stats = sample()
     if not examples:
         raise NothingVerified(none_kept)
-    write_atomic(data, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples))
     stats["seconds"] = time.perf_counter() - t0
-    write_atomic(counts, json.dumps(stats, indent=2))
+    if world.main:
+        write_atomic(data, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples))
+        write_atomic(counts, json.dumps(stats, indent=2))
+    dist.barrier(world)
     return stats
 
 
@@ -87,19 +96,26 @@ def sample_and_sft(teacher: str | Path, start: str | Path, data: Path, task: Tas
     written to `data` (the counts to samples.json beside it; a rerun reuses both) and `start` is fine-tuned on
     them, and on the chat examples of the files in `extra`, as `train` says (resuming its run). What RFT,
     R1's rejection-sampling stage and distillation share; returns the sampling counts."""
+    world = dist.init()  # under torchrun: the sampling shared out, the SFT data parallel with the same global batch
+    if train.batch_size % world.world_size:
+        raise TrainError(f"--batch-size ({train.batch_size}) must be a multiple of the number of processes "
+                         f"({world.world_size}): the ranks split each step's batch")
+
     def sample() -> tuple[list[dict], dict]:
-        engine = Engine(load_model(teacher, device=resolve_device()), Tokenizer.load(teacher), max_running=max_running)
+        device = world.device if world.world_size > 1 else resolve_device()
+        engine = Engine(load_model(teacher, device=device), Tokenizer.load(teacher), max_running=max_running)
         return rejection_sample(engine, task, problems, k, temperature, max_tokens, keep_per_problem, train.seed,
-                                progress=not train.quiet)
+                                progress=not train.quiet, world=world)
 
     data.parent.mkdir(parents=True, exist_ok=True)
     stats = sample_once(data.parent, data.name, sample, none_kept or (
         f"{teacher} answered none of {len(problems)} {task.name} problems right in {k} tries each: nothing to "
-        f"fine-tune on"))
-    if not train.quiet:
+        f"fine-tune on"), world)
+    if not train.quiet and world.main:
         print(f"rejection sampling: {stats['correct_samples']} of {stats['samples']} samples correct, "
               f"{stats['problems_solved']} of {stats['problems']} problems solved, {stats['examples']} examples")
-    train = replace(train, resume=(Path(train.out) / "checkpoints").exists())
+    train = replace(train, resume=(Path(train.out) / "checkpoints").exists(),
+                    batch_size=train.batch_size // world.world_size)
     sft.run(SFTConfig(model=str(start), data=[str(data), *map(str, extra)], train=train))
     return stats
 

@@ -233,12 +233,13 @@ class Trainer:
         average_gradients(self.replicated, self.world)
         all_reduce(sums, self.world, average=True)
         counts = all_reduce(counts.to(torch.float64), self.world)
+        tokens = int(all_reduce(torch.tensor(tokens, dtype=torch.float64), self.world).item())
         grad_norm = self._clip()
         lr = lr_at(self.step_num, self.total, self.oc)
         self.step_num += 1
         metrics = {"step": self.step_num, "loss": sums[0].item(), "lm_loss": sums[1].item(),
                    "mtp_loss": sums[2].item(), "balance_loss": sums[3].item(), "grad_norm": grad_norm.item(),
-                   "lr": lr, "tokens": tokens * self.world.world_size, "mtp_weight": mtp_weight, "bias_gamma": gamma}
+                   "lr": lr, "tokens": tokens, "mtp_weight": mtp_weight, "bias_gamma": gamma}
         if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
             self.optim.zero_grad()
             self.skipped += 1
