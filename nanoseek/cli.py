@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import PRESETS, SHAPE_ONLY, ConfigError, ModelConfig, preset
+from .config import PRESETS, SHAPE_ONLY, ConfigError, ModelConfig, preset, vllm_mla_note
 from .data.shards import ShardError
 from .data.tasks import SPLITS, TASKS, task_name
 from .rl import args as rl_args
@@ -77,6 +77,8 @@ def cmd_init(args: argparse.Namespace) -> int:
                      extra_files=tok.files(cfg.max_position_embeddings))
     print(f"wrote {out}: {name}, {model.num_parameters():,} parameters, seed {args.seed}, {args.dtype}, "
           f"{'byte-level' if not args.tokenizer else args.tokenizer} tokenizer ({tok.vocab_size} tokens)")
+    if note := vllm_mla_note(cfg):
+        print(f"note: {note}")
     return 0
 
 

@@ -2,7 +2,8 @@
 
 A DeepSeek `config.json` maps onto `ModelConfig` one to one, so a model dir written by
 nanoseek, by transformers or by DeepSeek itself reads with `ModelConfig.from_json(path)`.
-Presets: `tiny` (tests), `small` (trainable in minutes on 2 CPU cores) and the shape-only
+Presets: `tiny` (tests), `small` (trainable in minutes on 2 CPU cores), `medium` (~80M, a latent
+width vLLM serves) and the shape-only
 `deepseek-v2-lite`, `deepseek-v2`, `deepseek-v3` (cost and memory math; never instantiated).
 """
 
@@ -177,6 +178,10 @@ class ModelConfig:
                 d[f.name] = getattr(self, f.name)
         if not v2:
             d["rope_interleave"] = True  # DeepSeek's rope pairs are interleaved (complex) pairs
+        if self.rope_scaling is None:
+            # YaRN at factor 1 is plain RoPE. Written because vLLM's CPU kernel for plain RoPE leaves MLA's
+            # key unrotated, while its YaRN path rotates it; from_dict reads it back as None.
+            d["rope_scaling"] = _yarn(1.0, self.max_position_embeddings)
         return d
 
     @classmethod
@@ -193,6 +198,9 @@ class ModelConfig:
                 d["rope_scaling"] = rs
         if d.get("rope_scaling") and d["rope_scaling"].get("rope_type") and "type" not in d["rope_scaling"]:
             d["rope_scaling"] = {**d["rope_scaling"], "type": d["rope_scaling"]["rope_type"]}
+        rs = d.get("rope_scaling")
+        if isinstance(rs, dict) and rs.get("type") == "yarn" and rs.get("factor") == 1:
+            d["rope_scaling"] = None  # the identity (to_hf_dict writes it for vLLM)
         if d.get("model_type") == "deepseek_v2" and "scoring_func" not in d:
             d["scoring_func"] = "softmax"
         if d.get("scoring_func") == "softmax" and "topk_method" not in d:
@@ -240,6 +248,19 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
+VLLM_MLA_WIDTHS = (320, 512, 576)  # kv_lora_rank + qk_rope_head_dim that vLLM's MLA kernels take
+
+
+def vllm_mla_note(cfg: ModelConfig) -> str | None:
+    """Why vLLM cannot serve this config (its MLA kernels take a few latent widths only), or None."""
+    width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    if width in VLLM_MLA_WIDTHS:
+        return None
+    return (f"kv_lora_rank + qk_rope_head_dim is {width}; vLLM's MLA takes "
+            f"{', '.join(map(str, VLLM_MLA_WIDTHS))} only, so vLLM cannot serve this model (transformers, llama.cpp "
+            f"and nanoseek can). The `medium` preset is one vLLM serves.")
+
+
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     """YaRN's attention temperature correction: 0.1 * mscale * ln(factor) + 1."""
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
@@ -267,6 +288,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2,
         routed_scaling_factor=2.5, first_k_dense_replace=1, num_nextn_predict_layers=1,
         max_position_embeddings=1024,
+    ),
+    # ~82M parameters (MTP included) with a latent width vLLM's MLA serves (256 + 64 = 320)
+    "medium": dict(
+        vocab_size=8192, hidden_size=512, intermediate_size=1536, moe_intermediate_size=256,
+        num_hidden_layers=8, num_attention_heads=16, q_lora_rank=256, kv_lora_rank=256,
+        qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=64, n_routed_experts=16,
+        n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2,
+        routed_scaling_factor=2.5, first_k_dense_replace=1, num_nextn_predict_layers=1,
+        max_position_embeddings=2048,
     ),
     "deepseek-v2-lite": dict(
         vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,

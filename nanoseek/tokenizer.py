@@ -10,6 +10,11 @@ Special tokens take ids 0..8 (begin/end of sentence first, as in DeepSeek-V3: bo
 `render_chat` gives exactly the ids transformers' `apply_chat_template` gives on the saved dir;
 its mask covers the assistant's tokens (and the end-of-sentence that closes them) only.
 No normaliser: encode -> decode reproduces any text byte for byte.
+
+A tokenizer made elsewhere (any HF tokenizer.json, e.g. DeepSeek's own, which has no <answer>)
+loads too: its begin/end/pad tokens are those its tokenizer_config.json names, chat renders its
+chat template as transformers does, and tags it lacks are plain text. Only what truly needs a
+token it lacks (a chat without a template, pretraining shards without a begin token) fails.
 """
 
 from __future__ import annotations
@@ -61,18 +66,37 @@ def _pre_tokenizer():
                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
 
 
+def _token_name(value) -> str | None:
+    """A special token as tokenizer_config.json names it: a string, or an object with its content."""
+    return value.get("content") if isinstance(value, dict) else value if isinstance(value, str) else None
+
+
 class Tokenizer:
-    def __init__(self, tk: HFTokenizer):
-        self.tk = tk
-        missing = [t for t in SPECIAL_TOKENS if tk.token_to_id(t) is None]
-        if missing:
-            raise TokenizerError(f"tokenizer lacks special token(s) {', '.join(missing)}")
+    def __init__(self, tk: HFTokenizer, config: dict | None = None, source: str = "tokenizer"):
+        """`config`: the tokenizer_config.json of a tokenizer made elsewhere; None for nanoseek's own, which
+        must have all nine special tokens."""
+        self.tk, self.source = tk, source
         ids = {t: tk.token_to_id(t) for t in SPECIAL_TOKENS}
-        self.bos_id, self.eos_id, self.pad_id = ids[BOS], ids[EOS], ids[PAD]
+        self.native = all(i is not None for i in ids.values())
+        if config is None and not self.native:
+            missing = [t for t, i in ids.items() if i is None]
+            raise TokenizerError(f"tokenizer lacks special token(s) {', '.join(missing)}")
+        self.config = None if self.native else config
+
+        def named(key: str, fallback: str) -> int | None:
+            name = _token_name((config or {}).get(key))
+            found = tk.token_to_id(name) if name else None
+            return found if found is not None else ids[fallback]
+
+        self.bos_id, self.eos_id = named("bos_token", BOS), named("eos_token", EOS)
+        pad = named("pad_token", PAD)
+        self.pad_id = pad if pad is not None else self.eos_id if self.eos_id is not None else 0  # masked out anyway
         self.user_id, self.assistant_id = ids[USER], ids[ASSISTANT]
         self.think_id, self.think_end_id = ids[THINK], ids[THINK_END]
         self.answer_id, self.answer_end_id = ids[ANSWER], ids[ANSWER_END]
-        self.special_ids = frozenset(ids.values())
+        added = {i for i, t in tk.get_added_tokens_decoder().items() if t.special}
+        self.special_ids = frozenset({i for i in ids.values() if i is not None} | added)
+        self.chat_template = CHAT_TEMPLATE if self.native else (config or {}).get("chat_template")
 
     # ---- construction ----------------------------------------------------------------
     @classmethod
@@ -107,8 +131,21 @@ class Tokenizer:
             tk = HFTokenizer.from_file(str(f))
         except Exception as e:
             raise TokenizerError(f"{f}: not a valid tokenizer.json ({e})") from None
+        config_file = f.with_name("tokenizer_config.json")
         try:
-            return cls(tk)
+            config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.exists() else {}
+        except json.JSONDecodeError as e:
+            raise TokenizerError(f"{config_file}: invalid JSON at line {e.lineno}: {e.msg}") from None
+        if not isinstance(config, dict):
+            raise TokenizerError(f"{config_file}: expected a JSON object")
+        if not isinstance(config.get("chat_template", ""), str):  # a list of named templates: take the default
+            named = {t.get("name"): t.get("template") for t in config["chat_template"] if isinstance(t, dict)}
+            config["chat_template"] = named.get("default")
+        jinja = f.with_name("chat_template.jinja")  # where transformers >= 4.50 saves it
+        if not config.get("chat_template") and jinja.exists():
+            config["chat_template"] = jinja.read_text(encoding="utf-8")
+        try:
+            return cls(tk, config, source=str(f.parent))
         except TokenizerError as e:
             raise TokenizerError(f"{f}: {e}") from None
 
@@ -122,7 +159,14 @@ class Tokenizer:
             os.replace(tmp, path / name)
 
     def files(self, model_max_length: int | None = None) -> dict[str, str]:
-        """The file contents `save` writes, for writers that place them themselves."""
+        """The file contents `save` writes, for writers that place them themselves. A tokenizer made
+        elsewhere keeps its own tokenizer_config.json."""
+        if not self.native:
+            config = dict(self.config or {})
+            if model_max_length and "model_max_length" not in config:
+                config["model_max_length"] = model_max_length
+            return {"tokenizer.json": self.tk.to_str(),
+                    "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False)}
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
@@ -143,6 +187,16 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self.tk.encode(text, add_special_tokens=False).ids
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """A completion prompt as transformers' tokenizer(text) encodes it: with whatever the tokenizer adds
+        around a text (a begin token for DeepSeek's; nothing for nanoseek's, whose config says so)."""
+        if self.native or (self.config or {}).get("add_bos_token") is False:
+            return self.encode(text)
+        ids = self.tk.encode(text, add_special_tokens=True).ids
+        if self.config.get("add_bos_token") and self.bos_id is not None and ids[:1] != [self.bos_id]:
+            ids = [self.bos_id] + ids
+        return ids
+
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self.tk.encode_batch(list(texts), add_special_tokens=False)]
 
@@ -162,8 +216,8 @@ class Tokenizer:
         piece = self.tk.id_to_token(token)
         if piece is None:  # a row of a model vocabulary padded past the tokenizer's: decodes to nothing
             return b""
-        if token in self.special_ids:
-            return piece.encode()
+        if token in self.special_ids or not self.decodes_bytes:
+            return piece.encode() if token in self.special_ids else self.decode([token]).encode()
         return bytes(_BYTE_OF_CHAR[c] for c in piece)
 
     def check_fits(self, vocab_size: int) -> None:
@@ -175,11 +229,14 @@ class Tokenizer:
     def render_chat(self, messages: Sequence[dict], add_generation_prompt: bool = False
                     ) -> tuple[list[int], list[int]]:
         """Token ids of a conversation and a loss mask that is 1 on the assistant's tokens only."""
-        ids, mask = [self.bos_id], [0]
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
                 raise TokenizerError(f"messages[{i}]: expected {{'role': one of {', '.join(ROLES)}, "
                                      f"'content': str}} (got {m!r:.80})")
+        if not self.native:
+            return self._render_template(messages, add_generation_prompt)
+        ids, mask = [self.bos_id], [0]
+        for m in messages:
             # special tokens split the text, so encoding segment by segment equals encoding the
             # whole rendered string, which is what the Jinja template + transformers do
             body = self.encode(m["content"])
@@ -195,6 +252,43 @@ class Tokenizer:
         if add_generation_prompt:
             ids.append(self.assistant_id)
             mask.append(0)
+        return ids, mask
+
+    def _template_ids(self, messages: Sequence[dict], add_generation_prompt: bool) -> list[int]:
+        if not self.chat_template:
+            raise TokenizerError(f"{self.source}: the tokenizer has no chat_template in its tokenizer_config.json, "
+                                 f"so chat cannot be rendered; use plain completion, or add a template")
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise TokenizerError(f"{self.source}: the chat template refused the messages: {message}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)  # as transformers renders
+        env.globals["raise_exception"] = raise_exception
+        specials = {k: _token_name((self.config or {}).get(k)) or "" for k in ("bos_token", "eos_token", "pad_token")}
+        try:
+            text = env.from_string(self.chat_template).render(
+                messages=list(messages), add_generation_prompt=add_generation_prompt, **specials)
+        except jinja2.TemplateError as e:
+            raise TokenizerError(f"{self.source}: its chat template failed: {e}") from None
+        return self.encode(text)
+
+    def _render_template(self, messages: Sequence[dict], add_generation_prompt: bool
+                         ) -> tuple[list[int], list[int]]:
+        """The tokenizer's own chat template; the mask covers each assistant turn, found as what rendering the
+        turn adds to the conversation before it (with its generation prompt)."""
+        ids = self._template_ids(messages, add_generation_prompt)
+        mask = [0] * len(ids)
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            before, upto = self._template_ids(messages[:i], True), self._template_ids(messages[:i + 1], False)
+            if upto[:len(before)] != before or ids[:len(upto)] != upto:
+                raise TokenizerError(f"{self.source}: its chat template does not render assistant turn {i} as an "
+                                     f"extension of the conversation before it, so its tokens cannot be masked "
+                                     f"for training")
+            mask[len(before):len(upto)] = [1] * (len(upto) - len(before))
         return ids, mask
 
 

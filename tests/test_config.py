@@ -36,6 +36,27 @@ def test_presets_validate_and_round_trip(tmp_path):
         assert again == cfg, name
 
 
+def test_plain_rope_is_written_as_factor_one_yarn_and_read_back_as_plain():
+    """vLLM rotates MLA's key only on its YaRN path; factor-1 YaRN is the identity, so the dir says YaRN."""
+    import torch
+
+    from nanoseek.model import rope_frequencies
+    d = preset("tiny").to_hf_dict()
+    assert d["rope_scaling"]["type"] == "yarn" and d["rope_scaling"]["factor"] == 1.0
+    assert d["rope_scaling"]["original_max_position_embeddings"] == d["max_position_embeddings"]
+    assert ModelConfig.from_dict(d).rope_scaling is None
+    plain, m = rope_frequencies(preset("tiny"))
+    yarn, m1 = rope_frequencies(preset("tiny", rope_scaling=d["rope_scaling"]))
+    assert m == m1 == 1.0 and torch.allclose(plain, yarn, rtol=1e-6, atol=0)
+    assert preset("deepseek-v3").to_hf_dict()["rope_scaling"]["factor"] == 40  # a real YaRN stays as it is
+
+
+def test_vllm_note_names_the_latent_width():
+    from nanoseek.config import vllm_mla_note
+    assert "is 40" in vllm_mla_note(preset("tiny")) and "is 80" in vllm_mla_note(preset("small"))
+    assert vllm_mla_note(preset("medium")) is None and vllm_mla_note(preset("deepseek-v3")) is None
+
+
 def test_reads_transformers_v5_rope_parameters(tmp_path):
     d = preset("tiny").to_hf_dict()
     del d["rope_theta"], d["rope_scaling"]

@@ -106,3 +106,84 @@ def test_greedy_generation_matches_transformers(tmp_path):
             got.append(tok.item())
             logits = model(tok, 6 + t, cache, absorb=True)
     assert got == want.tolist()
+
+
+def _transformers_dir(path, tokenizer, num_nextn_predict_layers=0):
+    """A DeepSeek-V3 dir written by transformers alone, with `tokenizer` (a PreTrainedTokenizerFast)."""
+    cfg = transformers.DeepseekV3Config(
+        vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, moe_intermediate_size=24,
+        num_hidden_layers=2, num_attention_heads=3, q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=8,
+        qk_rope_head_dim=4, v_head_dim=12, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+        n_group=2, topk_group=1, first_k_dense_replace=1, max_position_embeddings=128, routed_scaling_factor=2.5,
+        num_nextn_predict_layers=num_nextn_predict_layers, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    hf = transformers.DeepseekV3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    hf.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return hf
+
+
+def _plain_bpe(vocab_size=300):
+    """A byte-level BPE trained here, with no special tokens at all (no begin, end or chat tokens)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tk = HFTokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    text = ["the cat sat on the mat, and 12 + 30 = 42. " * 3, "Zwölf Äpfel und 東京 🙂 " * 2]
+    tk.train_from_iterator(text * 50, trainers.BpeTrainer(vocab_size=vocab_size,
+                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk)
+
+
+def test_a_transformers_dir_with_a_plain_bpe_generates_transformers_greedy_text(tmp_path):
+    """No special tokens: plain completion needs none, and `nanoseek generate` prints what transformers does."""
+    import subprocess
+    import sys
+
+    tok = _plain_bpe()
+    assert tok.bos_token is None and tok.eos_token is None
+    hf = _transformers_dir(tmp_path / "m", tok)
+    prompt = "the cat sat on"
+    ids = tok(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = hf.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=0)[0, ids.shape[1]:]
+    want = tok.decode(out)
+    got = subprocess.run([sys.executable, "-m", "nanoseek", "generate", "--model", str(tmp_path / "m"), "--prompt",
+                          prompt, "--max-tokens", "16"], capture_output=True, text=True, check=True).stdout
+    assert got.rstrip("\n") == want
+
+
+def test_a_foreign_chat_template_renders_as_transformers_and_masks_the_assistant(tmp_path):
+    """A tokenizer with its own chat template and special tokens, but without nanoseek's: chat ids equal
+    apply_chat_template's, the SFT mask covers exactly the assistant's turns, tags it lacks are text."""
+    from nanoseek.rl.evaluate import answer_params
+    from nanoseek.tokenizer import Tokenizer
+
+    tok = _plain_bpe()
+    tok.add_special_tokens({"bos_token": "<s>", "eos_token": "</s>", "additional_special_tokens": ["<|u|>", "<|a|>"]})
+    tok.chat_template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<|u|>{{ m['content'] }}"
+                         "{% else %}<|a|>{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+                         "{% if add_generation_prompt %}<|a|>{% endif %}")
+    tok.save_pretrained(tmp_path / "t")
+    ours = Tokenizer.load(tmp_path / "t")
+    assert not ours.native and ours.bos_id == tok.bos_token_id and ours.eos_id == tok.eos_token_id
+    assert ours.answer_end_id is None and answer_params(ours).stop == ["</answer>"]
+    messages = [{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "<answer>4</answer>"},
+                {"role": "user", "content": "and 3 + 3?"}]
+    for gen in (False, True):
+        ids, _ = ours.render_chat(messages, add_generation_prompt=gen)
+        assert ids == tok.apply_chat_template(messages, add_generation_prompt=gen, tokenize=True, return_dict=False)
+    ids, mask = ours.render_chat(messages[:2])
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == "<answer>4</answer></s>"
+    assert Tokenizer.load(tmp_path / "t").encode_prompt("hi") == tok("hi").input_ids
+    tok.chat_template = None
+    tok.save_pretrained(tmp_path / "plain")
+    (tmp_path / "plain" / "chat_template.jinja").unlink(missing_ok=True)
+    with pytest.raises(ValueError, match="no chat_template"):
+        Tokenizer.load(tmp_path / "plain").render_chat(messages)

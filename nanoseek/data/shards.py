@@ -89,6 +89,9 @@ def tokenize_dir(curated: str | Path, tokenizer_dir: str | Path, out: str | Path
         raise ShardError(f"{report_path}: not found; is {curated} the output of `nanoseek curate`?")
     report = json.loads(report_path.read_text())
     tok = Tokenizer.load(tokenizer_dir)
+    if tok.bos_id is None:
+        raise ShardError(f"{tokenizer_dir}: the tokenizer has no beginning-of-sentence token (bos_token in "
+                         f"tokenizer_config.json), which pretraining puts before every document")
     dtype = token_dtype(tok.vocab_size)
     domains = sorted(report.get("domains", {})) or ["prose"]
     jobs = [(str(curated / name), str(tokenizer_dir), "", i, dtype, domains)

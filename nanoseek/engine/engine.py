@@ -126,7 +126,7 @@ class Engine:
             callback: Callable[[Output], None] | None = None) -> int:
         """Queue a request; returns its id. `callback(output)` is called for each of its outputs."""
         params = (params or SamplingParams()).validate()
-        ids = self.tok.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        ids = self.tok.encode_prompt(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise ValueError("prompt must not be empty")
         vocab = self.model.cfg.vocab_size

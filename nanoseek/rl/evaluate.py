@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from ..data.tasks import Problem, Task, extract_answer
 from ..engine.engine import Engine
 from ..engine.sampling import SamplingParams
-from ..tokenizer import Tokenizer
+from ..tokenizer import ANSWER_END, Tokenizer
 from .args import TEMPLATES
 from .rewards import format_reward
 
@@ -31,20 +31,26 @@ R1_ZERO = ("A conversation between User and Assistant. The user asks a question,
 def prompt_ids(tok: Tokenizer, problem: Problem, template: str = "chat") -> list[int]:
     if template == "chat":
         return tok.render_chat([{"role": "user", "content": problem.prompt}], add_generation_prompt=True)[0]
+    bos = [tok.bos_id] if tok.bos_id is not None else []
     if template == "r1-zero":
-        return [tok.bos_id] + tok.encode(R1_ZERO.format(prompt=problem.prompt))
+        return bos + tok.encode(R1_ZERO.format(prompt=problem.prompt))
     if template == "plain":
-        return [tok.bos_id] + tok.encode(problem.prompt + "\n")
+        return bos + tok.encode(problem.prompt + "\n")
     raise ValueError(f"template must be one of {', '.join(TEMPLATES)} (got {template!r})")
 
 
 def answer_params(tok: Tokenizer, **kw) -> SamplingParams:
-    """Sampling that ends at the closing answer tag (a special token), as R1-style rollouts do."""
+    """Sampling that ends at the closing answer tag (a special token, or text where the tokenizer has no
+    such token), as R1-style rollouts do."""
+    if tok.answer_end_id is None:
+        return SamplingParams(stop=[ANSWER_END], **kw)
     return SamplingParams(stop_token_ids=[tok.answer_end_id], **kw)
 
 
 def completion_text(tok: Tokenizer, req) -> str:
     """A finished request's text, with the closing answer tag it stopped on put back."""
+    if tok.answer_end_id is None:
+        return req.stream.text + (ANSWER_END if req.stream.stopped else "")
     closed = req.finish_reason == "stop" and req.output and req.output[-1] == tok.answer_end_id
     return req.stream.text + (tok.decode([tok.answer_end_id]) if closed else "")
 

@@ -491,7 +491,7 @@ def _prompts(prompt, tok: Tokenizer, vocab: int) -> list[list[int]]:
         prompt = [prompt]
     out = []
     for i, p in enumerate(prompt):
-        ids = tok.encode(p) if isinstance(p, str) else list(p)
+        ids = tok.encode_prompt(p) if isinstance(p, str) else list(p)
         if not ids:
             raise APIError(400, f"prompt[{i}] is empty", "prompt")
         if not all(0 <= t < vocab for t in ids):

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from ..checkpoint import load_model, write_model
-from ..config import ConfigError, ModelConfig, preset
+from ..config import ConfigError, ModelConfig, preset, vllm_mla_note
 from ..cost import estimate
 from ..io import write_atomic
 from ..model import Transformer
@@ -202,6 +202,8 @@ def run(cfg: PretrainConfig) -> Transformer:
                                  f"not this {tok.vocab_size}-token one; pass the tokenizer the shards were made with")
         if tc.seq_len > mcfg.max_position_embeddings:
             raise TrainError(f"--seq-len {tc.seq_len} exceeds max_position_embeddings={mcfg.max_position_embeddings}")
+        if world.main and not tc.quiet and (note := vllm_mla_note(mcfg)):
+            print(f"note: {note}", flush=True)
         model, saved = start_or_resume(tc.resume, mcfg, Path(tc.out), lambda: _seeded_model(mcfg, tc.seed))
         loader = Loader(cfg.data, tc.seq_len, tc.batch_size, parse_mix(cfg.mix), cfg.curriculum, tc.seed,
                         world.rank, world.world_size)
