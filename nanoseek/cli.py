@@ -724,6 +724,32 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def parser_export(sub: argparse._SubParsersAction) -> None:
+    sp = sub.add_parser("export", help="write a model dir as a GGUF file for llama.cpp",
+                        description="Write a model dir as one GGUF file (llama.cpp's deepseek2 architecture, with "
+                                    "its tokenizer and chat template), for llama.cpp, Ollama and other GGUF "
+                                    "runtimes. The MTP module is left out. docs/interop.md says what was checked.")
+    sp.add_argument("--model", required=True, metavar="DIR", help="a model dir (or a training run dir)")
+    sp.add_argument("--gguf", required=True, metavar="OUT", help="the .gguf file to write (atomically)")
+    sp.add_argument("--dtype", choices=["f32", "f16", "q8_0"], default="f16",
+                    help="weights: f32, f16 (default) or q8_0 (8-bit blocks of 32, llama.cpp's Q8_0); norms "
+                         "and the router stay f32")
+    sp.add_argument("--quiet", action="store_true", help="no progress bar")
+    sp.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import ExportError, write_gguf
+
+    try:
+        info = write_gguf(args.model, args.gguf, args.dtype, progress=not args.quiet)
+    except ExportError as e:
+        raise UsageError(str(e)) from None
+    print(f"wrote {info['path']}: {info['tensors']} tensors, {info['bytes'] / 2**20:.1f} MiB, {info['dtype']}, "
+          f"{info['vocab']} tokens (pre-tokenizer {info['pre_tokenizer']}); the MTP module is left out")
+    return 0
+
+
 MAX_EVAL_N = 2000  # speedrun's evaluations: 2,000 problems x 4 stages is hours on 2 cores already
 
 
@@ -782,7 +808,7 @@ def cmd_speedrun(args: argparse.Namespace) -> int:
 # `nanoseek --help` lists the commands in this order.
 PARSERS = (parser_init, parser_tokenizer, parser_curate, parser_tokenize, parser_tasks, parser_cost, parser_pretrain,
            parser_sft, parser_generate, parser_chat, parser_serve, parser_grpo, parser_rft, parser_distill,
-           parser_eval, parser_plot, parser_speedrun)
+           parser_eval, parser_export, parser_plot, parser_speedrun)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -157,6 +157,10 @@ def test_a_transformers_dir_with_a_plain_bpe_generates_transformers_greedy_text(
     got = subprocess.run([sys.executable, "-m", "nanoseek", "generate", "--model", str(tmp_path / "m"), "--prompt",
                           prompt, "--max-tokens", "16"], capture_output=True, text=True, check=True).stdout
     assert got.rstrip("\n") == want
+    report = subprocess.run([sys.executable, "-m", "nanoseek", "eval", "--model", str(tmp_path / "m"), "--task",
+                             "arithmetic", "--template", "plain", "--n", "3", "--max-tokens", "8", "--json"],
+                            capture_output=True, text=True, check=True).stdout
+    assert '"pass1"' in report  # scored (an untrained model scores 0): eval needs no special token either
 
 
 def test_a_foreign_chat_template_renders_as_transformers_and_masks_the_assistant(tmp_path):
