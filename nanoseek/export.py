@@ -82,8 +82,8 @@ def pre_tokenizer_name(tok: Tokenizer) -> str:
         if d.get("pre_tokenizer") == spec:
             return name
     raise ExportError(f"{tok.source}: its pre-tokenizer {json.dumps(d.get('pre_tokenizer'))[:200]} is not one "
-                      f"llama.cpp implements exactly ({', '.join(PRE_TOKENIZERS)}); llama.cpp would split text "
-                      f"differently")
+                      f"llama.cpp implements exactly ({', '.join(PRE_TOKENIZERS)}), so llama.cpp would split text "
+                      f"differently; train the tokenizer with `nanoseek tokenizer`, or use a GPT-2 byte-level one")
 
 
 def _merges(tok: Tokenizer) -> list[str]:
@@ -139,13 +139,28 @@ def gguf_tensors(cfg: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[str, np.
     return {k: t.detach().float().contiguous().numpy() for k, t in out.items()}
 
 
+def _group_limited(cfg: ModelConfig) -> bool:
+    return cfg.n_group > 1 and cfg.topk_group < cfg.n_group and cfg.topk_method != "greedy"
+
+
 def _check(cfg: ModelConfig) -> None:
-    if cfg.scoring_func == "softmax" and cfg.topk_method == "group_limited_greedy" and cfg.topk_group < cfg.n_group:
+    if _group_limited(cfg) and cfg.topk_method == "group_limited_greedy":
         raise ExportError("DeepSeek-V2's group-limited routing (a group's score is its best expert) is not what "
-                          "llama.cpp implements (a group's score is its best two, as in V3)")
+                          "llama.cpp implements (a group's score is its best two, as in V3); such a model cannot "
+                          "be exported for llama.cpp")
     if cfg.extra.get("rope_interleave") is False:
         raise ExportError("rope_interleave=false: llama.cpp rotates interleaved pairs, as DeepSeek's checkpoints "
-                          "store them")
+                          "store them; such a model cannot be exported for llama.cpp")
+    lite = cfg.num_hidden_layers in (26, 27) or (cfg.num_hidden_layers == 48 and cfg.vocab_size == 128256)
+    if lite and cfg.q_lora_rank:
+        raise ExportError(f"llama.cpp takes a deepseek2 model of {cfg.num_hidden_layers} layers to have no query "
+                          f"LoRA (as DeepSeek-V2-Lite) and would not load this one's (q_lora_rank "
+                          f"{cfg.q_lora_rank}); a model with another layer count exports")
+    rs = cfg.rope_scaling or {}
+    if rs and ((rs.get("beta_fast") or 32) != 32 or (rs.get("beta_slow") or 1) != 1
+               or (rs.get("mscale") or 1) != (rs.get("mscale_all_dim") or 1)):
+        raise ExportError("llama.cpp's deepseek2 YaRN takes beta_fast 32, beta_slow 1 and mscale equal to "
+                          "mscale_all_dim; this rope_scaling differs, so llama.cpp would compute other positions")
 
 
 def write_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, dtype: str = "f32",
@@ -202,7 +217,7 @@ def write_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, dtype: str 
     w.add_expert_weights_norm(bool(cfg.norm_topk_prob))
     w.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX if cfg.scoring_func == "softmax"
                              else gguf.ExpertGatingFuncType.SIGMOID)
-    if 1 < cfg.n_group and cfg.topk_group < cfg.n_group:  # all groups chosen is no group limit at all
+    if _group_limited(cfg):  # all groups chosen, or greedy routing, is no group limit at all
         w.add_expert_group_count(cfg.n_group)
         w.add_expert_group_used_count(cfg.topk_group)
 
@@ -216,8 +231,9 @@ def write_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, dtype: str 
                        (w.add_pad_token_id, tok.pad_id)):
         if token is not None:
             add(token)
-    w.add_add_bos_token(False)  # nanoseek's prompts carry their begin token themselves
-    w.add_add_eos_token(False)
+    own = tok.config or {}  # nanoseek's prompts carry their begin token themselves; other tokenizers say
+    w.add_add_bos_token(bool(not tok.native and own.get("add_bos_token")))
+    w.add_add_eos_token(bool(not tok.native and own.get("add_eos_token")))
     if tok.chat_template:
         w.add_chat_template(tok.chat_template)
 

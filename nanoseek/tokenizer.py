@@ -138,11 +138,11 @@ class Tokenizer:
             raise TokenizerError(f"{config_file}: invalid JSON at line {e.lineno}: {e.msg}") from None
         if not isinstance(config, dict):
             raise TokenizerError(f"{config_file}: expected a JSON object")
-        if not isinstance(config.get("chat_template", ""), str):  # a list of named templates: take the default
+        if isinstance(config.get("chat_template"), list):  # named templates: take the default
             named = {t.get("name"): t.get("template") for t in config["chat_template"] if isinstance(t, dict)}
             config["chat_template"] = named.get("default")
-        jinja = f.with_name("chat_template.jinja")  # where transformers >= 4.50 saves it
-        if not config.get("chat_template") and jinja.exists():
+        jinja = f.with_name("chat_template.jinja")  # where transformers >= 4.50 saves it; it wins, as there
+        if jinja.exists():
             config["chat_template"] = jinja.read_text(encoding="utf-8")
         try:
             return cls(tk, config, source=str(f.parent))
@@ -218,7 +218,10 @@ class Tokenizer:
             return b""
         if token in self.special_ids or not self.decodes_bytes:
             return piece.encode() if token in self.special_ids else self.decode([token]).encode()
-        return bytes(_BYTE_OF_CHAR[c] for c in piece)
+        try:
+            return bytes(_BYTE_OF_CHAR[c] for c in piece)
+        except KeyError:  # an added token of a tokenizer made elsewhere: its text as it is
+            return piece.encode()
 
     def check_fits(self, vocab_size: int) -> None:
         """Raise TokenizerError when a model with `vocab_size` rows cannot embed every token id."""
@@ -258,18 +261,28 @@ class Tokenizer:
         if not self.chat_template:
             raise TokenizerError(f"{self.source}: the tokenizer has no chat_template in its tokenizer_config.json, "
                                  f"so chat cannot be rendered; use plain completion, or add a template")
+        import datetime
+
         import jinja2
+        from jinja2.ext import loopcontrols
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         def raise_exception(message):
             raise TokenizerError(f"{self.source}: the chat template refused the messages: {message}")
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)  # as transformers renders
+        # the environment and variables transformers' apply_chat_template gives a template
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+        env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False: json.dumps(
+            x, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
         env.globals["raise_exception"] = raise_exception
-        specials = {k: _token_name((self.config or {}).get(k)) or "" for k in ("bos_token", "eos_token", "pad_token")}
+        env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+        config = self.config or {}
+        specials = {k: name for k in ("bos_token", "eos_token", "pad_token", "unk_token", "sep_token", "cls_token",
+                                      "mask_token") if (name := _token_name(config.get(k)))}
         try:
             text = env.from_string(self.chat_template).render(
-                messages=list(messages), add_generation_prompt=add_generation_prompt, **specials)
+                messages=list(messages), add_generation_prompt=add_generation_prompt, tools=None, documents=None,
+                **specials)
         except jinja2.TemplateError as e:
             raise TokenizerError(f"{self.source}: its chat template failed: {e}") from None
         return self.encode(text)
@@ -286,8 +299,10 @@ class Tokenizer:
             before, upto = self._template_ids(messages[:i], True), self._template_ids(messages[:i + 1], False)
             if upto[:len(before)] != before or ids[:len(upto)] != upto:
                 raise TokenizerError(f"{self.source}: its chat template does not render assistant turn {i} as an "
-                                     f"extension of the conversation before it, so its tokens cannot be masked "
-                                     f"for training")
+                                     f"extension of the conversation before it (with its generation prompt), so "
+                                     f"the turn's tokens cannot be masked for training; make the template render "
+                                     f"an assistant turn starting with exactly what add_generation_prompt adds, or "
+                                     f"train with a tokenizer from `nanoseek tokenizer`")
             mask[len(before):len(upto)] = [1] * (len(upto) - len(before))
         return ids, mask
 

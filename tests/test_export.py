@@ -154,3 +154,24 @@ def test_a_pre_tokenizer_llama_cpp_lacks_is_refused(tmp_path):
     save_model(Transformer(preset("tiny")), tmp_path / "m", extra_files=tok.files())
     assert main(["export", "--model", str(tmp_path / "m"), "--gguf", str(tmp_path / "m.gguf"), "--quiet"]) == 2
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_routing_is_written_as_llama_cpp_reads_it(tmp_path, capsys):
+    """Greedy (V2) routing ignores groups, so no group limit is written; V2's group-limited routing scores a group
+    by its best expert, which llama.cpp cannot do, and a 26-layer model with a query LoRA llama.cpp would read
+    as having none: both refused."""
+    torch.manual_seed(0)
+    v2 = dict(scoring_func="softmax", norm_topk_prob=False, n_routed_experts=8, n_group=4, topk_group=2)
+    files = Tokenizer.byte_level().files()
+    save_model(Transformer(preset("tiny", topk_method="greedy", **v2)), tmp_path / "greedy", extra_files=files)
+    assert main(["export", "--model", str(tmp_path / "greedy"), "--gguf", str(tmp_path / "g.gguf"), "--quiet"]) == 0
+    r = gguf.GGUFReader(tmp_path / "g.gguf")
+    assert _field(r, "deepseek2.expert_gating_func") == 1 and "deepseek2.expert_group_count" not in r.fields
+    assert "blk.1.exp_probs_b.bias" not in {t.name for t in r.tensors}  # V2 has no balancing bias
+    save_model(Transformer(preset("tiny", topk_method="group_limited_greedy", **v2)), tmp_path / "limited",
+               extra_files=files)
+    save_model(Transformer(preset("tiny", num_hidden_layers=26, q_lora_rank=16, num_nextn_predict_layers=0)),
+               tmp_path / "lite", extra_files=files)
+    for name, why in (("limited", "best expert"), ("lite", "query LoRA")):
+        assert main(["export", "--model", str(tmp_path / name), "--gguf", str(tmp_path / "x.gguf"), "--quiet"]) == 2
+        assert why in capsys.readouterr().err

@@ -98,8 +98,9 @@ def sample_and_sft(teacher: str | Path, start: str | Path, data: Path, task: Tas
     R1's rejection-sampling stage and distillation share; returns the sampling counts."""
     world = dist.init()  # under torchrun: the sampling shared out, the SFT data parallel with the same global batch
     if train.batch_size % world.world_size:
-        raise TrainError(f"--batch-size ({train.batch_size}) must be a multiple of the number of processes "
-                         f"({world.world_size}): the ranks split each step's batch")
+        raise TrainError(f"the SFT batch ({train.batch_size} rows) does not split over {world.world_size} processes: "
+                         f"use a process count that divides it (or a --batch-size it divides, where the command "
+                         f"has the flag)")
 
     def sample() -> tuple[list[dict], dict]:
         device = world.device if world.world_size > 1 else resolve_device()

@@ -36,7 +36,8 @@ def init() -> World:
     if size > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        # metrics and counts are reduced as CPU tensors, which NCCL cannot do: gloo takes those
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
     return World(int(os.environ.get("RANK", "0")), size, local, device)
 
 
