@@ -67,6 +67,15 @@ def test_the_mtp_modules_gate_is_balanced_too():
     assert model.moe_gates()[-1] is model.mtp[0].block.mlp.gate
 
 
+def test_no_balance_mtp_leaves_the_mtp_gate_and_balances_the_rest():
+    model = Transformer(preset("tiny"))
+    counts = torch.tensor([[10.0, 2, 4, 4, 4, 4, 4, 0], [0, 8, 4, 4, 4, 4, 4, 4]])  # main layer's, MTP's
+    update_balance_bias(model, counts, gamma=0.01, mtp=False)
+    assert model.layers[1].mlp.gate.e_score_correction_bias.tolist() == pytest.approx([-0.01, 0.01, 0, 0, 0, 0, 0,
+                                                                                        0.01])
+    assert model.mtp[0].block.mlp.gate.e_score_correction_bias.tolist() == [0] * 8
+
+
 def test_loss_schedules_follow_v3():
     lc = LossConfig(mtp_weight=0.3, bias_gamma=1e-3, gamma_off_share=0.25, mtp_later=(0.1, 0.5))
     got = [lc.at(step, 8) for step in range(8)]

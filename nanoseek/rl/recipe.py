@@ -194,6 +194,7 @@ def pretrain(speedrun_dir: str | Path, out: str | Path, steps: int, plan: dict, 
         data=str(speedrun_dir / "data" / "tokens"), tokenizer=str(speedrun_dir / "tokenizer"), mix=plan["mix"],
         curriculum=plan.get("curriculum", False), **model,
         train=TrainConfig(out=str(out), steps=steps, lr=plan["pretrain_lr"], warmup=max(1, min(50, steps // 10)),
+                          balance_mtp=plan.get("balance_mtp", True),
                           batch_size=plan["batch_size"], seq_len=plan["seq_len"], seed=seed, resume=True, quiet=quiet,
                           save_every=max(10, steps // 8))))
     return finished(out)

@@ -46,6 +46,7 @@ class TrainConfig:
     balance_weight: float = 1e-4  # alpha
     bias_gamma: float = 1e-3  # gamma; 0 disables bias balancing
     balance_gamma_schedule: float = 0.0  # gamma is 0 for this last share of the steps
+    balance_mtp: bool = True  # the MTP modules' gates are bias-balanced too
     mtp_weight_schedule: str | None = None  # "W@F": the MTP weight becomes W from share F of the steps on
     precision: str = "auto"
     fp8_scaling: str = "fine"  # fine (V3's 1x128 tiles, 128x128 blocks) or tensor; with precision fp8
@@ -176,6 +177,9 @@ def add_common_arguments(p: argparse.ArgumentParser, default_lr: float, default_
     p.add_argument("--balance-gamma-schedule", type=float, default=d("balance_gamma_schedule"), metavar="SHARE",
                    help="stop moving the balancing bias (gamma 0) for this last share of the steps, as V3 did for "
                         "its last 500B of 14.8T tokens, about 0.034 (default 0: never)")
+    p.add_argument("--no-balance-mtp", dest="balance_mtp", action="store_false",
+                   help="leave the MTP module's gate bias where it starts (only the main layers' gates are "
+                        "balanced); the speedrun's plan does, docs/log.md says why")
     p.add_argument("--mtp-weight-schedule", default=d("mtp_weight_schedule"), metavar="WEIGHT@SHARE",
                    help="change the MTP weight to WEIGHT from SHARE of the steps on; V3: --mtp-weight 0.3 "
                         "--mtp-weight-schedule 0.1@0.68 (default: --mtp-weight throughout)")

@@ -28,7 +28,7 @@ import torch
 
 from ..checkpoint import write_model
 from ..io import COMMIT, atomic_dir
-from ..model import Transformer
+from ..model import MoE, Transformer
 from .args import TrainError
 from .dist import World, all_reduce, average_gradients
 from . import ep, fp8
@@ -155,16 +155,19 @@ def build_optimizer(model: Transformer, c: OptimConfig) -> Optimizers:
 # ---- auxiliary-loss-free balancing ---------------------------------------------------------------
 
 @torch.no_grad()
-def update_balance_bias(model: Transformer, counts: torch.Tensor, gamma: float) -> None:
+def update_balance_bias(model: Transformer, counts: torch.Tensor, gamma: float, mtp: bool = True) -> None:
     """V3 §2.1.2: b_i += gamma for underloaded experts, -= gamma for overloaded ones, per MoE layer.
 
     counts: (MoE layers, E) tokens routed to each expert this step, summed over all ranks, in
     `model.moe_gates()` order (the MTP modules' last; a module that did not run has all zeros,
-    and moves no bias).
+    and moves no bias). mtp=False leaves the MTP modules' gates as they are.
     """
     if gamma == 0 or counts.numel() == 0:
         return
-    for gate, load in zip(model.moe_gates(), counts.float(), strict=True):
+    gates = model.moe_gates()
+    if not mtp:
+        gates = gates[:len(gates) - sum(isinstance(m.block.mlp, MoE) for m in model.mtp)]
+    for gate, load in zip(gates, counts.float()[:len(gates)], strict=True):
         gate.e_score_correction_bias += gamma * torch.sign(load.mean() - load)
 
 
@@ -177,6 +180,7 @@ class LossConfig:
     bias_gamma: float = 1e-3  # gamma; 0 turns bias balancing off
     gamma_off_share: float = 0.0  # gamma is 0 for this last share of the steps (V3: its last 500B of 14.8T tokens)
     mtp_later: tuple[float, float] | None = None  # (weight, from share): V3's 0.3, then 0.1 for the last 4.8T tokens
+    balance_mtp: bool = True  # the MTP modules' gates are bias-balanced like the main layers'
 
     def at(self, step: int, total: int) -> tuple[float, float]:
         """The MTP weight and the bias step gamma in force at optimizer step `step` (0-based) of `total`."""
@@ -252,7 +256,7 @@ class Trainer:
         self.bad_in_a_row = 0
         self.optim.set_lr(lr)
         self.optim.step()
-        update_balance_bias(model, counts, gamma)
+        update_balance_bias(model, counts, gamma, self.lc.balance_mtp)
         if counts.numel():
             load = counts / counts.sum(-1, keepdim=True).clamp(min=1) * counts.shape[-1]  # load / mean load
             metrics["expert_load_max_over_mean"] = [round(v, 4) for v in load.max(-1).values.tolist()]

@@ -96,7 +96,8 @@ def train_loop(tc: TrainConfig, model: Transformer, saved: dict | None, next_mic
     oc = OptimConfig(lr=tc.lr, min_lr_ratio=tc.min_lr_ratio, warmup=tc.warmup, schedule=tc.schedule,
                      decay_frac=tc.decay_frac, weight_decay=tc.weight_decay, optimizer=tc.optimizer,
                      clip=tc.clip)
-    lc = LossConfig(tc.mtp_weight, tc.balance_weight, tc.bias_gamma, tc.balance_gamma_schedule, tc.mtp_later())
+    lc = LossConfig(tc.mtp_weight, tc.balance_weight, tc.bias_gamma, tc.balance_gamma_schedule, tc.mtp_later(),
+                    tc.balance_mtp)
     if world.main:
         run.mkdir(parents=True, exist_ok=True)
         (run / "train_args.json").write_text(json.dumps(command, indent=2, default=str))
