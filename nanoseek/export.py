@@ -71,9 +71,9 @@ class ExportError(ValueError):
     """A model dir that cannot be written as GGUF; the message says which part and why."""
 
 
-def pre_tokenizer_name(tok: Tokenizer) -> str:
-    """llama.cpp's name for the tokenizer's pre-tokenizer, or ExportError if llama.cpp has none like it."""
-    d = json.loads(tok.tk.to_str())
+def pre_tokenizer_name(tok: Tokenizer, d: dict) -> str:
+    """llama.cpp's name for the tokenizer's pre-tokenizer (`d`: its tokenizer.json), or ExportError if llama.cpp
+    has none like it."""
     model = d.get("model") or {}
     if model.get("type") != "BPE" or model.get("ignore_merges"):
         raise ExportError(f"{tok.source}: llama.cpp's gpt2 vocabulary needs a byte-level BPE tokenizer without "
@@ -86,8 +86,8 @@ def pre_tokenizer_name(tok: Tokenizer) -> str:
                       f"differently; train the tokenizer with `nanoseek tokenizer`, or use a GPT-2 byte-level one")
 
 
-def _merges(tok: Tokenizer) -> list[str]:
-    merges = json.loads(tok.tk.to_str())["model"].get("merges") or []
+def _merges(tok: Tokenizer, d: dict) -> list[str]:
+    merges = d["model"].get("merges") or []
     out = [m if isinstance(m, str) else " ".join(m) for m in merges]
     if not out:  # llama.cpp refuses a BPE vocabulary without merges: one between two special tokens never applies
         specials = sorted(tok.special_ids)[:2]
@@ -176,7 +176,8 @@ def write_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, dtype: str 
     _check(cfg)
     tok = Tokenizer.load(model_dir)
     tok.check_fits(cfg.vocab_size)
-    pre = pre_tokenizer_name(tok)
+    spec = json.loads(tok.tk.to_str())
+    pre = pre_tokenizer_name(tok, spec)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -226,7 +227,7 @@ def write_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, dtype: str 
     w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
     w.add_token_types(types)
-    w.add_token_merges(_merges(tok))
+    w.add_token_merges(_merges(tok, spec))
     for add, token in ((w.add_bos_token_id, tok.bos_id), (w.add_eos_token_id, tok.eos_id),
                        (w.add_pad_token_id, tok.pad_id)):
         if token is not None:
@@ -239,7 +240,6 @@ def write_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, dtype: str 
 
     tensors = gguf_tensors(cfg, to_hf_state_dict(model))
     del model
-    n_bytes = 0
     for name, arr in tensors.items():
         if arr.ndim == 1 or name.endswith(_F32_ALWAYS) or dtype == "f32":
             w.add_tensor(name, arr)
@@ -251,7 +251,6 @@ def write_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, dtype: str 
                 w.add_tensor(name, arr.astype(np.float16))
         else:
             w.add_tensor(name, arr.astype(np.float16))
-        n_bytes += arr.nbytes
     try:
         w.write_header_to_file()
         w.write_kv_data_to_file()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+from functools import cached_property
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -257,20 +258,23 @@ class Tokenizer:
             mask.append(0)
         return ids, mask
 
-    def _template_ids(self, messages: Sequence[dict], add_generation_prompt: bool) -> list[int]:
-        if not self.chat_template:
-            raise TokenizerError(f"{self.source}: the tokenizer has no chat_template in its tokenizer_config.json, "
-                                 f"so chat cannot be rendered; use plain completion, or add a template")
+    @cached_property
+    def _template(self):
+        """The chat template compiled once, in the environment transformers' apply_chat_template gives it, and
+        the special-token variables it renders with."""
         import datetime
 
         import jinja2
         from jinja2.ext import loopcontrols
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+        if not self.chat_template:
+            raise TokenizerError(f"{self.source}: the tokenizer has no chat_template in its tokenizer_config.json, "
+                                 f"so chat cannot be rendered; use plain completion, or add a template")
+
         def raise_exception(message):
             raise TokenizerError(f"{self.source}: the chat template refused the messages: {message}")
 
-        # the environment and variables transformers' apply_chat_template gives a template
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
         env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False: json.dumps(
             x, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
@@ -280,9 +284,17 @@ class Tokenizer:
         specials = {k: name for k in ("bos_token", "eos_token", "pad_token", "unk_token", "sep_token", "cls_token",
                                       "mask_token") if (name := _token_name(config.get(k)))}
         try:
-            text = env.from_string(self.chat_template).render(
-                messages=list(messages), add_generation_prompt=add_generation_prompt, tools=None, documents=None,
-                **specials)
+            return env.from_string(self.chat_template), specials
+        except jinja2.TemplateError as e:
+            raise TokenizerError(f"{self.source}: its chat template failed: {e}") from None
+
+    def _template_ids(self, messages: Sequence[dict], add_generation_prompt: bool) -> list[int]:
+        import jinja2
+
+        template, specials = self._template
+        try:
+            text = template.render(messages=list(messages), add_generation_prompt=add_generation_prompt, tools=None,
+                                   documents=None, **specials)
         except jinja2.TemplateError as e:
             raise TokenizerError(f"{self.source}: its chat template failed: {e}") from None
         return self.encode(text)
