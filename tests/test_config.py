@@ -55,6 +55,8 @@ def test_vllm_note_names_the_latent_width():
     from nanoseek.config import vllm_mla_note
     assert "is 40" in vllm_mla_note(preset("tiny")) and "is 80" in vllm_mla_note(preset("small"))
     assert vllm_mla_note(preset("medium")) is None and vllm_mla_note(preset("deepseek-v3")) is None
+    gpu_only = vllm_mla_note(preset("tiny", kv_lora_rank=256, qk_rope_head_dim=64))  # 320: some GPU backends
+    assert "is 320" in gpu_only and "not on the CPU" in gpu_only
 
 
 def test_reads_transformers_v5_rope_parameters(tmp_path):
