@@ -183,9 +183,10 @@ def verified_sft(teacher: str | Path, start: str | Path, out: str | Path, task: 
 
 
 def pretrain(speedrun_dir: str | Path, out: str | Path, steps: int, plan: dict, seed: int = 0, quiet: bool = True,
-             **model) -> Path:
+             train: dict | None = None, **model) -> Path:
     """Pretrain into OUT on a speedrun dir's tokens and tokenizer with its plan's settings (`plan`: the plan as a
-    dict), resumed after a stop; `model` is the preset or config. The speedrun's base and both scripts' students."""
+    dict), resumed after a stop; `model` is the preset or config, `train` overrides TrainConfig fields (e.g.
+    decay_frac). The speedrun's base, the scripts' students and experiments/bases.py's seeds."""
     from ..train import pretrain as pretrain_loop
     from ..train.args import PretrainConfig
 
@@ -196,7 +197,7 @@ def pretrain(speedrun_dir: str | Path, out: str | Path, steps: int, plan: dict, 
         train=TrainConfig(out=str(out), steps=steps, lr=plan["pretrain_lr"], warmup=max(1, min(50, steps // 10)),
                           balance_mtp=plan.get("balance_mtp", True),
                           batch_size=plan["batch_size"], seq_len=plan["seq_len"], seed=seed, resume=True, quiet=quiet,
-                          save_every=max(10, steps // 8))))
+                          save_every=max(10, steps // 8), **(train or {}))))
     return finished(out)
 
 
