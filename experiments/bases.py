@@ -29,6 +29,7 @@ from nanoseek.io import write_atomic
 from nanoseek.plot import read_metrics
 from nanoseek.rl import recipe
 from nanoseek.rl.recipe import Protocol
+from nanoseek.speedrun import headline
 from r1 import mean_se  # experiments/r1.py, beside this script
 
 
@@ -42,8 +43,8 @@ def settings(a) -> dict:
             "max_tokens": a.max_tokens}
 
 
-def train_seed(a, seed: int) -> None:
-    s = settings(a)
+def train_seed(a, seed: int, s: dict) -> None:
+    """Pretrain one seed under settings `s` (see `settings`), resumed after a stop."""
     plan = s["plan"]
     recipe.pretrain(a.data, Path(a.out) / f"seed{seed}", plan["pretrain_steps"], plan, seed=seed, quiet=True,
                     train={"decay_frac": s["decay_frac"]}, preset=plan["preset"])
@@ -93,15 +94,17 @@ def main(argv=None) -> int:
     p.add_argument("--train-seed", type=int, help=argparse.SUPPRESS)  # a --parallel child: train one seed
     a = p.parse_args(argv)
     out = Path(a.out)
-    if a.train_seed is not None:
-        train_seed(a, a.train_seed)
-        return 0
     if not (Path(a.data) / "speedrun.json").exists():
         p.error(f"{a.data}: no speedrun.json; run `nanoseek speedrun --out {a.data}` at least past its tokens stage")
-    if a.parallel < 1:
-        p.error(f"--parallel must be >= 1 (got {a.parallel})")
-    out.mkdir(parents=True, exist_ok=True)
+    for flag, value, ok in (("--parallel", a.parallel, a.parallel >= 1), ("--steps", a.steps, (a.steps or 1) >= 1),
+                            ("--lr", a.lr, (a.lr or 1) > 0), ("--decay-frac", a.decay_frac, 0 < a.decay_frac <= 1)):
+        if not ok:
+            p.error(f"{flag} {value} is out of range (--parallel, --steps >= 1; --lr > 0; 0 < --decay-frac <= 1)")
     mine = settings(a)
+    if a.train_seed is not None:
+        train_seed(a, a.train_seed, mine)
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
     saved = out / "settings.json"
     if saved.exists() and json.loads(saved.read_text()) != mine:
         p.error(f"{out} holds bases of other settings ({saved}); pick a new --out")
@@ -114,7 +117,7 @@ def main(argv=None) -> int:
     if a.parallel == 1:
         for s in todo:
             print(f"seed {s}: pretraining ...", flush=True)
-            train_seed(a, s)
+            train_seed(a, s, mine)
     else:
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         for i in range(0, len(todo), a.parallel):
@@ -128,17 +131,17 @@ def main(argv=None) -> int:
     print(f"pretraining: {time.perf_counter() - t0:.0f} s", flush=True)
 
     plan = mine["plan"]
-    headline = plan["task"].split(",")[0].split("@")[0]
-    protocol = Protocol.build(a.n, headline, list(plan["levels"]), list(plan["eval_tasks"]), k=a.k,
+    first = headline(plan["task"])
+    protocol = Protocol.build(a.n, first, list(plan["levels"]), list(plan["eval_tasks"]), k=a.k,
                               max_tokens=a.max_tokens)
     for s in a.seeds:
         if str(s) in results:
             continue
         run = out / f"seed{s}"
         print(f"seed {s}: scoring ...", flush=True)
-        results[str(s)] = {**recipe.score_base(run, protocol, headline), "loss": loss_windows(run)}
+        results[str(s)] = {**recipe.score_base(run, protocol, first), "loss": loss_windows(run)}
         write_atomic(path, json.dumps(results, indent=2))
-    tasks = list(dict.fromkeys([headline, *plan["eval_tasks"]]))
+    tasks = list(dict.fromkeys([first, *plan["eval_tasks"]]))
     write_atomic(out / "results.md", table(results, tasks, a.k))
     print((out / "results.md").read_text())
     return 0

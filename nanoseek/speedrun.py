@@ -49,6 +49,13 @@ from .io import write_atomic
 from .rl.recipe import RL, Protocol, Stopped
 
 
+def headline(task: str) -> str:
+    """The task a plan's RL task names first (the headline): `arithmetic@2,sort@3` -> arithmetic."""
+    from .data.tasks import Mixture, get_task
+    t = get_task(task)
+    return t.entries[0][0].name if isinstance(t, Mixture) else t.name
+
+
 @dataclass(frozen=True)
 class Plan:
     """Everything a speedrun does, sized for a budget."""
@@ -96,9 +103,7 @@ class Plan:
 
     @property
     def headline(self) -> str:
-        from .data.tasks import Mixture, get_task
-        task = get_task(self.task)
-        return task.entries[0][0].name if isinstance(task, Mixture) else task.name
+        return headline(self.task)
 
     def rl(self, quiet: bool) -> RL:
         return RL(self.task, steps=self.grpo_steps, prompts=self.grpo_prompts, group=self.grpo_group,
