@@ -39,15 +39,15 @@ def settings(a) -> dict:
         plan["pretrain_steps"] = a.steps
     if a.lr:
         plan["pretrain_lr"] = a.lr
-    return {"plan": plan, "decay_frac": a.decay_frac, "parallel": a.parallel, "n": a.n, "k": a.k,
-            "max_tokens": a.max_tokens}
+    return {"plan": plan, "decay_frac": a.decay_frac, "precision": a.precision, "parallel": a.parallel, "n": a.n,
+            "k": a.k, "max_tokens": a.max_tokens}
 
 
 def train_seed(a, seed: int, s: dict) -> None:
     """Pretrain one seed under settings `s` (see `settings`), resumed after a stop."""
     plan = s["plan"]
     recipe.pretrain(a.data, Path(a.out) / f"seed{seed}", plan["pretrain_steps"], plan, seed=seed, quiet=True,
-                    train={"decay_frac": s["decay_frac"]}, preset=plan["preset"])
+                    train={"decay_frac": s["decay_frac"], "precision": s["precision"]}, preset=plan["preset"])
 
 
 def loss_windows(run: Path, width: int = 250) -> dict[str, float]:
@@ -87,6 +87,9 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, help="peak learning rate (default: the plan's)")
     p.add_argument("--decay-frac", type=float, default=0.2, help="share of the steps the WSD schedule decays over "
                                                                    "(default 0.2, as the speedrun)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32",
+                   help="training precision (default fp32: `auto` measures at start, and seeds measured side by side "
+                        "can choose differently)")
     p.add_argument("--parallel", type=int, default=1, help="seeds trained side by side, one thread each (default 1)")
     p.add_argument("--n", type=int, default=150, help="test problems per task (default 150, as the speedrun)")
     p.add_argument("--k", type=int, default=8, help="samples per test problem for pass@k (default 8)")

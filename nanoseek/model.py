@@ -177,10 +177,16 @@ class MLA(nn.Module):
         k_nope, v = kv.split([c.qk_nope_head_dim, c.v_head_dim], dim=-1)
         k = torch.cat((k_nope, k_pe[:, :, None, :].expand(B, S, self.n_heads, c.qk_rope_head_dim)), -1)
         q = torch.cat((q_nope, q_pe), -1)
+        # SDPA's fused (flash) kernels want values as wide as keys; MLA's are narrower (128 vs 192 in V3),
+        # which would send it to the unfused path that materialises every (T, S) score. Zero columns
+        # added to v come out as zero columns of the output, sliced off below.
+        pad = q.shape[-1] - c.v_head_dim
+        if pad > 0:
+            v = F.pad(v, (0, pad))
         o = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # (B, H, T|S, .)
             attn_mask=mask, is_causal=mask is None and T == S and T > 1, scale=self.scale)
-        return o.transpose(1, 2).flatten(2)  # (B, T, H*Dv)
+        return o[..., :c.v_head_dim].transpose(1, 2).flatten(2)  # (B, T, H*Dv)
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK folded into the query projection and W_UV into the output projection.

@@ -264,3 +264,23 @@ def test_a_bf16_model_runs_and_stays_close_to_fp32(tiny_model):
         step = half(x[:, 11:], start_pos=11, cache=cache, absorb=True).float().log_softmax(-1)
     assert got.dtype == torch.float32 and (got - want).abs().max() < 0.15
     assert (step[:, 0] - want[:, 11]).abs().max() < 0.15
+
+
+def test_attention_takes_the_fused_kernel_though_values_are_narrower(tiny_model):
+    """MLA's values are narrower than its keys; padded to their width, SDPA runs its fused kernel in the
+    forward and backward, with or without a cache mask, instead of the path that materialises every score."""
+    from torch.profiler import profile
+
+    cfg = tiny_model.cfg
+    assert cfg.v_head_dim < cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+    x = torch.randint(0, 512, (2, 12))
+    with profile() as prof:
+        tiny_model.loss(x, torch.roll(x, -1, 1), 0.3, 1e-4).loss.backward()
+        with torch.no_grad():
+            cache = LatentCache(cfg, batch_size=2, max_len=16)
+            tiny_model(x[:, :5], 0, cache)
+            tiny_model(x[:, 5:9], 5, cache)  # queries against cached keys: an explicit mask
+    names = {e.name for e in prof.events()}
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in names
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu_backward" in names
+    assert "aten::_scaled_dot_product_attention_math" not in names
