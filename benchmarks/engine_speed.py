@@ -26,6 +26,7 @@ Needs the `dev` extra (transformers).
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import tempfile
 import time
@@ -38,7 +39,7 @@ from nanoseek.engine.sampling import SamplingParams
 from nanoseek.tokenizer import Tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-CASES = [("decode", 1, 128), ("decode", 16, 128), ("decode", 1, 2048)]  # (kind, batch, prompt tokens)
+CASES = ["1x128", "16x128", "1x2048"]  # batch x prompt tokens
 
 
 def _clock() -> float:
@@ -82,7 +83,8 @@ def theirs(hf, prompts: torch.Tensor, new: int) -> dict:
             "kv_bytes": sum(t.numel() * t.element_size() for t in tensors) / tokens}
 
 
-def compare(name: str, new: int, repeats: int, device: str = "cpu", dtype: torch.dtype = torch.float32) -> list[dict]:
+def compare(name: str, new: int, repeats: int, device: str = "cpu", dtype: torch.dtype = torch.float32,
+            cases: list[str] = CASES, compiled: bool = True) -> list[dict]:
     import transformers
     cfg = preset(name, max_position_embeddings=4096)
     torch.manual_seed(0)
@@ -93,11 +95,14 @@ def compare(name: str, new: int, repeats: int, device: str = "cpu", dtype: torch
         save_model(model, d, extra_files=tok.files())
         model = load_model(d).to(device, dtype).eval()
         hf = transformers.DeepseekV3ForCausalLM.from_pretrained(d, dtype=dtype).to(device).eval()
-    for kind, batch, plen in CASES:
+    for case in cases:
+        batch, plen = map(int, case.split("x"))
         prompts = torch.randint(9, cfg.vocab_size, (batch, plen), device=device)
         runs = {"eager": lambda n: ours(model, tok, prompts, n),
                 "compiled": lambda n: ours(model, tok, prompts, n, compile=True),
                 "hf": lambda n: theirs(hf, prompts, n)}
+        if not compiled:
+            runs["compiled"] = lambda n: {"prefill": None, "decode": None}
         times: dict[str, dict[str, list]] = {k: {} for k in runs}
         for run in runs.values():
             run(4)  # warm-up (and the compile)
@@ -107,7 +112,7 @@ def compare(name: str, new: int, repeats: int, device: str = "cpu", dtype: torch
                     times[key].setdefault(k, []).append(v)
         a, c, b = ({k: statistics.median(v) if v[0] is not None else None for k, v in times[key].items()}
                    for key in runs)
-        dec_a, dec_c, dec_b = (batch * (new - 1) / x["decode"] for x in (a, c, b))
+        dec_a, dec_c, dec_b = (batch * (new - 1) / x["decode"] if x["decode"] else math.nan for x in (a, c, b))
         pre_a, pre_b = batch * plen / a["prefill"], batch * plen / b["prefill"]
         rows.append(dict(model=name, batch=batch, prompt=plen, decode_ours=dec_a, decode_compiled=dec_c,
                          decode_hf=dec_b, prefill_ours=pre_a, prefill_hf=pre_b, kv_ours=a["kv_bytes"],
@@ -159,6 +164,9 @@ def main() -> None:
                     help="model presets to compare (default tiny small; none given: only the speculative case)")
     ap.add_argument("--new-tokens", type=int, default=64, help="tokens generated per sequence (default 64)")
     ap.add_argument("--repeats", type=int, default=3, help="runs per case, median reported (default 3)")
+    ap.add_argument("--cases", nargs="+", default=CASES, metavar="BxT",
+                    help=f"batch x prompt tokens of each case (default {' '.join(CASES)})")
+    ap.add_argument("--no-compiled", action="store_true", help="skip the compiled engine (and its compile time)")
     ap.add_argument("--spec-model", metavar="DIR", help="a trained model dir with MTP for the speculative case")
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights and cache (default fp32)")
@@ -171,7 +179,7 @@ def main() -> None:
           f"{args.dtype}, greedy, {args.new_tokens} new tokens")
     with torch.no_grad():
         for name in args.presets:
-            compare(name, args.new_tokens, args.repeats, args.device, dtype)
+            compare(name, args.new_tokens, args.repeats, args.device, dtype, args.cases, not args.no_compiled)
         if args.spec_model:
             speculative(args.spec_model, args.new_tokens * 2, args.repeats, args.device, dtype)
 

@@ -10,6 +10,7 @@ pretraining runs it, under torch.profiler for each precision. Prints, per precis
 - the GEMM shapes that take the most time, with the rate each achieved inside the step, and the
   rate the same shape reaches alone in fp32 and in bf16 (best of a few calls), so the table says
   whether a shape is slow in the step or slow on this CPU;
+- the other operators that take the most time of their own;
 - "bf16 GEMMs at their standalone rate": the step time if every GEMM ran at its measured bf16
   rate and nothing else changed, the ceiling of a bf16 path that only speeds GEMMs up.
 
@@ -126,6 +127,10 @@ def profile_step(name: str, precision: str, batch: int, seq: int, steps: int, to
         if i < top:
             print(f"| {b} x {m} x {n} x {k} | {calls / steps:.0f} | {us / 1e3 / steps:.1f} | {in_step / 1e9:.0f} | "
                   f"{alone[torch.float32] / 1e9:.0f} | {alone[torch.bfloat16] / 1e9:.0f} |")
+    others = sorted((ev for ev in prof.key_averages() if ev.key not in GEMMS and not ev.key.startswith(ATTENTION)),
+                    key=lambda ev: -ev.self_cpu_time_total)[:top]
+    print("\nOther operators by their own time (not counting operators they call): " + ", ".join(
+        f"{ev.key} {ev.self_cpu_time_total / 1e3 / steps:.0f} ms ({ev.count // steps})" for ev in others))
     print(f"\n{len(rows)} GEMM shapes; bf16 GEMMs at their standalone rate (nothing else changed): "
           f"{ceiling * 1e3:.0f} ms per step, {batch * seq / ceiling:,.0f} tok/s ({wall / ceiling:.2f}x this row)")
 

@@ -39,8 +39,8 @@ def settings(a) -> dict:
         plan["pretrain_steps"] = a.steps
     if a.lr:
         plan["pretrain_lr"] = a.lr
-    return {"plan": plan, "decay_frac": a.decay_frac, "precision": a.precision, "parallel": a.parallel, "n": a.n,
-            "k": a.k, "max_tokens": a.max_tokens}
+    return {"plan": plan, "decay_frac": a.decay_frac, "precision": a.precision or plan.get("precision", "fp32"),
+            "parallel": a.parallel, "n": a.n, "k": a.k, "max_tokens": a.max_tokens}
 
 
 def train_seed(a, seed: int, s: dict) -> None:
@@ -87,9 +87,9 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, help="peak learning rate (default: the plan's)")
     p.add_argument("--decay-frac", type=float, default=0.2, help="share of the steps the WSD schedule decays over "
                                                                    "(default 0.2, as the speedrun)")
-    p.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32",
-                   help="training precision (default fp32: `auto` measures at start, and seeds measured side by side "
-                        "can choose differently)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "auto"],
+                   help="training precision (default: the plan's; `auto` measures at start, and seeds measured side "
+                        "by side can choose differently)")
     p.add_argument("--parallel", type=int, default=1, help="seeds trained side by side, one thread each (default 1)")
     p.add_argument("--n", type=int, default=150, help="test problems per task (default 150, as the speedrun)")
     p.add_argument("--k", type=int, default=8, help="samples per test problem for pass@k (default 8)")

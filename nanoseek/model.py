@@ -340,6 +340,44 @@ def expert_ffn(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Te
     return mm(F.silu(gate) * up, w2)
 
 
+class PadRows(torch.autograd.Function):
+    """Rows of x placed at rows `dest` of a zero (rows, D) matrix; the backward gathers them back."""
+
+    @staticmethod
+    def forward(ctx, x, dest, rows: int):
+        ctx.save_for_backward(dest)
+        return x.new_zeros(rows, x.shape[1]).index_copy_(0, dest, x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (dest,) = ctx.saved_tensors
+        return grad.index_select(0, dest), None, None
+
+
+class TakeRows(torch.autograd.Function):
+    """x[dest], the inverse of PadRows: the backward places the gradient rows back without accumulating."""
+
+    @staticmethod
+    def forward(ctx, x, dest):
+        ctx.save_for_backward(dest)
+        ctx.rows = x.shape[0]
+        return x.index_select(0, dest)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (dest,) = ctx.saved_tensors
+        return grad.new_zeros(ctx.rows, grad.shape[1]).index_copy_(0, dest, grad), None
+
+
+GROUP_ROWS = 64  # the grouped path pads every expert's rows to one multiple of this
+
+
+def combine(weights: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """sum_k g_k * y_k: weights (N, K), y (N, K, D) -> (N, D) in y's dtype (the sum accumulates in fp32).
+    Products and a sum: a batched (1, K) x (K, D) matmul per token is a slow GEMM shape."""
+    return (y * weights.unsqueeze(-1).to(y.dtype)).sum(1)
+
+
 class Experts(nn.Module):
     """E SwiGLU experts stored stacked; the checkpoint splits them into `experts.{e}.*_proj`."""
 
@@ -350,23 +388,45 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(E, D, I))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, counts: list[int]):
-        """x (N, D) -> (N, D). Token slots are sorted by expert so each expert runs one matmul over
-        its own tokens; no expert ever sees a token not routed to it."""
+        """x (N, D) -> (N, D). Token slots are sorted by expert so each expert multiplies only its own
+        tokens: one GEMM per expert in fp32, or in bf16 one batched GEMM over every expert, each
+        padded with zero rows to the same multiple of GROUP_ROWS (`grouped`)."""
         N, K = indices.shape
         D = x.shape[-1]
+        dtype = compute_dtype(x)
         order = indices.flatten().argsort(stable=True)  # (N*K,) slots sorted by expert
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(N * K, device=x.device)
         # cast before copying K times: fewer elements to convert under autocast
-        slots = x.to(compute_dtype(x)).unsqueeze(1).expand(N, K, D).reshape(N * K, D)
-        # split and unbind once: slicing per expert would make backward fill a full-size zero
-        # gradient for every expert
-        segments = PermuteRows.apply(slots, order, inverse).split(counts)  # E tensors (n_e, D)
-        gate_up, down = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
-        outs = [expert_ffn(seg, w13, w2) for seg, w13, w2 in zip(segments, gate_up, down) if seg.shape[0]]
-        y = PermuteRows.apply(torch.cat(outs), inverse, order).view(N, K, D)  # back in slot order
-        y = torch.bmm(weights.unsqueeze(1).to(y.dtype), y).squeeze(1)  # sum_k g_k * FFN_k(x)
-        return y.to(x.dtype)
+        slots = x.to(dtype).unsqueeze(1).expand(N, K, D).reshape(N * K, D)
+        if dtype in (torch.bfloat16, torch.float16) and fp8.active() is None:
+            y = self.grouped(slots, order, counts)
+        else:
+            inverse = torch.empty_like(order)
+            inverse[order] = torch.arange(N * K, device=x.device)
+            # split and unbind once: slicing per expert would make backward fill a full-size zero
+            # gradient for every expert
+            segments = PermuteRows.apply(slots, order, inverse).split(counts)  # E tensors (n_e, D)
+            gate_up, down = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
+            outs = [expert_ffn(seg, w13, w2) for seg, w13, w2 in zip(segments, gate_up, down) if seg.shape[0]]
+            y = PermuteRows.apply(torch.cat(outs), inverse, order)  # back in slot order
+        return combine(weights, y.view(N, K, D)).to(x.dtype)
+
+    def grouped(self, slots: torch.Tensor, order: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Every expert's SwiGLU as two batched GEMMs over an (E, C, D) stack, C the largest expert's
+        rows rounded up to GROUP_ROWS; slot rows in, slot rows out (N*K, D). oneDNN's bf16 GEMMs build a
+        kernel per new shape, which costs more than the product at these sizes, and the experts' row
+        counts change every step: rounded up, the shapes recur (docs/training.md)."""
+        E = len(counts)
+        C = -(-max(counts) // GROUP_ROWS) * GROUP_ROWS
+        n = torch.tensor(counts, device=slots.device)
+        first = torch.cumsum(n, 0) - n  # each expert's first row among the sorted slots
+        sorted_expert = torch.repeat_interleave(torch.arange(E, device=slots.device), n)
+        rank = torch.arange(order.numel(), device=slots.device) - first[sorted_expert]
+        dest = torch.empty_like(order)
+        dest[order] = sorted_expert * C + rank  # slot -> its row in the stack
+        stack = PadRows.apply(slots, dest, E * C).view(E, C, -1)
+        gate, up = torch.bmm(stack, self.gate_up_proj.to(stack.dtype).mT).chunk(2, dim=-1)
+        out = torch.bmm(F.silu(gate) * up, self.down_proj.to(stack.dtype).mT)  # (E, C, D)
+        return TakeRows.apply(out.view(E * C, -1), dest)
 
 
 class RouterStats:

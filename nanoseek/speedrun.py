@@ -69,6 +69,7 @@ class Plan:
     pretrain_lr: float
     curriculum: bool  # the first epoch of each domain easiest first (the tasks' levels)
     balance_mtp: bool  # whether pretraining bias-balances the MTP module's gate too
+    precision: str  # pretraining's (the base's and the student's): fp32, bf16 or auto (measured at start)
     batch_size: int
     seq_len: int
     sft_examples: int  # the labeled set: at most this many problems, each with its worked solution
@@ -126,10 +127,12 @@ PLANS = {
     # docs/log.md has the runs behind these choices. Subtraction documents come twice as often as the other
     # operations': mixed evenly, no base of this size learned subtraction's digit facts. The MTP gate is not
     # bias-balanced: on the same data, the run that balanced it never learned to read the prompt's tens digits
-    # (arithmetic 9.5% against 70.7%; one run each, "The base is fragile" in docs/log.md).
+    # (arithmetic 9.5% against 70.7%; one run each, "The base is fragile" in docs/log.md). Pretraining is fp32:
+    # bf16 trains `small` faster on a host with AMX (docs/benchmarks.md), but no bf16 base has been scored
+    # against fp32's over seeds yet, and `auto` would let the host decide which base the main job gets.
     "full": Plan(preset="small", corpus_mb=12, corpus_brief=0.0, corpus_ops=(("-", 2.0),), vocab_size=4096,
                  mix="math=400,prose=2,code=1", pretrain_steps=3000, pretrain_lr=3e-3, curriculum=True, balance_mtp=False,
-                 batch_size=8, seq_len=256,
+                 precision="fp32", batch_size=8, seq_len=256,
                  sft_examples=500, sft_steps=150, sft_lr=5e-4,
                  task="arithmetic@2,arithmetic@3,sort@3,sort@4", levels=(1, 2, 3), eval_tasks=("arithmetic", "sort"),
                  grpo_steps=60, grpo_prompts=16, grpo_group=8, grpo_lr=2e-4, grpo_beta=0.04, grpo_warmup=10,
@@ -137,7 +140,7 @@ PLANS = {
                  max_tokens=200, eval_n=150, eval_k=8, curve_n=60,
                  distill_layers=2, distill_pretrain_steps=700, distill_problems=1000, distill_k=4, distill_steps=300),
     "quick": Plan(preset="tiny", corpus_mb=1.5, corpus_brief=0.0, corpus_ops=(), vocab_size=512, mix="math=130,prose=2,code=1",
-                  pretrain_steps=60, pretrain_lr=3e-3, curriculum=True, balance_mtp=True, batch_size=8, seq_len=128,
+                  pretrain_steps=60, pretrain_lr=3e-3, curriculum=True, balance_mtp=True, precision="fp32", batch_size=8, seq_len=128,
                   sft_examples=100, sft_steps=20, sft_lr=1e-3,
                   task="arithmetic@1,arithmetic@2,sort@3", levels=(1, 2), eval_tasks=("arithmetic", "sort"),
                   grpo_steps=3, grpo_prompts=4, grpo_group=4, grpo_lr=1e-5, grpo_beta=0.04, grpo_warmup=2,

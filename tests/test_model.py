@@ -107,6 +107,44 @@ def test_moe_equals_slow_per_token_reference(scoring):
     assert torch.equal(stats.counts, torch.bincount(indices.flatten(), minlength=cfg.n_routed_experts))
 
 
+def test_grouped_experts_equal_one_gemm_per_expert():
+    """The bf16 path (every expert padded into one batched GEMM) computes what the per-expert GEMMs do, forward
+    and backward; run in fp32 here so that equal means equal to rounding. One expert gets no token."""
+    from nanoseek.model import Experts, GROUP_ROWS, combine
+
+    cfg = preset("tiny")
+    torch.manual_seed(3)
+    experts = Experts(cfg)
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    N, K, E = 70, cfg.num_experts_per_tok, cfg.n_routed_experts
+    indices = torch.stack([torch.randperm(E - 1)[:K] for _ in range(N)])  # expert E-1 is never chosen
+    weights = torch.rand(N, K)
+    counts = torch.bincount(indices.flatten(), minlength=E).tolist()
+    assert max(counts) % GROUP_ROWS and counts[-1] == 0
+    x = torch.randn(N, cfg.hidden_size, requires_grad=True)
+    slots = x.unsqueeze(1).expand(N, K, -1).reshape(N * K, -1)
+    grouped = experts.grouped(slots, indices.flatten().argsort(stable=True), counts).view(N, K, -1)
+    looped = experts(x, weights, indices, counts)  # fp32: one GEMM per expert
+    ours = combine(weights, grouped)
+    assert torch.allclose(ours, looped, atol=1e-5)
+    g = torch.randn_like(looped)
+    grads = [torch.autograd.grad(out, [x, *experts.parameters()], g) for out in (ours, looped)]
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+
+
+def test_bf16_experts_take_the_grouped_gemm(tiny_model):
+    from torch.profiler import profile
+
+    x = torch.randint(0, 512, (2, 8))
+    for autocast, bmm in ((False, False), (True, True)):
+        with profile(record_shapes=True) as prof, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            tiny_model.loss(x, torch.roll(x, -1, 1))
+        E = tiny_model.cfg.n_routed_experts
+        assert any(e.name == "aten::bmm" and e.input_shapes[0][0] == E for e in prof.events()) == bmm
+
+
 @pytest.mark.parametrize("shape,dynamic,grad,in_graph", [
     ((1, 48), False, False, True), ((2, 48), False, False, True), ((FEW_ROWS, 48), False, False, True),
     ((1, 2, 48), False, False, True),  # (B, T, D) as the model passes it

@@ -197,7 +197,8 @@ def pretrain(speedrun_dir: str | Path, out: str | Path, steps: int, plan: dict, 
         train=TrainConfig(out=str(out), steps=steps, lr=plan["pretrain_lr"], warmup=max(1, min(50, steps // 10)),
                           balance_mtp=plan.get("balance_mtp", True),
                           batch_size=plan["batch_size"], seq_len=plan["seq_len"], seed=seed, resume=True, quiet=quiet,
-                          save_every=max(10, steps // 8), **(train or {}))))
+                          save_every=max(10, steps // 8),
+                          **{"precision": plan.get("precision", "auto"), **(train or {})})))
     return finished(out)
 
 

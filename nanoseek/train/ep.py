@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..model import Experts, MoE, Transformer, expert_ffn
+from ..model import Experts, MoE, Transformer, combine, expert_ffn
 from .dist import World
 
 
@@ -92,7 +92,7 @@ class ShardedExperts(nn.Module):
         self.sent += sum(send) - send[self.rank]
         self.returned += sum(out_send) - out_send[self.rank]
         self.widest = max(self.widest, int(goes.sum(1).max()) if N else 0)
-        return torch.bmm(weights.unsqueeze(1).to(slots.dtype), slots).squeeze(1).to(x.dtype)
+        return combine(weights, slots).to(x.dtype)
 
     @staticmethod
     def _counts(ranks: torch.Tensor, R: int) -> list[int]:
