@@ -1,7 +1,7 @@
 """The engine's forward passes over the paged latent cache, beside the model they are proven equal to.
 
-The model (`model.py`) has one MoE path, the one training needs: token slots sorted by expert, one
-matmul per expert. Inference over a few tokens wants others, chosen here by how many (token,
+The model (`model.py`) has the MoE path training needs: token slots sorted by expert, one matmul per
+expert (in bf16, one batched matmul over every expert's padded rows). Inference over a few tokens wants others, chosen here by how many (token,
 expert) pairs a step has and whether torch.compile is tracing:
 
     dense     about as many pairs as experts: every expert on every token in two batched matmuls
