@@ -61,7 +61,7 @@ def gemm_shape(name: str, shapes: list) -> tuple[int, int, int, int] | None:
     return None
 
 
-def standalone_rate(b: int, m: int, n: int, k: int, dtype: torch.dtype, seconds: float = 0.2) -> float:
+def standalone_rate(b: int, m: int, n: int, k: int, dtype: torch.dtype, seconds: float = 0.05) -> float:
     """Best FLOP/s of one (b, m, k) @ (b, k, n) product alone, in `dtype`."""
     x = torch.randn(b, m, k, dtype=dtype).squeeze(0)
     w = torch.randn(b, k, n, dtype=dtype).squeeze(0)
