@@ -41,8 +41,11 @@ def speed(name: str, batch: int, seq: int, rounds: int, peak: dict) -> None:
         save_model(Transformer(cfg), d)
         ours = {mtp: load_model(d) for mtp in (True, False)}
         theirs = transformers.DeepseekV3ForCausalLM.from_pretrained(d, dtype=torch.float32)
-    x = torch.randint(0, cfg.vocab_size, (batch, seq))
-    y = torch.cat((x[:, 1:], torch.full_like(x[:, :1], -100)), 1)
+    # fresh tokens every round (the same for every side within it): the experts' row counts then change
+    # from step to step as in training, and bf16 pays for the GEMM shapes that are new (docs/training.md)
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randint(0, cfg.vocab_size, (batch, seq), generator=gen) for _ in range(rounds + 1)]
+    ys = [torch.cat((x[:, 1:], torch.full_like(x[:, :1], -100)), 1) for x in xs]
     oc = OptimConfig(warmup=1, lr=1e-4)
     flops = estimate(cfg.replace(num_nextn_predict_layers=0), seq_len=seq).flops_per_token_train
     for precision in ("fp32", "bf16"):
@@ -51,7 +54,7 @@ def speed(name: str, batch: int, seq: int, rounds: int, peak: dict) -> None:
         hf_opt = torch.optim.AdamW(theirs.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
         amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
 
-        def hf_step():
+        def hf_step(x, y):
             theirs.train()
             with amp():
                 loss = theirs(input_ids=x, labels=x).loss
@@ -60,15 +63,15 @@ def speed(name: str, batch: int, seq: int, rounds: int, peak: dict) -> None:
             hf_opt.step()
             hf_opt.zero_grad(set_to_none=True)
 
-        fns = {"ours+mtp": lambda: trainers[True].step([(x, y)]), "ours": lambda: trainers[False].step([(x, y)]),
-               "hf": hf_step}
+        fns = {"ours+mtp": lambda x, y: trainers[True].step([(x, y)]),
+               "ours": lambda x, y: trainers[False].step([(x, y)]), "hf": hf_step}
         times = {k: [] for k in fns}
         for f in fns.values():
-            f()
-        for _ in range(rounds):
+            f(xs[0], ys[0])
+        for x, y in zip(xs[1:], ys[1:]):
             for k, f in fns.items():
                 t = time.perf_counter()
-                f()
+                f(x, y)
                 times[k].append(time.perf_counter() - t)
         tok_s = {k: batch * seq / statistics.median(v) for k, v in times.items()}
         mfu = flops * tok_s["ours"] / peak[precision]
