@@ -83,6 +83,14 @@ def theirs(hf, prompts: torch.Tensor, new: int) -> dict:
             "kv_bytes": sum(t.numel() * t.element_size() for t in tensors) / tokens}
 
 
+def case(text: str) -> str:
+    """An argparse type: BATCHxTOKENS, e.g. 1x2048."""
+    parts = text.split("x")
+    if len(parts) != 2 or not all(x.isdigit() and int(x) > 0 for x in parts):
+        raise argparse.ArgumentTypeError(f"a case is BATCHxPROMPT_TOKENS with both > 0, such as 1x2048 (got {text!r})")
+    return text
+
+
 def compare(name: str, new: int, repeats: int, device: str = "cpu", dtype: torch.dtype = torch.float32,
             cases: list[str] = CASES, compiled: bool = True) -> list[dict]:
     import transformers
@@ -164,7 +172,7 @@ def main() -> None:
                     help="model presets to compare (default tiny small; none given: only the speculative case)")
     ap.add_argument("--new-tokens", type=int, default=64, help="tokens generated per sequence (default 64)")
     ap.add_argument("--repeats", type=int, default=3, help="runs per case, median reported (default 3)")
-    ap.add_argument("--cases", nargs="+", default=CASES, metavar="BxT",
+    ap.add_argument("--cases", nargs="+", type=case, default=CASES, metavar="BxT",
                     help=f"batch x prompt tokens of each case (default {' '.join(CASES)})")
     ap.add_argument("--no-compiled", action="store_true", help="skip the compiled engine (and its compile time)")
     ap.add_argument("--spec-model", metavar="DIR", help="a trained model dir with MTP for the speculative case")
