@@ -51,7 +51,7 @@ def speed(name: str, batch: int, seq: int, rounds: int, peak: dict) -> None:
     for precision in ("fp32", "bf16"):
         trainers = {mtp: Trainer(m, build_optimizer(m, oc), oc, LossConfig(mtp_weight=0.3 if mtp else 0.0),
                                  10**6, World(), precision) for mtp, m in ours.items()}
-        hf_opt = torch.optim.AdamW(theirs.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+        hf_opt = torch.optim.AdamW(theirs.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
         amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
 
         def hf_step(x, y):

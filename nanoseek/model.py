@@ -194,8 +194,7 @@ class MLA(nn.Module):
         Query: (H*(C+R), q_in) giving per head [W_UK^T q_nope | q_pe], so scores against the latent
         need no per-head keys. Output: (D, H*C), o_proj after W_UV, applied to the attention-weighted
         latents. Built once and reused until a weight changes (training bumps their versions; torch's fused
-        AdamW does not, so a loop that updates the weights with it and generates in between must not
-        use `fused=True`).
+        AdamW does not, so train/common.py's AdamW bumps them after each step).
         """
         c = self.cfg
         q_w = self.q_proj.weight if c.q_lora_rank is None else self.q_b_proj.weight
@@ -304,7 +303,8 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor):
         """x: (N, D) -> weights (N, K), indices (N, K), scores (N, E), all float32."""
-        logits = F.linear(x.float(), self.weight.float())
+        with torch.autocast(x.device.type, enabled=False):  # autocast would run the router in bf16
+            logits = F.linear(x.float(), self.weight.float())
         scores = logits.sigmoid() if self.cfg.scoring_func == "sigmoid" else logits.softmax(-1)
         bias = None if self.e_score_correction_bias is None else self.e_score_correction_bias.float()
         weights, indices = route(scores, bias, self.cfg)
@@ -369,7 +369,7 @@ class TakeRows(torch.autograd.Function):
         return grad.new_zeros(ctx.rows, grad.shape[1]).index_copy_(0, dest, grad), None
 
 
-GROUP_ROWS = 64  # the grouped path pads every expert's rows to one multiple of this
+GROUP_ROWS = 64  # in bf16 every expert's rows are padded to a multiple of this
 
 
 def combine(weights: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -389,8 +389,8 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, counts: list[int]):
         """x (N, D) -> (N, D). Token slots are sorted by expert so each expert multiplies only its own
-        tokens: one GEMM per expert in fp32, or in bf16 one batched GEMM over every expert, each
-        padded with zero rows to the same multiple of GROUP_ROWS (`grouped`)."""
+        tokens: one GEMM per expert; in bf16 each expert's rows padded with zeros to a multiple of
+        GROUP_ROWS (`grouped`)."""
         N, K = indices.shape
         D = x.shape[-1]
         dtype = compute_dtype(x)
@@ -411,22 +411,25 @@ class Experts(nn.Module):
         return combine(weights, y.view(N, K, D)).to(x.dtype)
 
     def grouped(self, slots: torch.Tensor, order: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """Every expert's SwiGLU as two batched GEMMs over an (E, C, D) stack, C the largest expert's
-        rows rounded up to GROUP_ROWS; slot rows in, slot rows out (N*K, D). oneDNN's bf16 GEMMs build a
-        kernel per new shape, which costs more than the product at these sizes, and the experts' row
-        counts change every step: rounded up, the shapes recur (docs/training.md)."""
+        """Every expert's SwiGLU on its rows padded with zeros to a multiple of GROUP_ROWS; slot rows in,
+        slot rows out (N*K, D). oneDNN's bf16 GEMMs build a kernel per new shape, which costs more than
+        the product at these sizes, and the experts' row counts change every step: rounded up, the
+        shapes recur. Each expert is padded alone, not all to the busiest one's rows: real routing is
+        skewed enough that one (E, C, D) batch computed several times the real rows (docs/training.md)."""
         E = len(counts)
-        C = -(-max(counts) // GROUP_ROWS) * GROUP_ROWS
+        padded = [-(-c // GROUP_ROWS) * GROUP_ROWS for c in counts]
         n = torch.tensor(counts, device=slots.device)
+        p = torch.tensor(padded, device=slots.device)
         first = torch.cumsum(n, 0) - n  # each expert's first row among the sorted slots
         sorted_expert = torch.repeat_interleave(torch.arange(E, device=slots.device), n)
         rank = torch.arange(order.numel(), device=slots.device) - first[sorted_expert]
         dest = torch.empty_like(order)
-        dest[order] = sorted_expert * C + rank  # slot -> its row in the stack
-        stack = PadRows.apply(slots, dest, E * C).view(E, C, -1)
-        gate, up = torch.bmm(stack, self.gate_up_proj.to(stack.dtype).mT).chunk(2, dim=-1)
-        out = torch.bmm(F.silu(gate) * up, self.down_proj.to(stack.dtype).mT)  # (E, C, D)
-        return TakeRows.apply(out.view(E * C, -1), dest)
+        dest[order] = (torch.cumsum(p, 0) - p)[sorted_expert] + rank  # slot -> its row in the stack
+        segments = PadRows.apply(slots, dest, sum(padded)).split(padded)
+        gate_up = self.gate_up_proj.to(slots.dtype).unbind(0)  # one cast per step, not per expert
+        down = self.down_proj.to(slots.dtype).unbind(0)
+        outs = [expert_ffn(seg, w13, w2) for seg, w13, w2 in zip(segments, gate_up, down) if seg.shape[0]]
+        return TakeRows.apply(torch.cat(outs), dest)
 
 
 class RouterStats:

@@ -71,3 +71,62 @@ def test_trainer_uses_the_measured_choice_and_a_resume_keeps_it(monkeypatch):
     t = trainer()
     t.load_state_dict({"step": 3, "skipped": 0, "bad_in_a_row": 0, "precision": "bf16"})
     assert t.amp is torch.bfloat16 and t.step_num == 3
+
+
+def test_bf16_steps_track_fp32_steps_to_bf16_tolerance():
+    """bf16 training keeps fp32 master weights and optimizer state and computes in bf16: its first gradient
+    points where fp32's does, and a few optimizer steps move the weights and the loss as fp32's do."""
+    import copy
+
+    torch.manual_seed(0)
+    fp32 = Transformer(preset("tiny"))
+    bf16 = copy.deepcopy(fp32)
+    start = {k: v.clone() for k, v in fp32.state_dict().items()}
+    gen = torch.Generator().manual_seed(0)
+    batches = [[(x, torch.roll(x, -1, 1))] for x in (torch.randint(0, 512, (4, 64), generator=gen) for _ in range(5))]
+    x, y = batches[0][0]
+    grads = {}
+    for name, model, amp in (("fp32", fp32, False), ("bf16", bf16, True)):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            loss = model.loss(x, y).loss
+        grads[name] = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
+    for a, b in zip(*grads.values()):
+        if a is not None and a.abs().sum() > 0:
+            assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99
+
+    oc = OptimConfig(warmup=1, lr=1e-3)
+    runs = {}
+    for name, model in (("fp32", fp32), ("bf16", bf16)):
+        t = Trainer(model, build_optimizer(model, oc), oc, LossConfig(), 100, World(), name)
+        assert all(p.dtype == torch.float32 for p in model.parameters())  # fp32 master weights
+        runs[name] = [t.step(b)["loss"] for b in batches]
+        assert all(v.dtype == torch.float32 for s in t.optim.opts[0].state.values() for v in s.values()
+                   if torch.is_tensor(v) and v.dim())
+    assert runs["bf16"] == pytest.approx(runs["fp32"], rel=1e-2)
+    moved = {n: {k: v - start[k] for k, v in m.state_dict().items() if v.is_floating_point()}
+             for n, m in (("fp32", fp32), ("bf16", bf16))}
+    for k, d32 in moved["fp32"].items():
+        if d32.norm() > 0:
+            assert (moved["bf16"][k] - d32).norm() < 0.25 * d32.norm(), k
+
+
+def test_a_bf16_run_saves_fp32_masters_that_transformers_loads(tmp_path):
+    import json
+
+    transformers = pytest.importorskip("transformers")
+    from conftest import token_shards
+    from nanoseek import load_model
+    from nanoseek.cli import main
+
+    data = token_shards(tmp_path)
+    run = tmp_path / "run"
+    assert main(["pretrain", "--preset", "tiny", "--data", str(data / "tokens"), "--tokenizer", str(data / "tok"),
+                 "--out", str(run), "--batch-size", "2", "--seq-len", "32", "--steps", "4", "--precision", "bf16",
+                 "--quiet"]) == 0
+    assert json.loads((run / "precision.json").read_text())["precision"] == "bf16"
+    ours = load_model(run).eval()
+    assert all(p.dtype == torch.float32 for p in ours.parameters())
+    hf = transformers.DeepseekV3ForCausalLM.from_pretrained(run, dtype=torch.float32).eval()
+    x = torch.randint(0, 265, (1, 20))
+    with torch.no_grad():
+        assert (hf(x).logits - ours(x)).abs().max() <= 1e-4

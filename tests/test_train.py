@@ -165,7 +165,7 @@ def test_pretrain_writes_checkpoints_metrics_and_a_final_model(data, tmp_path):
     assert precision == {"precision": "fp32", "reason": "--precision fp32", "tokens_per_s": None}
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp8"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp8"])
 def test_resume_after_sigkill_is_bit_exact(data, tmp_path, precision):
     args = ["--steps", "60", "--save-every", "4", "--precision", precision]  # many steps: the kill lands mid-run
     assert main(pretrain_argv(data, tmp_path / "ref", *args)) == 0
@@ -340,3 +340,21 @@ def test_resume_drops_a_half_written_metrics_line(data, tmp_path):
     assert main(["plot", str(run)]) == 0
     assert main(pretrain_argv(data, run, "--steps", "6", "--save-every", "2", "--resume")) == 0
     assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == list(range(1, 7))
+
+
+def test_fused_adamw_steps_reach_the_absorbed_weights_cache():
+    """torch's fused AdamW does not bump the weights' version counters; ours does, so MLA's absorbed-weights
+    cache (keyed on them) is rebuilt after a step instead of serving the old weights."""
+    from nanoseek.train.common import AdamW
+
+    model = Transformer(preset("tiny"))
+    attn = model.layers[0].self_attn
+    with torch.no_grad():
+        before = [t.clone() for t in attn.absorbed_weights()]
+    opt = AdamW(model.parameters(), lr=1e-2)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    with torch.no_grad():
+        after = attn.absorbed_weights()
+    assert not torch.equal(before[0], after[0]) and not torch.equal(before[1], after[1])

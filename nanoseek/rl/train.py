@@ -41,8 +41,8 @@ from ..io import write_atomic
 from ..model import Transformer
 from ..tokenizer import Tokenizer
 from ..train.args import TrainError, settings
-from ..train.common import (MetricsLog, OptimConfig, complete_checkpoints, graceful_sigint, load_training_state, lr_at,
-                            save_checkpoint, set_rng_state)
+from ..train.common import (AdamW, MetricsLog, OptimConfig, complete_checkpoints, graceful_sigint, load_training_state,
+                            lr_at, save_checkpoint, set_rng_state)
 from ..train.dist import World, all_reduce, average_gradients, barrier
 from ..train.pretrain import export_final, training_world
 from .args import GRPOConfig, GRPORun
@@ -292,9 +292,7 @@ def _train(r: GRPORun, task, held_out: list, world: World) -> Transformer:
         ref.requires_grad_(False)
         if saved and cfg.ref_refresh and saved["trainer"]["step"] % cfg.ref_refresh == 0:
             ref.load_state_dict(policy.state_dict())  # stopped between a refresh's checkpoint and its reference
-    # not fused=True: torch's fused AdamW writes the weights without bumping their version counters, which the
-    # engine's absorbed-weights cache (MLA.absorbed_weights) keys on
-    optim = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    optim = AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     engine = Engine(policy, tok, max_running=r.max_running or cfg.prompts * cfg.group, compile=r.compile)
     if r.compile:
         try:
