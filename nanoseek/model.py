@@ -189,44 +189,32 @@ class MLA(nn.Module):
         return o[..., :c.v_head_dim].transpose(1, 2).flatten(2)  # (B, T, H*Dv)
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """W_UK folded into the query projection and W_UV into the output projection.
+        """W_UK (H, Dn, C) and W_UV (H, Dv, C): kv_b_proj's per-head blocks, views of its weight.
 
-        Query: (H*(C+R), q_in) giving per head [W_UK^T q_nope | q_pe], so scores against the latent
-        need no per-head keys. Output: (D, H*C), o_proj after W_UV, applied to the attention-weighted
-        latents. Built once and reused until a weight changes (training bumps their versions; torch's fused
-        AdamW does not, so train/common.py's AdamW bumps them after each step).
+        They are applied on their own, not multiplied into the query and output projections: for every
+        DeepSeek shape the products are larger than their factors (for `medium` 3x the weights and the
+        FLOPs per token), and batch-1 decoding reads every weight once per token.
         """
         c = self.cfg
-        q_w = self.q_proj.weight if c.q_lora_rank is None else self.q_b_proj.weight
-        key = tuple((w.data_ptr(), w._version) for w in (q_w, self.kv_b_proj.weight, self.o_proj.weight))
-        if not torch.is_grad_enabled() and getattr(self, "_absorbed", (None,))[0] == key:
-            return self._absorbed[1]
-        H, Dn, Dv = self.n_heads, c.qk_nope_head_dim, c.v_head_dim
-        kv_b = self.kv_b_proj.weight.unflatten(0, (H, Dn + Dv))  # (H, Dn+Dv, C)
-        w_uk, w_uv = kv_b[:, :Dn], kv_b[:, Dn:]
-        q_nope, q_pe = q_w.unflatten(0, (H, c.qk_head_dim)).split([Dn, c.qk_rope_head_dim], 1)  # (H, ., q_in)
-        w_q = torch.cat((w_uk.mT @ q_nope, q_pe), 1).flatten(0, 1)  # (H*(C+R), q_in)
-        w_o = (self.o_proj.weight.unflatten(1, (H, Dv)).transpose(0, 1) @ w_uv).transpose(0, 1).flatten(1)  # (D, H*C)
-        if not torch.is_grad_enabled():
-            self._absorbed = (key, (w_q, w_o))
-        return w_q, w_o
+        kv_b = self.kv_b_proj.weight.unflatten(0, (self.n_heads, c.qk_nope_head_dim + c.v_head_dim))  # (H, ., C)
+        return kv_b[:, :c.qk_nope_head_dim], kv_b[:, c.qk_nope_head_dim:]
 
     def absorbed(self, x, cos, sin, c_kv, k_pe, mask, weights: tuple[torch.Tensor, torch.Tensor] | None = None):
-        """Attend directly over the cached latents: W_UK folds into the query, W_UV into the output.
+        """Attend directly over the cached latents: each head's query is taken into the latent space by
+        W_UK, and the attention-weighted latents out of it by W_UV, so nothing is expanded per cached token.
 
-        Multi-query attention with (C+R)-wide keys and C-wide values; nothing is expanded per head.
-        weights: `absorbed_weights()` computed by the caller (a compiled graph takes them as inputs).
+        Multi-query attention with (C+R)-wide keys and C-wide values.
+        weights: `absorbed_weights()` from the caller (a compiled graph takes them as inputs).
         """
         c = self.cfg
-        T, S = x.shape[1], c_kv.shape[1]
-        w_q, w_o = weights if weights is not None else self.absorbed_weights()
-        q_in = x if c.q_lora_rank is None else self.q_a_layernorm(self.q_a_proj(x))
-        B, H = x.shape[0], self.n_heads
-        q = linear(q_in, w_q).unflatten(-1, (H, -1))  # (B, T, H, C+R)
-        q_lat, q_pe = q.split([c.kv_lora_rank, c.qk_rope_head_dim], -1)
-        q_pe = apply_rope(q_pe, cos, sin)
+        S = c_kv.shape[1]
+        w_uk, w_uv = weights if weights is not None else self.absorbed_weights()
+        q_nope, q_pe = self.queries(x, cos, sin)  # (B, T, H, Dn), (B, T, H, R)
+        B, T, H, _ = q_nope.shape
+        q_lat = torch.bmm(q_nope.permute(2, 0, 1, 3).reshape(H, B * T, -1), w_uk)  # (H, B*T, C)
+        q_lat = q_lat.view(H, B, T, -1).permute(1, 2, 0, 3)  # (B, T, H, C)
         # heads and query positions share one key set: fold them into one axis, (B, T*H, .)
-        scores = (torch.bmm(q_lat.flatten(1, 2), c_kv.mT) + torch.bmm(q_pe.flatten(1, 2), k_pe.mT)).float()
+        scores = (torch.bmm(q_lat.reshape(B, T * H, -1), c_kv.mT) + torch.bmm(q_pe.flatten(1, 2), k_pe.mT)).float()
         scores = scores.view(B, T, H, S) * self.scale
         if mask is None and T > 1:
             mask = causal_mask(T, S, c_kv.device)
@@ -234,7 +222,8 @@ class MLA(nn.Module):
             mask = mask.view(-1, T, 1, S) if mask.dim() == 4 else mask[:, None]  # heads on axis 2 here
             scores = scores.masked_fill(~mask, float("-inf"))
         o_lat = torch.bmm(scores.softmax(-1).to(c_kv.dtype).flatten(1, 2), c_kv)  # (B, T*H, C)
-        return linear(o_lat.view(B, T, H * c.kv_lora_rank), w_o)  # (B, T, D)
+        o = torch.bmm(o_lat.view(B * T, H, -1).transpose(0, 1), w_uv.mT)  # (H, B*T, Dv)
+        return self.o_proj(o.transpose(0, 1).reshape(B, T, H * c.v_head_dim))  # (B, T, D)
 
     def forward(self, x, cos, sin, cache=None, layer_idx: int = 0, mask=None, absorb: bool = False):
         c_kv, k_pe = self.latents(x, cos, sin)

@@ -334,7 +334,7 @@ class Engine:
                 self._mask())
 
     def _absorbed(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Each main layer's absorbed attention weights (cached until a weight changes)."""
+        """Each main layer's W_UK and W_UV, views of its weights."""
         return [layer.self_attn.absorbed_weights() for layer in self.model.layers]
 
     def _compiled_trunk(self, reqs: list[Request], new: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -103,8 +103,8 @@ class Muon(torch.optim.Optimizer):
 
 class AdamW(torch.optim.AdamW):
     """torch's fused AdamW, 4-5x its default per-tensor loop on a CPU. Unlike that loop it writes the
-    weights without bumping their version counters, which caches keyed on them (MLA.absorbed_weights)
-    rely on, so each step bumps them."""
+    weights without bumping their version counters, which autograd's checks on saved tensors and any
+    cache keyed on them rely on, so each step bumps them."""
 
     def __init__(self, params, **kwargs):
         super().__init__(params, fused=True, **kwargs)
