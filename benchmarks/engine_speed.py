@@ -36,6 +36,7 @@ import torch
 from nanoseek import Transformer, load_model, preset, save_model
 from nanoseek.engine.engine import Engine
 from nanoseek.engine.sampling import SamplingParams
+from nanoseek.perf import host_line, host_peaks
 from nanoseek.tokenizer import Tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -182,9 +183,9 @@ def main() -> None:
     dtype = DTYPES[args.dtype]
     import transformers
     transformers.logging.set_verbosity_error()
-    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} threads"
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {where}, "
-          f"{args.dtype}, greedy, {args.new_tokens} new tokens")
+    where = (f"torch {torch.__version__}, {torch.cuda.get_device_name()}" if args.device == "cuda"
+             else host_line(host_peaks()))
+    print(f"{where}; transformers {transformers.__version__}, {args.dtype}, greedy, {args.new_tokens} new tokens")
     with torch.no_grad():
         for name in args.presets:
             compare(name, args.new_tokens, args.repeats, args.device, dtype, args.cases, not args.no_compiled)

@@ -23,7 +23,7 @@ import torch
 
 from nanoseek import Transformer, load_model, preset, save_model
 from nanoseek.cost import estimate
-from nanoseek.perf import matmul_peak
+from nanoseek.perf import host_line, host_peaks
 
 
 def step_fn(kind: str, model, x, hf: bool):
@@ -76,9 +76,8 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
 
     torch.manual_seed(0)
-    peak = {"fp32": matmul_peak(torch.float32, seconds=1.0), "bf16": matmul_peak(torch.bfloat16, seconds=1.0)}
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads")
-    print(f"matmul peak (1024^3): fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s\n")
+    peak = host_peaks()
+    print(f"{host_line(peak)}; transformers {transformers.__version__}\n")
     header = ("| model | pass | precision | nanoseek tok/s | transformers tok/s | ratio | "
               "nanoseek GFLOP/s (% of peak) |")
     print(header)

@@ -22,26 +22,17 @@ from __future__ import annotations
 import argparse
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from nanoseek import Transformer, preset
-from nanoseek.perf import matmul_peak
+from nanoseek.perf import host_line, host_peaks
 from nanoseek.train.common import LossConfig, OptimConfig, Trainer, build_optimizer
 from nanoseek.train.dist import World
 
 GEMMS = ("aten::mm", "aten::addmm", "aten::bmm")
 ATTENTION = "aten::_scaled_dot_product_flash_attention_for_cpu"
-
-
-def cpu_flags() -> str:
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return "unknown"
-    return " ".join(f for f in ("avx2", "avx512_bf16", "amx_bf16") if f in flags) or "none of avx2/avx512_bf16"
 
 
 def gemm_shape(name: str, shapes: list) -> tuple[int, int, int, int] | None:
@@ -145,10 +136,7 @@ def main() -> None:
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
                     help="precisions to profile (default both; bf16 is autocast)")
     a = ap.parse_args()
-    peak = {dt: matmul_peak(dt, seconds=1.0) / 1e9 for dt in (torch.float32, torch.bfloat16)}
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU flags: {cpu_flags()}; matmul peak "
-          f"(1024-cube) fp32 {peak[torch.float32]:.0f}, bf16 {peak[torch.bfloat16]:.0f} GFLOP/s; "
-          f"batch {a.batch} x {a.seq}")
+    print(f"{host_line(host_peaks())}; batch {a.batch} x {a.seq}")
     for precision in a.precisions:
         profile_step(a.preset, precision, a.batch, a.seq, a.steps, a.top)
 

@@ -5,8 +5,10 @@
 
 Part 1, same config, optimizer (AdamW, same hyper-parameters) and inputs: one full training step
 (forward, backward, optimizer step) of nanoseek's Trainer -- with and without the MTP loss --
-against transformers' DeepseekV3ForCausalLM(labels=...) + torch AdamW, alternating call by call;
-fp32 and bf16 autocast. MFU against this CPU's matmul peak measured in the same run.
+against transformers' DeepseekV3ForCausalLM(labels=...) + torch AdamW (fused, as nanoseek's), alternating
+call by call; fp32 and bf16 autocast. MFU against this CPU's matmul peak for the precision, measured in the
+same run (its CPU flags and both peaks head the output). After the table, what `--precision auto` picks at
+each preset's shape, with the rates it measured.
 
 Part 2: pretrain `--balance-preset` on a generated, curated corpus for `--balance-steps` steps
 twice from the same seed -- bias balancing on (gamma = 0.001) and off (gamma = 0) -- and report
@@ -27,12 +29,13 @@ import torch
 
 from nanoseek import Transformer, load_model, preset, save_model
 from nanoseek.cost import estimate
-from nanoseek.perf import matmul_peak
+from nanoseek.perf import host_line, host_peaks
+from nanoseek.train.precision import choose, measure
 from nanoseek.train.common import LossConfig, OptimConfig, Trainer, build_optimizer
 from nanoseek.train.dist import World
 
 
-def speed(name: str, batch: int, seq: int, rounds: int, peak: dict) -> None:
+def speed(name: str, batch: int, seq: int, rounds: int, peak: dict, auto_picks: list[str]) -> None:
     import transformers
 
     cfg = preset(name)
@@ -78,6 +81,9 @@ def speed(name: str, batch: int, seq: int, rounds: int, peak: dict) -> None:
         print(f"| {name} | {precision if precision == 'fp32' else 'bf16 autocast'} | {tok_s['ours']:,.0f} | "
               f"{tok_s['ours+mtp']:,.0f} | {tok_s['hf']:,.0f} | {tok_s['ours'] / tok_s['hf']:.2f}x | {mfu:.0%} |",
               flush=True)
+    cpu = torch.device("cpu")
+    auto = choose("auto", cpu, lambda: measure(ours[True], cpu, batch, seq))
+    auto_picks.append(f"{name}: `--precision auto` picks {auto.name} ({auto.reason})")
 
 
 def balance(preset_name: str, steps: int, work: Path) -> None:
@@ -120,15 +126,15 @@ def main() -> None:
 
     import transformers
     transformers.logging.set_verbosity_error()
-    peak = {"fp32": matmul_peak(torch.float32, seconds=1.0), "bf16": matmul_peak(torch.bfloat16, seconds=1.0)}
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads; "
-          f"matmul peak fp32 {peak['fp32'] / 1e9:.0f}, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s; "
-          f"batch {args.batch} x {args.seq} tokens\n")
+    peak = host_peaks()
+    print(f"{host_line(peak)}; transformers {transformers.__version__}; batch {args.batch} x {args.seq} tokens\n")
     print("| model | precision | nanoseek tok/s | nanoseek + MTP tok/s | transformers tok/s | ratio (no MTP) | "
           "nanoseek MFU |")
     print("|---|---|---|---|---|---|---|")
+    auto_picks: list[str] = []
     for name in args.presets:
-        speed(name, args.batch, args.seq, args.rounds, peak)
+        speed(name, args.batch, args.seq, args.rounds, peak, auto_picks)
+    print("\n" + "\n".join(auto_picks))
     if args.balance_steps:
         with tempfile.TemporaryDirectory() as d:
             balance(args.balance_preset, args.balance_steps, Path(d))

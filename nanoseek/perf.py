@@ -24,3 +24,24 @@ def matmul_peak(dtype: torch.dtype = torch.float32, n: int = 1024, seconds: floa
             torch.cuda.synchronize()
         best = max(best, 2 * n**3 / (time.perf_counter() - t))
     return best
+
+
+def cpu_flags() -> str:
+    """The CPU's matmul-relevant instruction sets (avx2, avx512_bf16, amx_bf16), as /proc/cpuinfo lists them."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().split())
+    except OSError:
+        return "unknown"
+    return " ".join(f for f in ("avx2", "avx512_bf16", "amx_bf16") if f in flags) or "none of avx2/avx512_bf16"
+
+
+def host_peaks(seconds: float = 1.0) -> dict[str, float]:
+    """This CPU's fp32 and bf16 matmul peaks (FLOP/s), keyed "fp32" and "bf16"."""
+    return {"fp32": matmul_peak(torch.float32, seconds=seconds), "bf16": matmul_peak(torch.bfloat16, seconds=seconds)}
+
+
+def host_line(peaks: dict[str, float]) -> str:
+    """One line for a benchmark's header: torch, threads, CPU flags and the fp32 and bf16 matmul peaks."""
+    return (f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU flags: {cpu_flags()}; "
+            f"matmul peak (1024-cube) fp32 {peaks['fp32'] / 1e9:,.0f}, bf16 {peaks['bf16'] / 1e9:,.0f} GFLOP/s")

@@ -15,9 +15,10 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
+
+from ..perf import cpu_flags
 
 MARGIN = 1.1  # bf16 must be this much faster than fp32 to be chosen
 NAMES = {None: "fp32", torch.bfloat16: "bf16"}
@@ -36,11 +37,7 @@ class Choice:
 
 
 def cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bool({"avx512_bf16", "amx_bf16"} & set(cpu_flags().split()))
 
 
 def measure(model, device: torch.device, batch_size: int, seq_len: int, mtp_weight: float = 0.3,
