@@ -36,6 +36,7 @@ from nanoseek.rl import train as rl_train
 from nanoseek.rl.evaluate import prompt_ids
 from nanoseek.rl.rewards import Score
 from nanoseek.tokenizer import Tokenizer
+from nanoseek.train.common import AdamW
 
 
 def text_reward(text: str) -> float:
@@ -54,7 +55,7 @@ class Ours:
         self.cfg = rl_train.GRPOConfig(task="arithmetic", level=2, prompts=args.prompts, group=args.group,
                                        max_tokens=args.tokens, minibatch=args.prompts * args.group, beta=0.04, lr=1e-6)
         self.ref = load_model(model_dir).to(args.device).requires_grad_(False)
-        self.optim = torch.optim.AdamW(self.policy.parameters(), lr=self.cfg.lr, weight_decay=0.0)
+        self.optim = AdamW(self.policy.parameters(), lr=self.cfg.lr, weight_decay=0.0)  # as rl/train.py
         self.engine = rl_train.Engine(self.policy, self.tok, max_running=args.prompts * args.group, compile=compiled)
         if compiled:
             self.engine.warm_up()

@@ -82,7 +82,7 @@ def speed(name: str, batch: int, seq: int, rounds: int, peak: dict, auto_picks: 
               f"{tok_s['ours+mtp']:,.0f} | {tok_s['hf']:,.0f} | {tok_s['ours'] / tok_s['hf']:.2f}x | {mfu:.0%} |",
               flush=True)
     cpu = torch.device("cpu")
-    auto = choose("auto", cpu, lambda: measure(ours[True], cpu, batch, seq))
+    auto = choose("auto", cpu, lambda: measure(ours[True], cpu, batch, seq), shape=f"batch {batch} x {seq} tokens")
     auto_picks.append(f"{name}: `--precision auto` picks {auto.name} ({auto.reason})")
 
 

@@ -219,7 +219,7 @@ class MLA(nn.Module):
         if mask is None and T > 1:
             mask = causal_mask(T, S, c_kv.device)
         if mask is not None:
-            mask = mask.view(-1, T, 1, S) if mask.dim() == 4 else mask[:, None]  # heads on axis 2 here
+            mask = mask.view(-1, T, 1, S) if mask.dim() == 4 else mask.unsqueeze(-2)  # heads on axis 2 here
             scores = scores.masked_fill(~mask, float("-inf"))
         o_lat = torch.bmm(scores.softmax(-1).to(c_kv.dtype).flatten(1, 2), c_kv)  # (B, T*H, C)
         o = torch.bmm(o_lat.view(B * T, H, -1).transpose(0, 1), w_uv.mT)  # (H, B*T, Dv)
@@ -378,15 +378,15 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, counts: list[int]):
         """x (N, D) -> (N, D). Token slots are sorted by expert so each expert multiplies only its own
-        tokens: one GEMM per expert; in bf16 each expert's rows padded with zeros to a multiple of
-        GROUP_ROWS (`grouped`)."""
+        tokens: one GEMM per expert; in bf16 on a CPU each expert's rows padded with zeros to a multiple
+        of GROUP_ROWS (`grouped`)."""
         N, K = indices.shape
         D = x.shape[-1]
         dtype = compute_dtype(x)
         order = indices.flatten().argsort(stable=True)  # (N*K,) slots sorted by expert
         # cast before copying K times: fewer elements to convert under autocast
         slots = x.to(dtype).unsqueeze(1).expand(N, K, D).reshape(N * K, D)
-        if dtype in (torch.bfloat16, torch.float16) and fp8.active() is None:
+        if dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu" and fp8.active() is None:
             y = self.grouped(slots, order, counts)
         else:
             inverse = torch.empty_like(order)

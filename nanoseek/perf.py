@@ -26,14 +26,22 @@ def matmul_peak(dtype: torch.dtype = torch.float32, n: int = 1024, seconds: floa
     return best
 
 
-def cpu_flags() -> str:
-    """The CPU's matmul-relevant instruction sets (avx2, avx512_bf16, amx_bf16), as /proc/cpuinfo lists them."""
+MATMUL_FLAGS = ("avx2", "avx512_bf16", "amx_bf16")
+
+
+def cpu_flag_set() -> set[str]:
+    """Which of MATMUL_FLAGS /proc/cpuinfo lists (empty where it cannot be read)."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = set(f.read().split())
+            return set(f.read().split()) & set(MATMUL_FLAGS)
     except OSError:
-        return "unknown"
-    return " ".join(f for f in ("avx2", "avx512_bf16", "amx_bf16") if f in flags) or "none of avx2/avx512_bf16"
+        return set()
+
+
+def cpu_flags() -> str:
+    """MATMUL_FLAGS this CPU has, for a benchmark's header."""
+    flags = cpu_flag_set()
+    return " ".join(f for f in MATMUL_FLAGS if f in flags) or "none of " + "/".join(MATMUL_FLAGS)
 
 
 def host_peaks(seconds: float = 1.0) -> dict[str, float]:

@@ -102,8 +102,8 @@ def test_bf16_steps_track_fp32_steps_to_bf16_tolerance():
         runs[name] = [t.step(b)["loss"] for b in batches]
         assert all(v.dtype == torch.float32 for s in t.optim.opts[0].state.values() for v in s.values()
                    if torch.is_tensor(v) and v.dim())
-    assert runs["bf16"] == pytest.approx(runs["fp32"], rel=1e-2)
-    moved = {n: {k: v - start[k] for k, v in m.state_dict().items() if v.is_floating_point()}
+    assert runs["bf16"] == pytest.approx(runs["fp32"], abs=2e-3)  # the losses move ~0.04 over these steps
+    moved = {n: {k: p.detach() - start[k] for k, p in m.named_parameters()}  # not the bias buffers: sign steps
              for n, m in (("fp32", fp32), ("bf16", bf16))}
     for k, d32 in moved["fp32"].items():
         if d32.norm() > 0:

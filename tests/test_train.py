@@ -342,15 +342,27 @@ def test_resume_drops_a_half_written_metrics_line(data, tmp_path):
     assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == list(range(1, 7))
 
 
-def test_fused_adamw_steps_bump_the_weights_versions():
-    """torch's fused AdamW does not bump the weights' version counters; ours does, as the unfused one, so
-    anything keyed on them (autograd's saved-tensor checks, caches) sees the step."""
+def test_fused_adamw_bumps_versions_and_resumes_an_unfused_state():
+    """torch's fused AdamW does not bump the weights' version counters; ours does, as the unfused one does,
+    so autograd's saved-tensor checks see the step. A state saved by the unfused AdamW resumes fused and
+    steps as the unfused one would."""
     from nanoseek.train.common import AdamW
 
+    torch.manual_seed(0)
     model = Transformer(preset("tiny"))
-    opt = AdamW(model.parameters(), lr=1e-2)
-    for p in model.parameters():
-        p.grad = torch.ones_like(p)
+    twin = Transformer(preset("tiny"))
+    twin.load_state_dict(model.state_dict())
+    old = torch.optim.AdamW(twin.parameters(), lr=1e-2)
+    ours = AdamW(model.parameters(), lr=1e-2)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        p.grad = torch.randn_like(p)
+        q.grad = p.grad.clone()
+    old.step()
+    ours.load_state_dict(old.state_dict())  # the state after one unfused step, into the fused optimizer
+    for p, q in zip(model.parameters(), twin.parameters()):
+        p.data.copy_(q.data)
+    assert ours.param_groups[0]["fused"] is True
     before = [p._version for p in model.parameters()]
-    opt.step()
+    ours.step(), old.step()
     assert all(p._version > v for p, v in zip(model.parameters(), before))
+    assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(model.parameters(), twin.parameters()))

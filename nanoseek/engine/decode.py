@@ -1,8 +1,9 @@
 """The engine's forward passes over the paged latent cache, beside the model they are proven equal to.
 
 The model (`model.py`) has the MoE path training needs: token slots sorted by expert, one matmul per
-expert (in bf16, one batched matmul over every expert's padded rows). Inference over a few tokens wants others, chosen here by how many (token,
-expert) pairs a step has and whether torch.compile is tracing:
+expert (in bf16 on a CPU, each expert's rows padded to a multiple of 64). Inference over a few tokens
+wants others, chosen here by how many (token, expert) pairs a step has and whether torch.compile is
+tracing:
 
     dense     about as many pairs as experts: every expert on every token in two batched matmuls
     few       fewer pairs than that: visit each pair, read only the chosen experts' weights

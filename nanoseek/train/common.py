@@ -103,16 +103,21 @@ class Muon(torch.optim.Optimizer):
 
 class AdamW(torch.optim.AdamW):
     """torch's fused AdamW, 4-5x its default per-tensor loop on a CPU. Unlike that loop it writes the
-    weights without bumping their version counters, which autograd's checks on saved tensors and any
-    cache keyed on them rely on, so each step bumps them."""
+    weights without bumping their version counters, which autograd's checks on saved tensors rely on,
+    so a hook bumps them after each step. A state saved by the unfused AdamW loads into the fused one."""
 
     def __init__(self, params, **kwargs):
         super().__init__(params, fused=True, **kwargs)
+        self.register_step_post_hook(lambda opt, args, kwargs: torch.autograd.graph.increment_version(
+            [p for g in opt.param_groups for p in g["params"]]))
 
-    def step(self, closure=None):
-        loss = super().step(closure)
-        torch.autograd.graph.increment_version([p for g in self.param_groups for p in g["params"]])
-        return loss
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        for g in self.param_groups:  # a state from the unfused AdamW brings back fused=None
+            g["fused"], g["foreach"] = True, None
+            for p in g["params"]:
+                if "step" in self.state.get(p, {}):  # the fused kernel wants the step beside the weight
+                    self.state[p]["step"] = self.state[p]["step"].to(p.device, torch.float32)
 
 
 class Optimizers:

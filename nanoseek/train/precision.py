@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..perf import cpu_flags
+from ..perf import cpu_flag_set
 
 MARGIN = 1.1  # bf16 must be this much faster than fp32 to be chosen
 NAMES = {None: "fp32", torch.bfloat16: "bf16"}
@@ -37,7 +37,7 @@ class Choice:
 
 
 def cpu_has_bf16() -> bool:
-    return bool({"avx512_bf16", "amx_bf16"} & set(cpu_flags().split()))
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flag_set())
 
 
 def measure(model, device: torch.device, batch_size: int, seq_len: int, mtp_weight: float = 0.3,
