@@ -127,8 +127,9 @@ def compare(name: str, new: int, repeats: int, device: str = "cpu", dtype: torch
                          decode_hf=dec_b, prefill_ours=pre_a, prefill_hf=pre_b, kv_ours=a["kv_bytes"],
                          kv_hf=b["kv_bytes"]))
         r = rows[-1]
-        print(f"{name:6} batch {batch:2} prompt {plen:4}: decode eager {dec_a:8.1f} ({dec_a / dec_b:.2f}x), compiled "
-              f"{dec_c:8.1f} ({dec_c / dec_b:.2f}x) vs transformers {dec_b:8.1f} tok/s  prefill {pre_a:8.0f} vs "
+        compiled = "" if math.isnan(dec_c) else f", compiled {dec_c:8.1f} ({dec_c / dec_b:.2f}x)"
+        print(f"{name:6} batch {batch:2} prompt {plen:4}: decode eager {dec_a:8.1f} ({dec_a / dec_b:.2f}x){compiled} "
+              f"vs transformers {dec_b:8.1f} tok/s  prefill {pre_a:8.0f} vs "
               f"{pre_b:8.0f} tok/s ({pre_a / pre_b:.2f}x)  KV {r['kv_ours']:.0f} vs {r['kv_hf']:.0f} B/token",
               flush=True)
     return rows
