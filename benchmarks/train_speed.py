@@ -30,9 +30,9 @@ import torch
 from nanoseek import Transformer, load_model, preset, save_model
 from nanoseek.cost import estimate
 from nanoseek.perf import host_line, host_peaks
-from nanoseek.train.precision import choose, measure
 from nanoseek.train.common import LossConfig, OptimConfig, Trainer, build_optimizer
 from nanoseek.train.dist import World
+from nanoseek.train.precision import choose, measure
 
 
 def speed(name: str, batch: int, seq: int, rounds: int, peak: dict, auto_picks: list[str]) -> None:

@@ -46,3 +46,18 @@ def token_shards(root):
     Tokenizer.byte_level().save(root / "tok")
     tokenize_dir(root / "curated", root / "tok", root / "tokens", workers=1)
     return root
+
+
+def assert_fp32_masters_transformers_reads(run):
+    """RUN's model holds fp32 weights (the masters, whatever the run computed in), and transformers
+    loads the dir with the same logits as nanoseek."""
+    import transformers
+
+    from nanoseek import load_model
+
+    ours = load_model(run).eval()
+    assert all(p.dtype == torch.float32 for p in ours.parameters())
+    hf = transformers.DeepseekV3ForCausalLM.from_pretrained(run, dtype=torch.float32).eval()
+    x = torch.randint(0, 265, (1, 20))
+    with torch.no_grad():
+        assert (hf(x).logits - ours(x)).abs().max() <= 1e-4

@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from conftest import token_shards
-from nanoseek import Transformer, load_model, preset
+from conftest import assert_fp32_masters_transformers_reads, token_shards
+from nanoseek import Transformer, preset
 from nanoseek.cli import main
 from nanoseek.train import fp8
 from nanoseek.train.fp8 import E4M3, E4M3_MAX, Recipe
@@ -159,7 +159,7 @@ def test_the_model_trains_in_fp8_only_where_v3_does():
 
 
 def test_small_pretrains_in_fp8_and_saves_a_normal_model_dir_transformers_loads(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     data = token_shards(tmp_path)
     run = tmp_path / "run"
     assert main(["pretrain", "--preset", "small", "--data", str(data / "tokens"), "--tokenizer", str(data / "tok"),
@@ -169,12 +169,7 @@ def test_small_pretrains_in_fp8_and_saves_a_normal_model_dir_transformers_loads(
     assert json.loads((run / "train_args.json").read_text())["fp8_scaling"] == "fine"
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all(r["loss"] == r["loss"] for r in rows)
-    ours = load_model(run).eval()
-    assert all(p.dtype == torch.float32 for p in ours.parameters())  # fp32 masters, as saved
-    hf = transformers.DeepseekV3ForCausalLM.from_pretrained(run, dtype=torch.float32).eval()
-    x = torch.randint(0, 265, (1, 20))
-    with torch.no_grad():
-        assert (hf(x).logits - ours(x)).abs().max() <= 1e-4
+    assert_fp32_masters_transformers_reads(run)
 
 
 def test_shapes_torchs_blockwise_kernel_got_wrong_stay_simulated():
