@@ -8,6 +8,7 @@ share, over the steps -- auxiliary-loss-free balancing should pull it toward 1).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 
@@ -37,6 +38,14 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: str | Path) -> None:
+    """fig as a PNG at path, written beside it and renamed into place: a stop mid-write leaves no half image."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=120, format="png")
+    os.replace(tmp, path)
+
+
 def _lines(path: Path, x: list, series: dict[str, list], xlabel: str, ylabel: str | None = None,
            height: float = 4.0, ylim: tuple[float, float] | None = None) -> Path:
     """One PNG of line plots sharing an x axis; a legend when there is more than one line."""
@@ -53,7 +62,7 @@ def _lines(path: Path, x: list, series: dict[str, list], xlabel: str, ylabel: st
         ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save(fig, path)
     plt.close(fig)
     return path
 
@@ -87,7 +96,7 @@ def plot_run(run: str | Path) -> list[Path]:
             fig.colorbar(im, ax=ax, label="load / even share")
         axes[-1, 0].set_xlabel("step")
         fig.tight_layout()
-        fig.savefig(out / "expert_load.png", dpi=120)
+        _save(fig, out / "expert_load.png")
         written.append(out / "expert_load.png")
     plt.close("all")
     return written
@@ -127,7 +136,7 @@ def plot_accuracy(accuracy: dict[str, dict[str, float]], path: str | Path) -> Pa
     ax.legend()
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save(fig, path)
     plt.close("all")
     return Path(path)
 
@@ -152,7 +161,7 @@ def plot_curves(curves: dict[str, Path], path: str | Path) -> Path:
     if curves:
         acc.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save(fig, path)
     plt.close(fig)
     return Path(path)
 
