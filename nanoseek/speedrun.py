@@ -41,7 +41,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -101,6 +101,7 @@ class Plan:
     distill_k: int
     distill_steps: int
     seed: int = 0
+    corpus_checked: float = 0.0  # share of the corpus's task documents worked with every step checked
 
     @property
     def headline(self) -> str:
@@ -176,6 +177,9 @@ class Speedrun:
         mine = {"plan": json.loads(json.dumps(asdict(self.plan))), "distill": self.distill}
         if settings.exists():
             theirs = json.loads(settings.read_text())
+            # a setting added since that run was written had its default then
+            defaults = json.loads(json.dumps({f.name: f.default for f in fields(Plan) if f.default is not MISSING}))
+            theirs["plan"] = {**defaults, **theirs["plan"]}
             if theirs["plan"] != mine["plan"]:
                 diff = [f"{k}: {theirs['plan'].get(k)!r} there, {v!r} now" for k, v in mine["plan"].items()
                         if theirs["plan"].get(k) != v]
@@ -246,7 +250,8 @@ class Speedrun:
         if raw.exists():
             shutil.rmtree(raw)
         files = write_corpus(raw, p.corpus_mb, seed=p.seed, kinds=CORPUS_KINDS, tasks=CORPUS_TASKS,
-                             brief=p.corpus_brief, ops=dict(p.corpus_ops))
+                             brief=p.corpus_brief, ops=dict(p.corpus_ops),
+                             checked=p.corpus_checked)
         raw_mb = sum(f.stat().st_size for f in files) / 1e6
         report = curate([str(raw)], self.out / "data" / "curated", CurateConfig(), workers=os.cpu_count() or 1,
                         progress=not self.quiet)

@@ -230,3 +230,18 @@ def test_claims_hold_only_past_their_margin_and_two_paired_standard_errors():
     assert "does not hold" in _claim("x", near, b)
     with pytest.raises(ValueError, match="k >= 2"):
         Protocol.build(4, "arithmetic", [1], ["sort"], k=1)
+
+
+def test_a_run_written_before_a_setting_existed_continues_under_its_default(tmp_path):
+    """speedrun.json from before a plan setting was added holds no value for it: it ran with the default."""
+    from dataclasses import asdict, replace
+
+    from nanoseek.speedrun import PLANS, Speedrun, SpeedrunError
+
+    old = {k: v for k, v in json.loads(json.dumps(asdict(PLANS["quick"]))).items() if k != "corpus_checked"}
+    (tmp_path / "speedrun.json").write_text(json.dumps({"plan": old, "distill": True}))
+    Speedrun(tmp_path, PLANS["quick"])._check_settings()  # continues
+    assert json.loads((tmp_path / "speedrun.json").read_text())["plan"]["corpus_checked"] == 0.0
+    (tmp_path / "speedrun.json").write_text(json.dumps({"plan": old, "distill": True}))
+    with pytest.raises(SpeedrunError, match=r"corpus_checked: 0.0 there, 0.3 now"):
+        Speedrun(tmp_path, replace(PLANS["quick"], corpus_checked=0.3))._check_settings()

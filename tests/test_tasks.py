@@ -170,6 +170,129 @@ def test_brief_solutions_verify_and_are_the_worked_conclusion(name):
             assert think == worked.split("\n</think>")[0].splitlines()[-1]  # the worked form's last line
 
 
+_STEP = {  # a step line's pattern, and its check's: what the two must agree on is below
+    "column": (r"(\d+) ([+x]) (\d+) \+ carry (\d+) = (\d+), write (\d), carry (\d+)",
+               r"check (\d+) ([+x]) (\d+) = (\d+), \+ (\d+) = (\d+), (?:ok|not (\d+), redo)"),
+    "sub": (r"(?:(-?\d+) - (\d+)|(-?\d+) < (\d+), borrow: (\d+) - \d+) = (\d+)",
+            r"check (\d+) \+ (\d+) = (\d+), (?:ok|not (\d+), redo)"),
+    "sort": (r"smallest of ([\d, ]+) is (\d+)", r"check ((?:\d+ [<>] \d+, )+)(ok|redo)"),
+}
+
+
+def _step_checked(step: str, check: str) -> bool | None:
+    """None when `step` is no step line; else whether `check` is the right check of it: about the same
+    numbers, with true arithmetic, "ok" exactly when the step is right."""
+    import re
+    if m := re.fullmatch(_STEP["column"][0], step):
+        x, op, y, c, v, w, k = map(lambda g: g if g in "+x" else int(g), m.groups())
+        if not (n := re.fullmatch(_STEP["column"][1], check)):
+            return False
+        cx, cop, cy, part, cc, s, shown = n.groups()
+        right = int(part) == (x + y if op == "+" else x * y) and int(s) == int(part) + c
+        return (right and (cx, cop, cy, cc) == (str(x), op, str(y), str(c)) and (w, k) == (v % 10, v // 10)
+                and (shown is None) == (v == int(s)) and shown in (None, str(v)))
+    if m := re.fullmatch(_STEP["sub"][0], step):
+        x, y, bx, by, top, v = m.groups()
+        y, top, v = int(y or by), int(x if x is not None else top), int(v)
+        if bx is not None and not int(bx) < y:
+            return False
+        if not (n := re.fullmatch(_STEP["sub"][1], check)):
+            return False
+        cv, cy, t, expected = n.groups()
+        return ((int(cv), int(cy)) == (v, y) and int(t) == v + y and (expected is None) == (v + y == top)
+                and expected in (None, str(top)))
+    if m := re.fullmatch(_STEP["sort"][0], step):
+        left, v = [int(n) for n in m.group(1).split(", ")], int(m.group(2))
+        if not (n := re.fullmatch(_STEP["sort"][1], check)):
+            return False
+        pairs = [(int(a), o, int(b)) for a, o, b in re.findall(r"(\d+) ([<>]) (\d+)", n.group(1))]
+        others = [w for w in left if w != v]
+        if any(a != v or (a < b) != (o == "<") for a, o, b in pairs) or [b for _, _, b in pairs] != others[:len(pairs)]:
+            return False
+        if n.group(2) == "ok":  # every other number compared, and all larger
+            return v == min(left) and len(pairs) == len(others) and all(o == "<" for _, o, _ in pairs)
+        return v != min(left) and pairs[-1][1] == ">" and all(o == "<" for _, o, _ in pairs[:-1])
+    return None
+
+
+def _checks_hold(completion: str) -> bool:
+    """Every step line followed by its right check, and every check line after a step."""
+    lines = completion.split("</think>")[0].split("\n")[1:]
+    for i, line in enumerate(lines):
+        is_step = _step_checked(line, lines[i + 1] if i + 1 < len(lines) else "")
+        if is_step is False or is_step is None and line.startswith("check ") and \
+                _step_checked(lines[i - 1], line) is None:
+            return False
+    return True
+
+
+@pytest.mark.parametrize("name", ["arithmetic", "sort"])
+def test_checked_solutions_are_the_working_with_true_checks_and_slips_caught(name):
+    """Without a slip, a checked solution is the worked one with the right check after every step; a slip
+    is one wrong step after the first, which its check rejects, and the right step follows."""
+    import random
+
+    task = TASKS[name]
+    rng = random.Random(0)
+    slipped = 0
+    for p in task.problems("train", 300, seed=6) + (arith.problems("train", 40, level=1, seed=7) if name == "arithmetic"
+                                                    else []):
+        clean = task.checked(p, rng, slip=0.0)
+        lines = clean.split("\n")
+        steps = [ln for ln in lines if _step_checked(ln, "") is not None]
+        checks = [ln for ln in lines if ln.startswith("check ")]
+        assert task.verify(p, clean) and _checks_hold(clean), clean
+        assert len(checks) == len(steps) > 0 and all(c.endswith(", ok") for c in checks), clean
+        if name == "sort":
+            assert len(steps) == p.level - 1
+        assert "\n".join(ln for ln in lines if not ln.startswith("check ")) == task.solution(p)
+        slip = task.checked(p, rng, slip=1.0)
+        if len(steps) == 1:  # nowhere to slip after a first step
+            assert slip == clean
+            continue
+        slipped += 1
+        sl = slip.split("\n")
+        redo = [i for i, ln in enumerate(sl) if ln.endswith("redo")]
+        assert task.verify(p, slip) and _checks_hold(slip) and len(redo) == 1, slip
+        i = redo[0]
+        assert i > sl.index(checks[0]) and sl[i - 1] != sl[i + 1]  # never the first step; redone differently
+        assert "\n".join(sl[:i - 1] + sl[i + 1:]) == clean  # the slip and its check taken out leave the clean one
+    assert slipped > 200
+
+
+def test_a_wrong_check_is_caught():
+    """The checker above can fail: a check of another column, a false "ok", a sort check that skips a number."""
+    assert _step_checked("8 + 6 + carry 0 = 14, write 4, carry 1", "check 8 + 6 = 14, + 0 = 14, ok")
+    assert not _step_checked("8 + 6 + carry 0 = 14, write 4, carry 1", "check 8 + 5 = 13, + 1 = 14, ok")
+    assert not _step_checked("8 + 6 + carry 0 = 15, write 5, carry 1", "check 8 + 6 = 14, + 0 = 14, ok")
+    assert _step_checked("8 + 6 + carry 0 = 15, write 5, carry 1", "check 8 + 6 = 14, + 0 = 14, not 15, redo")
+    assert not _step_checked("5 - 3 = 3", "check 3 + 3 = 6, ok")
+    assert _step_checked("5 - 3 = 3", "check 3 + 3 = 6, not 5, redo")
+    assert _step_checked("smallest of 7, 3, 9 is 3", "check 3 < 7, 3 < 9, ok")
+    assert not _step_checked("smallest of 7, 3, 9 is 3", "check 3 < 9, ok")
+    assert not _step_checked("smallest of 7, 3, 9 is 7", "check 7 > 3, 7 < 9, ok")
+    assert _step_checked("smallest of 7, 3, 9 is 7", "check 7 > 3, redo")
+    assert not _checks_hold("<think>\n8 + 6 + carry 0 = 14, write 4, carry 1\nso 8 + 6 = 14\n</think>")
+
+
+def test_checked_share_writes_that_share_of_task_documents_with_checks(tmp_path):
+    import json
+
+    from nanoseek.data.corpus import write_corpus
+
+    files = write_corpus(tmp_path / "c", 0.2, seed=2, kinds={"math": 1.0}, tasks={"arithmetic": (2, 3), "sort": (4,)},
+                         checked=0.3)
+    docs = [r for f in files for line in f.read_text().splitlines() if (r := json.loads(line)).get("task")]
+    checked = [r["text"] for r in docs if "\ncheck " in r["text"]]
+    assert 0.22 < len(checked) / len(docs) < 0.38
+    assert 0.35 < sum("redo" in t for t in checked) / len(checked) < 0.65  # half with a slip
+    for text in checked:
+        completion = text.split("\n", 1)[1]
+        assert completion.endswith("</answer>") and _checks_hold(completion), completion
+    with pytest.raises(ValueError, match="checked is the share"):
+        write_corpus(tmp_path / "bad", 0.01, brief=0.8, checked=0.3)
+
+
 @pytest.mark.parametrize("name", list(TASKS))
 def test_levels(name):
     task = TASKS[name]
@@ -299,3 +422,20 @@ def test_a_mixture_interleaves_its_pairs_and_verifies_each_problem_by_its_own_ta
         get_task("arith@2")
     with pytest.raises(ValueError, match="levels are in its name"):
         mix.problems("test", 3, level=2)
+
+
+@pytest.mark.parametrize("kw, digest", [({}, "5ef5eda2ed7679c3"), ({"brief": 0.3}, "1a04ffa388bfc448"),
+                                        ({"ops": {"-": 2.0}}, "e1b91c4406ea5575")])
+def test_the_generated_corpus_is_what_it_was(kw, digest):
+    """A new corpus option must not change the corpora made without it: the documents' digest as the
+    corpus wrote them before `checked` existed."""
+    import hashlib
+    import json
+    import random
+
+    from nanoseek.data.corpus import documents
+
+    it, h = documents(random.Random(0), **kw), hashlib.sha256()
+    for _ in range(300):
+        h.update(json.dumps(next(it), sort_keys=True).encode())
+    assert h.hexdigest()[:16] == digest

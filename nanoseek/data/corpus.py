@@ -14,7 +14,9 @@ levels the solutions come from, each (task, level) entry equally likely (repeat 
 
 `brief` is the share of task documents that give the answer without the working (the task's
 `brief` form), as most answers on the web do: a model pretrained on such a mix knows both ways
-to answer, and which one it picks is what RL can change (docs/log.md has what that gave).
+to answer, and which one it picks is what RL can change (docs/log.md has what that gave). `checked`
+is the share worked with a check after every step, some with a slip the check catches and redoes
+(`Task.checked`): a base that knows a slower, self-verifying way to work, which RL can make its habit.
 `ops` weights arithmetic's operations (e.g. `{"-": 2}`: subtraction twice as often as + or x; the
 test problems keep their even mix).
 
@@ -65,9 +67,10 @@ KINDS = {"math": 0.55, "prose": 0.25, "code": 0.12, "chinese": 0.08}
 
 
 def _task(rng: random.Random, tasks: dict[str, tuple[int, ...]], brief: float = 0.0,
-          ops: dict[str, float] | None = None) -> dict:
-    """A train-split problem and its worked solution, or with probability `brief` its answer alone: test and
-    validation problems never leak into pretraining. Every (task, level) entry is equally likely; an empty
+          ops: dict[str, float] | None = None, checked: float = 0.0) -> dict:
+    """A train-split problem and its worked solution; with probability `brief` its answer alone, with
+    probability `checked` the working with every step checked (`Task.checked`): test and validation
+    problems never leak into pretraining. Every (task, level) entry is equally likely; an empty
     tuple means all of the task's levels once."""
     entries = [(name, lv) for name, levels in tasks.items() for lv in (levels or TASKS[name].levels)]
     name, level = rng.choice(entries)
@@ -76,20 +79,21 @@ def _task(rng: random.Random, tasks: dict[str, tuple[int, ...]], brief: float = 
     while (split_of((p := task.make(rng, level)).key) != "train"
            or ops and name == "arithmetic" and rng.random() * top >= ops.get(p.meta["op"], 1.0)):
         pass  # an operation of weight w is kept w / (the largest weight) of the times it is drawn
-    text = task.brief(p) if brief and rng.random() < brief else task.solution(p)
+    r = rng.random() if brief or checked else 1.0  # no draw by default: the stream stays as it was
+    text = task.brief(p) if r < brief else task.checked(p, rng) if r < brief + checked else task.solution(p)
     return {"text": f"{p.prompt}\n{text}", "difficulty": p.level, "task": task.name}
 
 
 def documents(rng: random.Random, kinds: dict[str, float] | None = None,
               tasks: dict[str, tuple[int, ...]] | None = None, brief: float = 0.0,
-              ops: dict[str, float] | None = None):
+              ops: dict[str, float] | None = None, checked: float = 0.0):
     """An endless stream of raw records ({"text": ...} plus task metadata)."""
-    _check_brief(brief)
+    _check_shares(brief, checked)
     ops = _check_ops(ops)
     kinds = _check_kinds(kinds or KINDS)
     tasks = _check_tasks(tasks or {name: () for name in TASKS})
     names, weights = list(kinds), list(kinds.values())
-    makers = {"math": lambda: _task(rng, tasks, brief, ops), "prose": lambda: {"text": _prose(rng)},
+    makers = {"math": lambda: _task(rng, tasks, brief, ops, checked), "prose": lambda: {"text": _prose(rng)},
               "code": lambda: {"text": _code(rng)}, "chinese": lambda: {"text": _chinese(rng)}}
     recent: list[str] = []
     while True:
@@ -121,9 +125,12 @@ def _check_kinds(kinds: dict[str, float]) -> dict[str, float]:
     return kinds
 
 
-def _check_brief(brief: float) -> None:
+def _check_shares(brief: float, checked: float = 0.0) -> None:
     if not 0 <= brief <= 1:
         raise ValueError(f"brief is the share of task documents without their working: 0 to 1 (got {brief})")
+    if not (checked >= 0 and brief + checked <= 1 + 1e-9):
+        raise ValueError(f"checked is the share of task documents whose steps are checked: 0 to 1 - brief "
+                         f"({1 - brief:g}) (got {checked})")
 
 
 def _check_ops(ops: dict[str, float] | None) -> dict[str, float] | None:
@@ -146,14 +153,14 @@ def _check_tasks(tasks: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]
 
 def write_corpus(out: str | Path, megabytes: float, seed: int = 0, file_megabytes: float = 32,
                  kinds: dict[str, float] | None = None, tasks: dict[str, tuple[int, ...]] | None = None,
-                 brief: float = 0.0, ops: dict[str, float] | None = None) -> list[Path]:
+                 brief: float = 0.0, ops: dict[str, float] | None = None, checked: float = 0.0) -> list[Path]:
     """Write about `megabytes` of jsonl into `out`, in files of about `file_megabytes`."""
-    _check_brief(brief)
+    _check_shares(brief, checked)
     _check_ops(ops)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    stream = documents(rng, kinds, tasks, brief, ops)
+    stream = documents(rng, kinds, tasks, brief, ops, checked)
     files, total = [], 0
     limit = int(megabytes * 1e6)
     while total < limit:

@@ -21,6 +21,7 @@ import random
 import re
 from dataclasses import dataclass, field
 from fractions import Fraction
+from typing import Callable
 
 SPLITS = {"test": (0, 5), "validation": (5, 10), "train": (10, 100)}  # hash buckets out of 100
 TEST_SEED = 1234  # the test split is the same for everyone
@@ -66,6 +67,13 @@ class Task:
         """The answer with only the worked solution's conclusion in <think>: what a label without the
         working looks like (the speedrun's labeled set mixes both)."""
         raise NotImplementedError
+
+    def checked(self, problem: Problem, rng: random.Random, slip: float = 0.5) -> str:
+        """The worked solution with a check after every step; with probability `slip` one step after the
+        first is written wrong, its check catches it and the step is redone. What a corpus of careful
+        solvers holds: working that verifies itself and recovers from a slip. Tasks without step checks
+        give their worked solution (countdown's search already checks each try against the target)."""
+        return self.solution(problem)
 
     def check(self, problem: Problem, answer: str) -> bool:
         raise NotImplementedError
@@ -116,6 +124,30 @@ def _digits(n: int) -> list[int]:
     return [int(c) for c in reversed(str(n))]
 
 
+@dataclass(frozen=True)
+class _Step:
+    """One line of a worked solution that a check can verify: `line(v)` writes it with the value v,
+    `check(v)` verifies v (ending "ok" when v is right, "redo" when not); `slips` are wrong values a
+    careless solver might write instead."""
+    value: int
+    slips: tuple[int, ...]
+    line: Callable[[int], str]
+    check: Callable[[int], str]
+
+
+def _checked(steps: list[_Step], rng: random.Random, slip: float) -> list[str]:
+    """Every step followed by its check; with probability `slip` (and a step to spare) one step after the
+    first is written wrong, checked, and redone. Never the first: a reader sees the checking before a slip."""
+    at = rng.randrange(1, len(steps)) if len(steps) > 1 and rng.random() < slip else -1
+    lines = []
+    for i, st in enumerate(steps):
+        if i == at:
+            wrong = rng.choice(st.slips)
+            lines += [st.line(wrong), st.check(wrong)]
+        lines += [st.line(st.value), st.check(st.value)]
+    return lines
+
+
 class Arithmetic(Task):
     name = "arithmetic"
     levels = (1, 2, 3, 4, 5)  # digits per operand (the multiplier of x has one)
@@ -139,6 +171,63 @@ class Arithmetic(Task):
     def brief(self, p):
         a, b, op = p.meta["a"], p.meta["b"], p.meta["op"]
         return f"<think>\nso {a} {op} {b} = {p.answer}\n</think> <answer>{p.answer}</answer>"
+
+    def checked(self, p, rng, slip=0.5):
+        a, b, op = p.meta["a"], p.meta["b"], p.meta["op"]
+        lines = []
+        if op == "-" and a < b:
+            lines.append(f"{a} is less than {b}, so compute {b} - {a} and negate")
+            lines += _checked(self._sub_checks(b, a), rng, slip) + [f"so {b} - {a} = {b - a}"]
+        elif op == "-":
+            lines += _checked(self._sub_checks(a, b), rng, slip)
+        else:
+            steps = self._column_checks(a, b, op)
+            lines += _checked(steps, rng, slip)
+            if steps[-1].value >= 10:
+                lines.append(f"write the last carry {steps[-1].value // 10}")
+        lines.append(f"so {a} {op} {b} = {p.answer}")
+        return "<think>\n" + "\n".join(lines) + f"\n</think> <answer>{p.answer}</answer>"
+
+    @staticmethod
+    def _column_checks(a, b, op):
+        """Addition's or multiplication's columns, each checked by splitting it: the sum or product of the
+        digits, then the carry added."""
+        da, db, steps, carry = _digits(a), _digits(b), [], 0
+        for i in range(len(da) if op == "x" else max(len(da), len(db))):
+            x = da[i] if i < len(da) else 0
+            y = b if op == "x" else (db[i] if i < len(db) else 0)
+            part = x * y if op == "x" else x + y
+            s = part + carry
+
+            def line(v, x=x, y=y, c=carry):
+                return f"{x} {op} {y} + carry {c} = {v}, write {v % 10}, carry {v // 10}"
+
+            def check(v, x=x, y=y, c=carry, part=part, s=s):
+                return f"check {x} {op} {y} = {part}, + {c} = {s}, " + ("ok" if v == s else f"not {v}, redo")
+            steps.append(_Step(s, tuple(v for v in (s - 10, s - 1, s + 1, s + 10) if v >= 0), line, check))
+            carry = s // 10
+        return steps
+
+    @staticmethod
+    def _sub_checks(a, b):
+        """Subtraction's columns (a >= b), each checked by adding the digit written back to the subtrahend."""
+        da, db, steps, borrow = _digits(a), _digits(b), [], 0
+        for i in range(len(da)):
+            x, y = da[i] - borrow, (db[i] if i < len(db) else 0)
+            top = x + 10 if x < y else x
+            if x < y:
+                def line(v, x=x, y=y, top=top):
+                    return f"{x} < {y}, borrow: {top} - {y} = {v}"
+            else:
+                def line(v, x=x, y=y):
+                    return f"{x} - {y} = {v}"
+
+            def check(v, y=y, top=top):
+                return f"check {v} + {y} = {v + y}, " + ("ok" if v + y == top else f"not {top}, redo")
+            d = top - y
+            steps.append(_Step(d, tuple(v for v in (d - 1, d + 1) if 0 <= v <= 9), line, check))
+            borrow = 1 if x < y else 0
+        return steps
 
     @staticmethod
     def _add_steps(a, b):
@@ -353,6 +442,28 @@ class Sort(Task):
     def brief(self, p):
         return f"<think>\nin order: {p.answer}\n</think> <answer>{p.answer}</answer>"
 
+    def checked(self, p, rng, slip=0.5):
+        """Each pick checked against the numbers left, in order, up to the first that is smaller."""
+        left, steps = list(p.meta["numbers"]), []
+        while len(left) > 1:
+            shown, smallest = ", ".join(map(str, left)), min(left)
+
+            def line(v, shown=shown):
+                return f"smallest of {shown} is {v}"
+
+            def check(v, left=tuple(left)):
+                parts = []
+                for w in left:
+                    if w != v:
+                        parts.append(f"{v} {'<' if v < w else '>'} {w}")
+                        if w < v:
+                            break
+                return f"check {', '.join(parts)}, " + ("ok" if v == min(left) else "redo")
+            steps.append(_Step(smallest, tuple(v for v in left if v != smallest), line, check))
+            left.remove(smallest)
+        lines = _checked(steps, rng, slip) + [f"{left[0]} is left"]
+        return "<think>\n" + "\n".join(lines) + f"\n</think> <answer>{p.answer}</answer>"
+
     def check(self, p, answer):
         return bool(_LIST.fullmatch(answer)) and \
             [int(x) for x in answer.split(",")] == sorted(p.meta["numbers"])
@@ -377,6 +488,9 @@ class Mixture(Task):
 
     def brief(self, problem):
         return TASKS[problem.task].brief(problem)
+
+    def checked(self, problem, rng, slip=0.5):
+        return TASKS[problem.task].checked(problem, rng, slip)
 
     def check(self, problem, answer):
         return TASKS[problem.task].check(problem, answer)
