@@ -137,13 +137,15 @@ def main(argv=None) -> int:
     plan = mine["plan"]
     first = headline(plan["task"])
     protocol = Protocol.build(a.n, first, list(plan["levels"]), list(plan["eval_tasks"]), k=a.k,
+                              task_levels={t: list(lvs) for t, lvs in plan.get("eval_levels", [])},
                               max_tokens=a.max_tokens)
+    templates = ("plain", "r1-zero") + (("chat",) if plan.get("corpus_chat") else ())
     for s in a.seeds:
         if str(s) in results:
             continue
         run = out / f"seed{s}"
         print(f"seed {s}: scoring ...", flush=True)
-        results[str(s)] = {**recipe.score_base(run, protocol, first), "loss": loss_windows(run)}
+        results[str(s)] = {**recipe.score_base(run, protocol, first, templates=templates), "loss": loss_windows(run)}
         write_atomic(path, json.dumps(results, indent=2))
     tasks = list(dict.fromkeys([first, *plan["eval_tasks"]]))
     write_atomic(out / "results.md", table(results, tasks, a.k))

@@ -7,7 +7,8 @@
 the labeled set (every label worked, as the speedrun writes it). For
 each seed, from that one pretrained model, the stages of nanoseek/rl/recipe.py:
 
-    base        the pretrained model, scored under the plain and the R1-Zero template; its better one counts
+    base        the pretrained model, scored under the plain and the R1-Zero template (and chat, where the
+                base's corpus had chat turns); its best one counts
     r1zero      GRPO straight from the base, rule rewards only (R1-Zero), in --zero-template
     sft         cold-start SFT on the labeled set
     rl          GRPO from the SFT model (R1's first RL stage)
@@ -86,7 +87,7 @@ def run_seed(seed: int, a, protocol: Protocol, rl: RL, results: dict, save) -> N
     def has_model(run: Path) -> bool:
         return any(run.glob("*.safetensors"))
 
-    stage("base", lambda: recipe.score_base(base / "pretrain", proto, a.headline))
+    stage("base", lambda: recipe.score_base(base / "pretrain", proto, a.headline, templates=a.base_templates))
     stage("r1zero", lambda: scored(out / "r1zero",
                                    **recipe.grpo(base / "pretrain", out / "r1zero", rl, a.zero_template, seed)))
     stage("sft", lambda: scored(recipe.sft(base / "pretrain", [labeled], out / "sft", a.sft_steps, a.sft_lr, seed)))
@@ -102,7 +103,7 @@ def run_seed(seed: int, a, protocol: Protocol, rl: RL, results: dict, save) -> N
             rl2_start, out / "rl2", rl, "chat", seed + 1_000, steps=a.rl2_steps))})
     if any(arm in a.arms for arm in ("student", "distill", "student_rl")):
         student = student_base(a)
-        stage("student", lambda: recipe.score_base(student, proto, a.headline))
+        stage("student", lambda: recipe.score_base(student, proto, a.headline, templates=a.base_templates))
         teacher = out / ("rl2" if has_model(out / "rl2") else "rl")
         drawn = out / "distill" / "teacher.json"  # samples drawn from one teacher are never reused for another
         if drawn.exists() and json.loads(drawn.read_text())["teacher"] != teacher.name:
@@ -162,9 +163,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, metavar="DIR", help="where the runs and results go")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default 0 1 2)")
     p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS), help="stages to run (default all)")
-    p.add_argument("--zero-template", choices=["r1-zero", "plain"], default="r1-zero",
+    p.add_argument("--zero-template", choices=["r1-zero", "plain", "chat"], default="r1-zero",
                    help="the prompt template of the R1-Zero arm (default r1-zero; plain: the problem and a newline, "
-                        "as the pretraining corpus writes it)")
+                        "as the pretraining corpus writes it; chat: where the corpus had chat turns)")
     p.add_argument("--task", default="arithmetic", type=task_name,
                    help="the task RL trains on: a name, or a mixture of tasks and levels such as "
                         "arithmetic@2,arithmetic@3,sort@4 (the first task is the headline; default arithmetic)")
@@ -208,6 +209,14 @@ def main(argv=None) -> int:
     mixed = isinstance(rl_task, Mixture)
     a.headline = rl_task.entries[0][0].name if mixed else a.task
     a.level = None if mixed else a.level
+    try:
+        plan = json.loads((Path(a.base) / "speedrun.json").read_text())["plan"]
+    except (OSError, ValueError, KeyError) as e:
+        p.error(f"--base {a.base}: no readable speedrun.json ({e}); pass a speedrun dir")
+    # the base's plan says which levels of the other tasks the labeled set and the tests hold, and whether
+    # the corpus had chat turns (then a pretrained model is scored in the chat template too)
+    a.task_levels = {t: list(lvs) for t, lvs in plan.get("eval_levels", [])}
+    a.base_templates = ("plain", "r1-zero") + (("chat",) if plan.get("corpus_chat") else ())
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     if a.k < 2:
@@ -215,12 +224,15 @@ def main(argv=None) -> int:
     path = out / "results.json"
     # one scoring protocol per OUT: results of other test problems or k are never mixed into one table
     settings = {k: getattr(a, k) for k in ("base", "task", "levels", "eval_tasks", "n", "k", "max_tokens")}
+    if a.task_levels:  # protocols written before this setting existed stay comparable
+        settings["task_levels"] = a.task_levels
     saved = out / "protocol.json"
     if saved.exists() and json.loads(saved.read_text()) != settings:
         p.error(f"{out} holds results of other settings ({saved.read_text().strip()}); pick a new --out")
     write_atomic(saved, json.dumps(settings))
     results = json.loads(path.read_text()) if path.exists() else {}
-    protocol = Protocol.build(a.n, a.headline, a.levels, a.eval_tasks, k=a.k, max_tokens=a.max_tokens)
+    protocol = Protocol.build(a.n, a.headline, a.levels, a.eval_tasks, task_levels=a.task_levels, k=a.k,
+                              max_tokens=a.max_tokens)
     levels = protocol.levels()
     rl = RL(a.task, level=a.level, steps=a.steps, prompts=a.prompts, group=a.group, max_tokens=a.max_tokens,
             lr=a.grpo_lr, beta=a.beta, warmup=a.warmup, resample=a.resample, advantage_scale=a.advantage_scale,

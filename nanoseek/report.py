@@ -141,13 +141,20 @@ def _accuracy_rows(records: dict, stages: list[str], k: int) -> list[list]:
     return rows
 
 
+def _templates(base: dict) -> str:
+    """The templates a pretrained model was scored in, as words: the plain, the R1-Zero and the chat template."""
+    names = {"plain": "plain", "r1-zero": "R1-Zero", "chat": "chat"}
+    tried = [names[t] for t in names if t in base]
+    return ("the " + ", the ".join(tried[:-1]) + " and the " + tried[-1] if len(tried) > 1 else f"the {tried[0]}") + " template"
+
+
 def _accuracy_section(plan, records: dict) -> list[str]:
     k = plan.eval_k
     lines = ["## Accuracy", "",
              f"Every stage on the same fixed test problems (how many in brackets; the test split never appears in "
              f"the corpus, the labeled set or any RL prompt): greedy pass@1 / pass@{k} at temperature 1 (unbiased "
-             f"estimator). The pretrained models are scored under the plain and the R1-Zero template and counted "
-             f"under their better one (here: `{records['base']['template']}`); R1-Zero in the template it trained "
+             f"estimator). The pretrained models are scored under the {_templates(records['base'])} and counted "
+             f"under their best one (here: `{records['base']['template']}`); R1-Zero in the template it trained "
              f"in; every other stage in the chat template. pass@1 rising towards pass@{k} is sharpening what sampling "
              f"already finds; pass@{k} rising is new capability.", ""]
     def header(stages: list[str]) -> list[str]:  # a stage that had nothing to train on is the model it went on from

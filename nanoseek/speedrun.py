@@ -102,6 +102,9 @@ class Plan:
     distill_steps: int
     seed: int = 0
     corpus_checked: float = 0.0  # share of the corpus's task documents worked with every step checked
+    corpus_chat: float = 0.0  # share of the corpus's task documents laid out as a chat turn (mid-training)
+    # the other scored tasks' levels in the labeled set and the test problems; a task not named: all its levels
+    eval_levels: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     @property
     def headline(self) -> str:
@@ -118,7 +121,10 @@ class Plan:
 # prose, code and Chinese kept for the curation, classification and tokenizer to work on. The loader
 # mixes by documents and a prose document is several solutions long, so the mix weights math far above
 # the rest to keep most pretraining tokens on the tasks (docs/log.md has the corpora tried). Countdown's
-# searches need one-line products a model this small cannot do, so they are left out.
+# searches need one-line products a model this small cannot do, so they are left out. A share of the task
+# documents are chat turns, so that the base has met the layout its fine-tuning and serving use; and the
+# plans' labeled sets and tests hold the levels the corpus teaches (sorts of 3 and 4 numbers): the cold start
+# was where a model first met sorts of 5 and 6, and they broke the sorts it knew (docs/log.md).
 CORPUS_KINDS = {"math": 0.9, "prose": 0.06, "code": 0.02, "chinese": 0.02}
 CORPUS_TASKS = {"arithmetic": (1, 2, 2, 3, 3, 3), "sort": (3, 4)}
 
@@ -134,12 +140,13 @@ PLANS = {
     "full": Plan(preset="small", corpus_mb=12, corpus_brief=0.0, corpus_ops=(("-", 2.0),), vocab_size=4096,
                  mix="math=400,prose=2,code=1", pretrain_steps=3000, pretrain_lr=3e-3, curriculum=True, balance_mtp=False,
                  precision="fp32", batch_size=8, seq_len=256,
-                 sft_examples=500, sft_steps=150, sft_lr=5e-4,
+                 sft_examples=500, sft_steps=40, sft_lr=1e-4,
                  task="arithmetic@2,arithmetic@3,sort@3,sort@4", levels=(1, 2, 3), eval_tasks=("arithmetic", "sort"),
                  grpo_steps=60, grpo_prompts=16, grpo_group=8, grpo_lr=2e-4, grpo_beta=0.04, grpo_warmup=10,
                  grpo_resample=2, grpo_advantage="std", grpo_temperature=1.0, rs_problems=600, rs_k=4, rs_steps=200, rl2_steps=40,
                  max_tokens=200, eval_n=150, eval_k=8, curve_n=60,
-                 distill_layers=2, distill_pretrain_steps=700, distill_problems=1000, distill_k=4, distill_steps=300),
+                 distill_layers=2, distill_pretrain_steps=700, distill_problems=1000, distill_k=4, distill_steps=300,
+                 eval_levels=(("sort", (3, 4)),), corpus_chat=0.3),
     "quick": Plan(preset="tiny", corpus_mb=1.5, corpus_brief=0.0, corpus_ops=(), vocab_size=512, mix="math=130,prose=2,code=1",
                   pretrain_steps=60, pretrain_lr=3e-3, curriculum=True, balance_mtp=True, precision="fp32", batch_size=8, seq_len=128,
                   sft_examples=100, sft_steps=20, sft_lr=1e-3,
@@ -147,7 +154,8 @@ PLANS = {
                   grpo_steps=3, grpo_prompts=4, grpo_group=4, grpo_lr=1e-5, grpo_beta=0.04, grpo_warmup=2,
                   grpo_resample=1, grpo_advantage="std", grpo_temperature=1.0, rs_problems=8, rs_k=2, rs_steps=4, rl2_steps=2,
                   max_tokens=48, eval_n=16, eval_k=2, curve_n=8,
-                  distill_layers=1, distill_pretrain_steps=20, distill_problems=16, distill_k=2, distill_steps=6),
+                  distill_layers=1, distill_pretrain_steps=20, distill_problems=16, distill_k=2, distill_steps=6,
+                  eval_levels=(("sort", (3, 4)),), corpus_chat=0.3),
 }
 
 STAGES = ("data", "tokenizer", "tokens", "pretrain", "base", "r1zero", "sft", "rl", "rft", "rejection", "rl2",
@@ -232,9 +240,10 @@ class Speedrun:
         return -1_000_000 - self.plan.seed
 
     def _labeled_problems(self, task, n: int):
-        """n labeled train problems spread over the plan's levels (the task's own levels for the other tasks)."""
+        """n labeled train problems spread over the levels the test problems have (Protocol.build's)."""
         p = self.plan
-        levels = [lv for lv in p.levels if lv in task.levels] if task.name == p.headline else []
+        wanted = p.levels if task.name == p.headline else dict(p.eval_levels).get(task.name, ())
+        levels = [lv for lv in wanted if lv in task.levels]
         if not levels:
             return task.problems("train", n, seed=self._labeled_seed)
         return [q for i, lv in enumerate(levels)  # small levels give what they have
@@ -251,7 +260,7 @@ class Speedrun:
             shutil.rmtree(raw)
         files = write_corpus(raw, p.corpus_mb, seed=p.seed, kinds=CORPUS_KINDS, tasks=CORPUS_TASKS,
                              brief=p.corpus_brief, ops=dict(p.corpus_ops),
-                             checked=p.corpus_checked)
+                             checked=p.corpus_checked, chat=p.corpus_chat)
         raw_mb = sum(f.stat().st_size for f in files) / 1e6
         report = curate([str(raw)], self.out / "data" / "curated", CurateConfig(), workers=os.cpu_count() or 1,
                         progress=not self.quiet)
@@ -318,15 +327,23 @@ class Speedrun:
     def protocol(self) -> Protocol:
         p = self.plan
         return Protocol.build(p.eval_n, p.headline, list(p.levels), list(p.eval_tasks), k=p.eval_k,
+                              task_levels={t: list(lvs) for t, lvs in p.eval_levels},
                               max_tokens=p.max_tokens, seed=p.seed)
 
     def _score(self, model: Path, template: str = "chat") -> dict:
         from .rl import recipe
         return recipe.score(model, template, self.protocol, say=self._say)
 
+    @property
+    def _base_templates(self) -> tuple[str, ...]:
+        """What a pretrained model is scored in: the plain and the R1-Zero template, and the chat template
+        where the corpus had chat turns."""
+        return ("plain", "r1-zero") + (("chat",) if self.plan.corpus_chat else ())
+
     def stage_base(self) -> dict:
         from .rl import recipe
-        return recipe.score_base(self.out / "pretrain", self.protocol, self.plan.headline, say=self._say)
+        return recipe.score_base(self.out / "pretrain", self.protocol, self.plan.headline, say=self._say,
+                                 templates=self._base_templates)
 
     def _grpo(self, start: Path, name: str, template: str = "chat", steps: int | None = None, seed: int = 0) -> dict:
         """A GRPO stage; stages of one seed draw the same problems (a paired comparison) unless `seed` moves them."""
@@ -336,7 +353,7 @@ class Speedrun:
         return {**record, "eval": self._score(self.out / name, template)}
 
     def stage_r1zero(self) -> dict:
-        """R1-Zero in the template the base scored better in (the corpus's plain one, or R1-Zero's)."""
+        """R1-Zero in the template the base scored best in (the corpus's plain one, R1-Zero's, or chat)."""
         return self._grpo(self.out / "pretrain", "r1zero", template=self.records["base"]["template"])
 
     def stage_sft(self) -> dict:
@@ -406,7 +423,8 @@ class Speedrun:
         p, run = self.plan, self.out / "student"
         config = recipe.student_config(p.preset, p.distill_layers, self.out / "student.json")
         self._pretrain(run, p.distill_pretrain_steps, config=str(config))
-        return {**self._train_record(run), **recipe.score_base(run, self.protocol, p.headline, say=self._say)}
+        return {**self._train_record(run), **recipe.score_base(run, self.protocol, p.headline, say=self._say,
+                                                                templates=self._base_templates)}
 
     def stage_distill(self) -> dict:
         """R1's distillation: the student SFT'd on the final model's verified answers to unlabeled problems."""

@@ -107,7 +107,8 @@ def test_the_labeled_set_is_worked_and_apart_from_the_test_problems(interrupted_
     assert len(sft) == 100
     seed = -1_000_000  # the labeled set's draw: none a GRPO step or a sampling stage makes
     labeled = [p for lv in (1, 2) for p in TASKS["arithmetic"].problems("train", 40, level=lv, seed=seed, strict=False)]
-    by_prompt = {p.prompt: p for p in labeled + TASKS["sort"].problems("train", 20, seed=seed)}
+    sorts = [p for lv in (3, 4) for p in TASKS["sort"].problems("train", 10, level=lv, seed=seed)]  # the plan's levels
+    by_prompt = {p.prompt: p for p in labeled + sorts}
     counts = {"arithmetic": 0, "sort": 0}
     for m in sft:  # every label a real labeled set's: the worked solution, right
         problem = by_prompt[m["messages"][0]["content"]]
@@ -213,6 +214,22 @@ def test_a_bad_task_is_refused_with_the_choices(tmp_path, capsys):
     plan = make_plan(True, task="sort@3,arithmetic@2", seed=3)
     assert plan.headline == "sort" and plan.seed == 3
     assert not (tmp_path / "x").exists()
+
+
+def test_the_labeled_set_and_the_test_problems_hold_the_levels_the_plan_names(tmp_path):
+    """Another task's levels come from the plan's eval_levels (the corpus's levels in the plans), else all of them."""
+    from nanoseek.data.tasks import TASKS
+    from nanoseek.speedrun import Speedrun, make_plan
+
+    plan = make_plan(True, corpus_mb=0.2, eval_levels=(("sort", (3,)),))
+    run = Speedrun(tmp_path / "run", plan, distill=False, quiet=True)
+    run.stage_data()
+    prompts = [json.loads(line)["messages"][0]["content"] for line in run.labeled.read_text().splitlines()]
+    sorts = [q for q in prompts if q.startswith("Sort ")]
+    assert len(sorts) == plan.sft_examples // 5 and {q.count(",") + 1 for q in sorts} == {3}
+    assert run.protocol.levels() == {"arithmetic": list(plan.levels), "sort": [3]}
+    whole = Speedrun(tmp_path / "all", make_plan(True, eval_levels=()), quiet=True).protocol
+    assert whole.levels()["sort"] == list(TASKS["sort"].levels)
 
 
 def test_claims_hold_only_past_their_margin_and_two_paired_standard_errors():

@@ -293,6 +293,30 @@ def test_checked_share_writes_that_share_of_task_documents_with_checks(tmp_path)
         write_corpus(tmp_path / "bad", 0.01, brief=0.8, checked=0.3)
 
 
+def test_chat_share_lays_task_documents_out_as_the_chat_template_renders_them(tmp_path):
+    """A chat document, behind the BOS its shard puts first, is token for token the conversation SFT trains on."""
+    import json
+
+    from nanoseek.data.corpus import write_corpus
+    from nanoseek.tokenizer import ASSISTANT, EOS, USER, Tokenizer
+
+    files = write_corpus(tmp_path / "c", 0.2, seed=2, kinds={"math": 1.0}, tasks={"arithmetic": (2, 3), "sort": (4,)},
+                         chat=0.3)
+    docs = [r["text"] for f in files for line in f.read_text().splitlines() if (r := json.loads(line)).get("task")]
+    chats = [t for t in docs if t.startswith(USER)]
+    assert 0.22 < len(chats) / len(docs) < 0.38
+    assert all(t.endswith(EOS) and t.count(ASSISTANT) == 1 for t in chats)
+    assert all(USER not in t and EOS not in t for t in docs if t not in chats)
+    tok = Tokenizer.train(docs, vocab_size=400)
+    for text in chats[:30]:
+        prompt, answer = text[len(USER):-len(EOS)].split(ASSISTANT)
+        ids, mask = tok.render_chat([{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}])
+        assert [tok.bos_id] + tok.encode(text) == ids
+        assert tok.decode([i for i, m in zip(ids, mask) if m]) == answer + EOS
+    with pytest.raises(ValueError, match="chat is the share"):
+        write_corpus(tmp_path / "bad", 0.01, chat=1.5)
+
+
 @pytest.mark.parametrize("name", list(TASKS))
 def test_levels(name):
     task = TASKS[name]

@@ -17,6 +17,9 @@ levels the solutions come from, each (task, level) entry equally likely (repeat 
 to answer, and which one it picks is what RL can change (docs/log.md has what that gave). `checked`
 is the share worked with a check after every step, some with a slip the check catches and redoes
 (`Task.checked`): a base that knows a slower, self-verifying way to work, which RL can make its habit.
+`chat` is the share laid out as a chat turn in the model's own template (`<｜User｜>` problem
+`<｜Assistant｜>` solution `<｜end▁of▁sentence｜>`, the shard's beginning-of-sentence token before it):
+the mid-training that lets a base answer in the layout its fine-tuning and serving use.
 `ops` weights arithmetic's operations (e.g. `{"-": 2}`: subtraction twice as often as + or x; the
 test problems keep their even mix).
 
@@ -29,6 +32,7 @@ import json
 import random
 from pathlib import Path
 
+from ..tokenizer import ASSISTANT, EOS, USER
 from .tasks import TASKS, split_of
 
 _EN = ("the of and to in is was for on that with as by at from his her they this which were had are "
@@ -67,9 +71,10 @@ KINDS = {"math": 0.55, "prose": 0.25, "code": 0.12, "chinese": 0.08}
 
 
 def _task(rng: random.Random, tasks: dict[str, tuple[int, ...]], brief: float = 0.0,
-          ops: dict[str, float] | None = None, checked: float = 0.0) -> dict:
+          ops: dict[str, float] | None = None, checked: float = 0.0, chat: float = 0.0) -> dict:
     """A train-split problem and its worked solution; with probability `brief` its answer alone, with
-    probability `checked` the working with every step checked (`Task.checked`): test and validation
+    probability `checked` the working with every step checked (`Task.checked`), with probability `chat`
+    as a chat turn (independently of the other two): test and validation
     problems never leak into pretraining. Every (task, level) entry is equally likely; an empty
     tuple means all of the task's levels once."""
     entries = [(name, lv) for name, levels in tasks.items() for lv in (levels or TASKS[name].levels)]
@@ -81,19 +86,21 @@ def _task(rng: random.Random, tasks: dict[str, tuple[int, ...]], brief: float = 
         pass  # an operation of weight w is kept w / (the largest weight) of the times it is drawn
     r = rng.random() if brief or checked else 1.0  # no draw by default: the stream stays as it was
     text = task.brief(p) if r < brief else task.checked(p, rng) if r < brief + checked else task.solution(p)
+    if chat and rng.random() < chat:  # as render_chat lays out a turn; the shard puts the BOS before it
+        return {"text": f"{USER}{p.prompt}{ASSISTANT}{text}{EOS}", "difficulty": p.level, "task": task.name}
     return {"text": f"{p.prompt}\n{text}", "difficulty": p.level, "task": task.name}
 
 
 def documents(rng: random.Random, kinds: dict[str, float] | None = None,
               tasks: dict[str, tuple[int, ...]] | None = None, brief: float = 0.0,
-              ops: dict[str, float] | None = None, checked: float = 0.0):
+              ops: dict[str, float] | None = None, checked: float = 0.0, chat: float = 0.0):
     """An endless stream of raw records ({"text": ...} plus task metadata)."""
-    _check_shares(brief, checked)
+    _check_shares(brief, checked, chat)
     ops = _check_ops(ops)
     kinds = _check_kinds(kinds or KINDS)
     tasks = _check_tasks(tasks or {name: () for name in TASKS})
     names, weights = list(kinds), list(kinds.values())
-    makers = {"math": lambda: _task(rng, tasks, brief, ops, checked), "prose": lambda: {"text": _prose(rng)},
+    makers = {"math": lambda: _task(rng, tasks, brief, ops, checked, chat), "prose": lambda: {"text": _prose(rng)},
               "code": lambda: {"text": _code(rng)}, "chinese": lambda: {"text": _chinese(rng)}}
     recent: list[str] = []
     while True:
@@ -125,12 +132,14 @@ def _check_kinds(kinds: dict[str, float]) -> dict[str, float]:
     return kinds
 
 
-def _check_shares(brief: float, checked: float = 0.0) -> None:
+def _check_shares(brief: float, checked: float = 0.0, chat: float = 0.0) -> None:
     if not 0 <= brief <= 1:
         raise ValueError(f"brief is the share of task documents without their working: 0 to 1 (got {brief})")
     if not (checked >= 0 and brief + checked <= 1 + 1e-9):
         raise ValueError(f"checked is the share of task documents whose steps are checked: 0 to 1 - brief "
                          f"({1 - brief:g}) (got {checked})")
+    if not 0 <= chat <= 1:
+        raise ValueError(f"chat is the share of task documents laid out as a chat turn: 0 to 1 (got {chat})")
 
 
 def _check_ops(ops: dict[str, float] | None) -> dict[str, float] | None:
@@ -153,14 +162,15 @@ def _check_tasks(tasks: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]
 
 def write_corpus(out: str | Path, megabytes: float, seed: int = 0, file_megabytes: float = 32,
                  kinds: dict[str, float] | None = None, tasks: dict[str, tuple[int, ...]] | None = None,
-                 brief: float = 0.0, ops: dict[str, float] | None = None, checked: float = 0.0) -> list[Path]:
+                 brief: float = 0.0, ops: dict[str, float] | None = None, checked: float = 0.0,
+                 chat: float = 0.0) -> list[Path]:
     """Write about `megabytes` of jsonl into `out`, in files of about `file_megabytes`."""
-    _check_shares(brief, checked)
+    _check_shares(brief, checked, chat)
     _check_ops(ops)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    stream = documents(rng, kinds, tasks, brief, ops, checked)
+    stream = documents(rng, kinds, tasks, brief, ops, checked, chat)
     files, total = [], 0
     limit = int(megabytes * 1e6)
     while total < limit:

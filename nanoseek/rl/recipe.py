@@ -35,14 +35,17 @@ class Protocol:
     seed: int = 0
 
     @classmethod
-    def build(cls, n: int, headline: str, levels: list[int], tasks: list[str], **kw) -> "Protocol":
-        """n test problems per task, spread evenly over its levels (for the headline task: `levels`)."""
+    def build(cls, n: int, headline: str, levels: list[int], tasks: list[str],
+              task_levels: dict[str, list[int]] | None = None, **kw) -> "Protocol":
+        """n test problems per task, spread evenly over its levels (for the headline task: `levels`; for
+        another task: `task_levels`'s, else all the task has)."""
         if kw.get("k", 2) < 2:
             raise ValueError(f"pass@k needs k >= 2 samples per problem (got {kw['k']}); pass@1 is the greedy score")
         out = {}
         for name in dict.fromkeys([headline, *tasks]):
             task = TASKS[name]
-            lvs = [lv for lv in levels if lv in task.levels] if name == headline else []
+            wanted = levels if name == headline else (task_levels or {}).get(name, [])
+            lvs = [lv for lv in wanted if lv in task.levels]
             lvs = lvs or list(task.levels)
             out[name] = [p for i, lv in enumerate(lvs)
                          for p in task.problems("test", n // len(lvs) + (i < n % len(lvs)), level=lv, strict=False)]
@@ -79,10 +82,12 @@ def score(model_dir: str | Path, template: str, protocol: Protocol, say: Callabl
     return result
 
 
-def score_base(model_dir: str | Path, protocol: Protocol, headline: str, say: Callable[[str], None] = print) -> dict:
-    """The pretrained model under the plain and the R1-Zero template; the one better on the headline task
-    counts (picked on the test problems themselves, so the base's score leans high, never low)."""
-    runs = {t: score(model_dir, t, protocol, say) for t in ("plain", "r1-zero")}
+def score_base(model_dir: str | Path, protocol: Protocol, headline: str, say: Callable[[str], None] = print,
+               templates: tuple[str, ...] = ("plain", "r1-zero")) -> dict:
+    """The pretrained model under the plain and the R1-Zero template (and the chat template, where the
+    corpus had chat turns); the one better on the headline task counts (picked on the test problems
+    themselves, so the base's score leans high, never low)."""
+    runs = {t: score(model_dir, t, protocol, say) for t in templates}
     best = max(runs, key=lambda t: (runs[t][headline]["pass1"], runs[t][headline]["pass_k"]))
     return {"eval": runs[best], "template": best, **runs}
 
