@@ -137,9 +137,9 @@ def main(argv=None) -> int:
     plan = mine["plan"]
     first = headline(plan["task"])
     protocol = Protocol.build(a.n, first, list(plan["levels"]), list(plan["eval_tasks"]), k=a.k,
-                              task_levels={t: list(lvs) for t, lvs in plan.get("eval_levels", [])},
+                              task_levels=plan.get("eval_levels", ()),
                               max_tokens=a.max_tokens)
-    templates = ("plain", "r1-zero") + (("chat",) if plan.get("corpus_chat") else ())
+    templates = recipe.base_templates(bool(plan.get("corpus_chat")))
     for s in a.seeds:
         if str(s) in results:
             continue

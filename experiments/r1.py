@@ -216,7 +216,7 @@ def main(argv=None) -> int:
     # the base's plan says which levels of the other tasks the labeled set and the tests hold, and whether
     # the corpus had chat turns (then a pretrained model is scored in the chat template too)
     a.task_levels = {t: list(lvs) for t, lvs in plan.get("eval_levels", [])}
-    a.base_templates = ("plain", "r1-zero") + (("chat",) if plan.get("corpus_chat") else ())
+    a.base_templates = recipe.base_templates(bool(plan.get("corpus_chat")))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     if a.k < 2:

@@ -327,23 +327,17 @@ class Speedrun:
     def protocol(self) -> Protocol:
         p = self.plan
         return Protocol.build(p.eval_n, p.headline, list(p.levels), list(p.eval_tasks), k=p.eval_k,
-                              task_levels={t: list(lvs) for t, lvs in p.eval_levels},
+                              task_levels=p.eval_levels,
                               max_tokens=p.max_tokens, seed=p.seed)
 
     def _score(self, model: Path, template: str = "chat") -> dict:
         from .rl import recipe
         return recipe.score(model, template, self.protocol, say=self._say)
 
-    @property
-    def _base_templates(self) -> tuple[str, ...]:
-        """What a pretrained model is scored in: the plain and the R1-Zero template, and the chat template
-        where the corpus had chat turns."""
-        return ("plain", "r1-zero") + (("chat",) if self.plan.corpus_chat else ())
-
     def stage_base(self) -> dict:
         from .rl import recipe
         return recipe.score_base(self.out / "pretrain", self.protocol, self.plan.headline, say=self._say,
-                                 templates=self._base_templates)
+                                 templates=recipe.base_templates(bool(self.plan.corpus_chat)))
 
     def _grpo(self, start: Path, name: str, template: str = "chat", steps: int | None = None, seed: int = 0) -> dict:
         """A GRPO stage; stages of one seed draw the same problems (a paired comparison) unless `seed` moves them."""
@@ -424,7 +418,7 @@ class Speedrun:
         config = recipe.student_config(p.preset, p.distill_layers, self.out / "student.json")
         self._pretrain(run, p.distill_pretrain_steps, config=str(config))
         return {**self._train_record(run), **recipe.score_base(run, self.protocol, p.headline, say=self._say,
-                                                                templates=self._base_templates)}
+                                                                templates=recipe.base_templates(bool(self.plan.corpus_chat)))}
 
     def stage_distill(self) -> dict:
         """R1's distillation: the student SFT'd on the final model's verified answers to unlabeled problems."""

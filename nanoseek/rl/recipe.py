@@ -36,15 +36,16 @@ class Protocol:
 
     @classmethod
     def build(cls, n: int, headline: str, levels: list[int], tasks: list[str],
-              task_levels: dict[str, list[int]] | None = None, **kw) -> "Protocol":
+              task_levels=(), **kw) -> "Protocol":
         """n test problems per task, spread evenly over its levels (for the headline task: `levels`; for
-        another task: `task_levels`'s, else all the task has)."""
+        another task: its `task_levels` entry, a dict or (task, levels) pairs as a plan keeps them, else all
+        the task has)."""
         if kw.get("k", 2) < 2:
             raise ValueError(f"pass@k needs k >= 2 samples per problem (got {kw['k']}); pass@1 is the greedy score")
-        out = {}
+        out, task_levels = {}, dict(task_levels)
         for name in dict.fromkeys([headline, *tasks]):
             task = TASKS[name]
-            wanted = levels if name == headline else (task_levels or {}).get(name, [])
+            wanted = levels if name == headline else task_levels.get(name, [])
             lvs = [lv for lv in wanted if lv in task.levels]
             lvs = lvs or list(task.levels)
             out[name] = [p for i, lv in enumerate(lvs)
@@ -80,6 +81,12 @@ def score(model_dir: str | Path, template: str, protocol: Protocol, say: Callabl
                                      for p, r in list(zip(probs, rep.problems))[:: max(1, len(probs) // 4)][:4]]}
         say(f"  {name}: pass@1 {rep.pass1:.1%}, pass@{k} {rep.pass_k:.1%} ({rep.n} test problems, {template} template)")
     return result
+
+
+def base_templates(chat_turns: bool) -> tuple[str, ...]:
+    """What a pretrained model is scored in: the plain and the R1-Zero template, and the chat template where
+    its corpus had chat turns (a plan's corpus_chat)."""
+    return ("plain", "r1-zero") + (("chat",) if chat_turns else ())
 
 
 def score_base(model_dir: str | Path, protocol: Protocol, headline: str, say: Callable[[str], None] = print,
