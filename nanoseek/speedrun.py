@@ -47,6 +47,7 @@ from pathlib import Path
 
 from .io import write_atomic
 from .rl.recipe import RL, Protocol, Stopped
+from .train.common import interrupts
 
 
 def headline(task: str) -> str:
@@ -105,6 +106,8 @@ class Plan:
     corpus_chat: float = 0.0  # share of the corpus's task documents laid out as a chat turn (mid-training)
     # the other scored tasks' levels in the labeled set and the test problems; a task not named: all its levels
     eval_levels: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    # the corpus's worked task documents: (task, levels) pairs, each level drawn as often as it is listed
+    corpus_tasks: tuple[tuple[str, tuple[int, ...]], ...] = (("arithmetic", (1, 2, 2, 3, 3, 3)), ("sort", (3, 4)))
 
     @property
     def headline(self) -> str:
@@ -126,7 +129,6 @@ class Plan:
 # plans' labeled sets and tests hold the levels the corpus teaches (sorts of 3 and 4 numbers): the cold start
 # was where a model first met sorts of 5 and 6, and they broke the sorts it knew (docs/log.md).
 CORPUS_KINDS = {"math": 0.9, "prose": 0.06, "code": 0.02, "chinese": 0.02}
-CORPUS_TASKS = {"arithmetic": (1, 2, 2, 3, 3, 3), "sort": (3, 4)}
 
 PLANS = {
     # GRPO: the two-stage recipe of docs/grpo.md (plain GRPO, then dynamic sampling anchored at the first
@@ -216,7 +218,7 @@ class Speedrun:
                 self._say(f"[{i}/{len(stages)}] {name}: done already ({self.records[name]['seconds']:.0f} s), skipped")
                 continue
             self._say(f"[{i}/{len(stages)}] {name} ...")
-            t0 = time.perf_counter()
+            t0, taken = time.perf_counter(), interrupts()
             ran = True
             record = getattr(self, f"stage_{name}")()
             record["seconds"] = time.perf_counter() - t0
@@ -224,6 +226,8 @@ class Speedrun:
             marker.parent.mkdir(exist_ok=True)
             write_atomic(marker, json.dumps(record, indent=2))
             self._say(f"[{i}/{len(stages)}] {name}: {record['seconds']:.0f} s")
+            if interrupts() > taken:  # Ctrl-C came during the stage's last step: it finished, the run stops
+                raise KeyboardInterrupt
         report = self.out / "report" / "report.md"
         self._say(f"speedrun finished in {time.perf_counter() - start:.0f} s (this invocation): {report}")
         return report
@@ -258,7 +262,7 @@ class Speedrun:
         raw = self.out / "data" / "raw"
         if raw.exists():
             shutil.rmtree(raw)
-        files = write_corpus(raw, p.corpus_mb, seed=p.seed, kinds=CORPUS_KINDS, tasks=CORPUS_TASKS,
+        files = write_corpus(raw, p.corpus_mb, seed=p.seed, kinds=CORPUS_KINDS, tasks=dict(p.corpus_tasks),
                              brief=p.corpus_brief, ops=dict(p.corpus_ops),
                              checked=p.corpus_checked, chat=p.corpus_chat)
         raw_mb = sum(f.stat().st_size for f in files) / 1e6

@@ -58,6 +58,27 @@ def test_ctrl_c_stops_and_a_rerun_continues(interrupted_then_finished):
     assert sorted(p.stem for p in (out / "stages").iterdir()) == sorted(STAGES)
 
 
+def test_ctrl_c_on_a_stages_last_step_keeps_the_stage_and_stops_the_run(tmp_path, monkeypatch, capsys):
+    """A loop whose last step is under way when Ctrl-C comes finishes it; the speedrun must not go on."""
+    from nanoseek.speedrun import Speedrun, make_plan, run
+    from nanoseek.train.common import graceful_sigint
+
+    def data_then_ctrl_c(self):
+        with graceful_sigint() as stop:
+            signal.raise_signal(signal.SIGINT)
+            assert stop["now"]  # the loop would save and leave here: its work is done
+        return {"stopped_in": "data"}
+
+    def never(self):
+        raise AssertionError("the speedrun went on after Ctrl-C")
+
+    monkeypatch.setattr(Speedrun, "stage_data", data_then_ctrl_c)
+    monkeypatch.setattr(Speedrun, "stage_tokenizer", never)
+    assert run(tmp_path / "run", make_plan(True), distill=False, quiet=True) == 130
+    assert "run the same command again" in capsys.readouterr().err
+    assert json.loads((tmp_path / "run" / "stages" / "data.json").read_text())["stopped_in"] == "data"
+
+
 def test_report_has_every_table_and_plot(interrupted_then_finished):
     out = interrupted_then_finished[0]
     report = (out / "report" / "report.md").read_text()
@@ -203,6 +224,20 @@ def test_the_plans_operation_weights_reach_the_curated_corpus(tmp_path):
     text = "".join(gzip.open(f, "rt").read() for f in (tmp_path / "run" / "data" / "curated").glob("*.jsonl.gz"))
     ops = re.findall(r"What is [0-9]+ ([-+x]) [0-9]+\?", text)
     assert len(ops) > 50 and set(ops) == {"-"}
+
+
+def test_the_plans_task_levels_reach_the_curated_corpus(tmp_path):
+    import gzip
+    import re
+
+    from nanoseek.speedrun import Speedrun, make_plan
+
+    plan = make_plan(True, corpus_tasks=(("arithmetic", (4,)),), corpus_mb=0.3)
+    Speedrun(tmp_path / "run", plan, distill=False, quiet=True).stage_data()
+    text = "".join(gzip.open(f, "rt").read() for f in (tmp_path / "run" / "data" / "curated").glob("*.jsonl.gz"))
+    operands = re.findall(r"What is ([0-9]+) [-+x] ([0-9]+)\?", text)
+    assert len(operands) > 50 and {len(a) for a, _ in operands} == {4}
+    assert "Sort " not in text
 
 
 def test_a_bad_task_is_refused_with_the_choices(tmp_path, capsys):

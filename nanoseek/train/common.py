@@ -335,6 +335,15 @@ def set_rng_state(s: dict) -> None:
 
 # ---- stopping ------------------------------------------------------------------------------------------
 
+_INTERRUPTS = [0]  # Ctrl-Cs a loop took gracefully, ever: a caller running loops in turn stops after one
+
+
+def interrupts() -> int:
+    """How many Ctrl-Cs training loops have taken gracefully in this process (a loop on its last step still
+    finishes; whoever runs the next one should not)."""
+    return _INTERRUPTS[0]
+
+
 @contextlib.contextmanager
 def graceful_sigint():
     """Ctrl-C sets stop["now"] so the loop saves a checkpoint and leaves; a second Ctrl-C aborts."""
@@ -344,6 +353,7 @@ def graceful_sigint():
         if stop["now"]:
             raise KeyboardInterrupt
         stop["now"] = True
+        _INTERRUPTS[0] += 1
         print("\nstopping: saving a checkpoint first (Ctrl-C again to abort without saving)", file=sys.stderr)
 
     previous = signal.signal(signal.SIGINT, on_sigint)
