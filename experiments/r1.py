@@ -4,7 +4,8 @@
     python experiments/r1.py --base runs/base --out runs/r1 --seeds 0 --arms base r1zero   # some arms
 
 --base is a speedrun dir whose data, tokenizer and pretrain stages have run; its data/sft.jsonl is
-the labeled set (every label worked, as the speedrun writes it). For
+the labeled set (every label worked, as the speedrun writes it), and its speedrun.json's plan gives
+every recipe setting no flag names, so that by default each seed repeats the speedrun's recipe. For
 each seed, from that one pretrained model, the stages of nanoseek/rl/recipe.py:
 
     base        the pretrained model, scored under the plain and the R1-Zero template (and chat, where the
@@ -42,6 +43,42 @@ from nanoseek.rl.recipe import RL, Protocol
 from nanoseek.rl.rft import NothingVerified
 
 ARMS = ("base", "r1zero", "sft", "rl", "rft", "rejection", "rl2", "student", "distill", "student_rl")
+
+# the recipe's flags whose default is the base's plan: flag, type, what it sets
+PLAN_FLAGS = (
+    ("--n", int, "test problems per task"),
+    ("--k", int, "samples per test problem for pass@k"),
+    ("--max-tokens", int, "longest completion"),
+    ("--steps", int, "GRPO steps, and RFT's SFT steps"),
+    ("--prompts", int, "GRPO problems per step"),
+    ("--group", int, "GRPO completions per problem"),
+    ("--grpo-lr", float, "GRPO learning rate"),
+    ("--beta", float, "GRPO KL weight"),
+    ("--temperature", float, "GRPO rollouts' temperature"),
+    ("--warmup", int, "GRPO warm-up steps"),
+    ("--resample", int, "GRPO dynamic-sampling draws from mid-run"),
+    ("--sft-steps", int, "cold-start SFT steps"),
+    ("--sft-lr", float, "SFT, RFT, rejection and distillation learning rate"),
+    ("--curve-n", int, "held-out problems of each GRPO curve point"),
+    ("--rs-problems", int, "rejection stage: unlabeled train problems the rl model answers"),
+    ("--rs-k", int, "rejection stage: answers per problem"),
+    ("--rs-steps", int, "rejection stage: SFT steps from the base"),
+    ("--rl2-steps", int, "second GRPO stage's steps (0: none)"),
+    ("--student-layers", int, "the distillation student's layers"),
+    ("--student-steps", int, "the student's pretraining steps"),
+    ("--distill-problems", int, "unlabeled train problems the teacher answers for the student"),
+    ("--distill-k", int, "teacher answers per problem"),
+    ("--distill-steps", int, "the student's SFT steps on them"),
+)
+# argparse dest -> the plan's field (speedrun.Plan)
+PLAN_KEYS = {"task": "task", "levels": "levels", "eval_tasks": "eval_tasks", "n": "eval_n", "k": "eval_k",
+             "max_tokens": "max_tokens", "steps": "grpo_steps", "prompts": "grpo_prompts", "group": "grpo_group",
+             "grpo_lr": "grpo_lr", "beta": "grpo_beta", "temperature": "grpo_temperature", "warmup": "grpo_warmup",
+             "resample": "grpo_resample", "advantage_scale": "grpo_advantage", "sft_steps": "sft_steps",
+             "sft_lr": "sft_lr", "curve_n": "curve_n", "rs_problems": "rs_problems", "rs_k": "rs_k",
+             "rs_steps": "rs_steps", "rl2_steps": "rl2_steps", "student_layers": "distill_layers",
+             "student_steps": "distill_pretrain_steps", "distill_problems": "distill_problems",
+             "distill_k": "distill_k", "distill_steps": "distill_steps"}
 
 
 def student_base(a) -> Path:
@@ -88,8 +125,15 @@ def run_seed(seed: int, a, protocol: Protocol, rl: RL, results: dict, save) -> N
         return any(run.glob("*.safetensors"))
 
     stage("base", lambda: recipe.score_base(base / "pretrain", proto, a.headline, templates=a.base_templates))
-    stage("r1zero", lambda: scored(out / "r1zero",
-                                   **recipe.grpo(base / "pretrain", out / "r1zero", rl, a.zero_template, seed)))
+    def r1zero() -> dict:
+        template = a.zero_template
+        if template == "best":  # as the speedrun: the template the base scored best in
+            if "base" not in mine:
+                raise SystemExit("--zero-template best needs the base arm's scores: run it too, or name a template")
+            template = mine["base"]["template"]
+        return scored(out / "r1zero", **recipe.grpo(base / "pretrain", out / "r1zero", rl, template, seed))
+
+    stage("r1zero", r1zero)
     stage("sft", lambda: scored(recipe.sft(base / "pretrain", [labeled], out / "sft", a.sft_steps, a.sft_lr, seed)))
     stage("rl", lambda: scored(out / "rl", **recipe.grpo(out / "sft", out / "rl", rl, "chat", seed)))
     rl_samples = mine["rl"]["samples"] if "rl" in mine else rl.steps * rl.prompts * rl.group
@@ -163,56 +207,42 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, metavar="DIR", help="where the runs and results go")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default 0 1 2)")
     p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS), help="stages to run (default all)")
-    p.add_argument("--zero-template", choices=["r1-zero", "plain", "chat"], default="r1-zero",
-                   help="the prompt template of the R1-Zero arm (default r1-zero; plain: the problem and a newline, "
-                        "as the pretraining corpus writes it; chat: where the corpus had chat turns)")
-    p.add_argument("--task", default="arithmetic", type=task_name,
+    p.add_argument("--zero-template", choices=["best", "r1-zero", "plain", "chat"], default="best",
+                   help="the prompt template of the R1-Zero arm: best (default), the one the base scored best in, as "
+                        "the speedrun; r1-zero; plain (the problem and a newline, as the pretraining corpus writes it); "
+                        "chat (where the corpus had chat turns)")
+    # Every recipe setting below defaults to the base's plan (its speedrun.json), so that with no flags the seeds
+    # repeat the speedrun's own recipe; a flag changes one setting for every seed.
+    plan_flag = "the base's plan"
+    p.add_argument("--task", type=task_name,
                    help="the task RL trains on: a name, or a mixture of tasks and levels such as "
-                        "arithmetic@2,arithmetic@3,sort@4 (the first task is the headline; default arithmetic)")
+                        f"arithmetic@2,arithmetic@3,sort@4 (the first task is the headline; default: {plan_flag})")
     p.add_argument("--level", type=int, default=2, help="GRPO's and RFT's level for a single task (default 2)")
-    p.add_argument("--levels", type=int, nargs="+", default=[1, 2, 3],
-                   help="the RL task's test levels, as the speedrun's plan (default 1 2 3)")
-    p.add_argument("--eval-tasks", nargs="+", choices=list(TASKS), default=["arithmetic", "sort"],
-                   help="the tasks every stage is scored on (default arithmetic sort)")
-    p.add_argument("--n", type=int, default=300, help="test problems per task (default 300)")
-    p.add_argument("--k", type=int, default=8, help="samples per test problem for pass@k (default 8)")
-    p.add_argument("--max-tokens", type=int, default=200, help="longest completion (default 200)")
-    p.add_argument("--steps", type=int, default=100, help="GRPO steps, and RFT's SFT steps (default 100)")
-    p.add_argument("--prompts", type=int, default=16, help="GRPO problems per step (default 16)")
-    p.add_argument("--group", type=int, default=8, help="GRPO completions per problem (default 8)")
-    p.add_argument("--grpo-lr", type=float, default=2e-4, help="GRPO learning rate (default 2e-4)")
-    p.add_argument("--beta", type=float, default=0.04, help="GRPO KL weight (default 0.04)")
-    p.add_argument("--advantage-scale", choices=["std", "none"], default="std",
-                   help="GRPO's advantage: (r - mean) / std, or r - mean as Dr. GRPO (default std)")
-    p.add_argument("--temperature", type=float, default=1.0, help="GRPO rollouts' temperature (default 1)")
-    p.add_argument("--warmup", type=int, default=10, help="GRPO warm-up steps (default 10)")
-    p.add_argument("--resample", type=int, default=2, help="GRPO dynamic-sampling draws from mid-run (default 2)")
-    p.add_argument("--sft-steps", type=int, default=150, help="cold-start SFT steps (default 150)")
-    p.add_argument("--sft-lr", type=float, default=5e-4, help="SFT and RFT learning rate (default 5e-4)")
-    p.add_argument("--curve-n", type=int, default=100, help="held-out problems of each GRPO curve point (default 100)")
-    p.add_argument("--rs-problems", type=int, default=1000,
-                   help="rejection stage: unlabeled train problems the rl model answers (default 1000)")
-    p.add_argument("--rs-k", type=int, default=4, help="rejection stage: answers per problem (default 4)")
+    p.add_argument("--levels", type=int, nargs="+", help=f"the headline task's test levels (default: {plan_flag})")
+    p.add_argument("--eval-tasks", nargs="+", choices=list(TASKS),
+                   help=f"the tasks every stage is scored on (default: {plan_flag})")
+    for flag, kind, what in PLAN_FLAGS:
+        p.add_argument(flag, type=kind, help=f"{what} (default: {plan_flag})")
+    p.add_argument("--advantage-scale", choices=["std", "none"],
+                   help=f"GRPO's advantage: (r - mean) / std, or r - mean as Dr. GRPO (default: {plan_flag})")
     p.add_argument("--rs-keep", type=int, default=2,
-                   help="rejection stage: verified answers kept per problem (default 2)")
-    p.add_argument("--rs-steps", type=int, default=300, help="rejection stage: SFT steps from the base (default 300)")
-    p.add_argument("--rl2-steps", type=int, default=100, help="second GRPO stage's steps (default 100)")
-    p.add_argument("--student-layers", type=int, default=2, help="the distillation student's layers (default 2)")
-    p.add_argument("--student-steps", type=int, default=1000, help="the student's pretraining steps (default 1000)")
-    p.add_argument("--distill-problems", type=int, default=1500,
-                   help="unlabeled train problems the teacher answers for the student (default 1500)")
-    p.add_argument("--distill-k", type=int, default=4, help="teacher answers per problem (default 4)")
-    p.add_argument("--distill-keep", type=int, default=2, help="verified answers kept per problem (default 2)")
-    p.add_argument("--distill-steps", type=int, default=300, help="the student's SFT steps on them (default 300)")
+                   help="rejection stage: verified answers kept per problem (default 2, as the speedrun)")
+    p.add_argument("--distill-keep", type=int, default=2,
+                   help="verified answers kept per problem for the student (default 2, as the speedrun)")
     a = p.parse_args(argv)
-    rl_task = get_task(a.task)
-    mixed = isinstance(rl_task, Mixture)
-    a.headline = rl_task.entries[0][0].name if mixed else a.task
-    a.level = None if mixed else a.level
     try:
         plan = json.loads((Path(a.base) / "speedrun.json").read_text())["plan"]
     except (OSError, ValueError, KeyError) as e:
         p.error(f"--base {a.base}: no readable speedrun.json ({e}); pass a speedrun dir")
+    for dest, key in PLAN_KEYS.items():
+        if getattr(a, dest) is None:
+            if key not in plan:
+                p.error(f"--base {a.base}: its plan has no {key!r} (an older speedrun): pass --{dest.replace('_', '-')}")
+            setattr(a, dest, plan[key])
+    rl_task = get_task(a.task)
+    mixed = isinstance(rl_task, Mixture)
+    a.headline = rl_task.entries[0][0].name if mixed else a.task
+    a.level = None if mixed else a.level
     # the base's plan says which levels of the other tasks the labeled set and the tests hold, and whether
     # the corpus had chat turns (then a pretrained model is scored in the chat template too)
     a.task_levels = {t: list(lvs) for t, lvs in plan.get("eval_levels", [])}
