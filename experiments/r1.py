@@ -23,17 +23,24 @@ each seed, from that one pretrained model, the stages of nanoseek/rl/recipe.py:
 
 OUT/results.json holds every number; OUT/results.md the table of means with standard errors over
 seeds, and the paired differences the claims rest on. Each stage is skipped when its results exist,
-so a rerun continues. Not part of the test suite: one seed takes over an hour on 2 CPU cores.
+so a rerun continues. Seeds may also run as separate processes into one OUT, side by side (their
+results merge; the student is pretrained once):
+
+    for s in 0 1 2; do OMP_NUM_THREADS=1 python experiments/r1.py --base runs/base --out runs/r1 --seeds $s & done
+
+Not part of the test suite: one seed takes over an hour on 2 CPU cores.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from nanoseek.data.tasks import TASKS, Mixture, get_task, task_name
@@ -81,15 +88,28 @@ PLAN_KEYS = {"task": "task", "levels": "levels", "eval_tasks": "eval_tasks", "n"
              "distill_k": "distill_k", "distill_steps": "distill_steps"}
 
 
+@contextmanager
+def locked(path: Path):
+    """An exclusive lock on `path` (created if missing) for the block: seeds may run as separate processes
+    into one OUT, and they share its results file and its student."""
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def student_base(a) -> Path:
     """The student: the base's shape at fewer layers, pretrained on the base's own tokens and plan (curriculum
     included, as the speedrun pretrains its student)."""
     base, out = Path(a.base), Path(a.out) / "student-base"
-    if any(out.glob("*.safetensors")):
-        return out
-    plan = json.loads((base / "speedrun.json").read_text())["plan"]
-    config = recipe.student_config(plan["preset"], a.student_layers, Path(a.out) / "student.json")
-    return recipe.pretrain(base, out, a.student_steps, plan, config=str(config))
+    with locked(Path(a.out) / ".student.lock"):  # seeds run side by side wait for the one that trains it
+        if any(out.glob("*.safetensors")):
+            return out
+        plan = json.loads((base / "speedrun.json").read_text())["plan"]
+        config = recipe.student_config(plan["preset"], a.student_layers, Path(a.out) / "student.json")
+        return recipe.pretrain(base, out, a.student_steps, plan, config=str(config))
 
 
 def run_seed(seed: int, a, protocol: Protocol, rl: RL, results: dict, save) -> None:
@@ -269,8 +289,12 @@ def main(argv=None) -> int:
             temperature=a.temperature, curve_n=a.curve_n)
 
     def save() -> None:
-        write_atomic(path, json.dumps(results, indent=2))
-        write_atomic(out / "results.md", table(results, levels, a.k))
+        """This process's seeds merged into OUT's results, which other processes' seeds may share."""
+        with locked(out / ".results.lock"):
+            merged = json.loads(path.read_text()) if path.exists() else {}
+            merged.update({str(s): results[str(s)] for s in a.seeds if str(s) in results})
+            write_atomic(path, json.dumps(merged, indent=2))
+            write_atomic(out / "results.md", table(merged, levels, a.k))
 
     try:
         for seed in a.seeds:
