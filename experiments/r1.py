@@ -5,7 +5,9 @@
 
 --base is a speedrun dir whose data, tokenizer and pretrain stages have run; its data/sft.jsonl is
 the labeled set (every label worked, as the speedrun writes it), and its speedrun.json's plan gives
-every recipe setting no flag names, so that by default each seed repeats the speedrun's recipe. For
+each recipe setting that no flag names, so that by default each seed repeats the speedrun's recipe
+(its seeds are r1.py's own; the second GRPO stage draws at seed + 1000, where the speedrun's draws at
+its seed + 1). For
 each seed, from that one pretrained model, the stages of nanoseek/rl/recipe.py:
 
     base        the pretrained model, scored under the plain and the R1-Zero template (and chat, where the
@@ -27,6 +29,7 @@ so a rerun continues. Seeds may also run as separate processes into one OUT, sid
 results merge; the student is pretrained once):
 
     for s in 0 1 2; do OMP_NUM_THREADS=1 python experiments/r1.py --base runs/base --out runs/r1 --seeds $s & done
+    # stop them with kill -INT PID (each saves a checkpoint); the same commands continue them
 
 Not part of the test suite: one seed takes over an hour on 2 CPU cores.
 """
@@ -48,10 +51,15 @@ from nanoseek.io import write_atomic
 from nanoseek.rl import recipe
 from nanoseek.rl.recipe import RL, Protocol
 from nanoseek.rl.rft import NothingVerified
+from nanoseek.speedrun import headline
+from nanoseek.train.common import interrupts
 
 ARMS = ("base", "r1zero", "sft", "rl", "rft", "rejection", "rl2", "student", "distill", "student_rl")
 
-# the recipe's flags whose default is the base's plan: flag, type, what it sets
+ARM_OF_DIR = {"student-base": "student"}  # run dirs not named after the arm that scores them
+
+# the recipe's flags whose default is the base's plan (with --task, --eval-tasks and --advantage-scale, and
+# --levels from the plan's levels: PLAN_KEYS): flag, type, what it sets
 PLAN_FLAGS = (
     ("--n", int, "test problems per task"),
     ("--k", int, "samples per test problem for pass@k"),
@@ -78,7 +86,7 @@ PLAN_FLAGS = (
     ("--distill-steps", int, "the student's SFT steps on them"),
 )
 # argparse dest -> the plan's field (speedrun.Plan)
-PLAN_KEYS = {"task": "task", "levels": "levels", "eval_tasks": "eval_tasks", "n": "eval_n", "k": "eval_k",
+PLAN_KEYS = {"task": "task", "eval_tasks": "eval_tasks", "n": "eval_n", "k": "eval_k",
              "max_tokens": "max_tokens", "steps": "grpo_steps", "prompts": "grpo_prompts", "group": "grpo_group",
              "grpo_lr": "grpo_lr", "beta": "grpo_beta", "temperature": "grpo_temperature", "warmup": "grpo_warmup",
              "resample": "grpo_resample", "advantage_scale": "grpo_advantage", "sft_steps": "sft_steps",
@@ -122,10 +130,12 @@ def run_seed(seed: int, a, protocol: Protocol, rl: RL, results: dict, save) -> N
         if name in mine or name not in a.arms:
             return
         print(f"seed {seed}: {name} ...", flush=True)
-        t0 = time.perf_counter()
+        t0, before = time.perf_counter(), interrupts()
         mine[name] = fn()
         mine[name]["wall_seconds"] = time.perf_counter() - t0
         save()
+        if interrupts() > before:  # Ctrl-C on a loop's last step: the stage finished; stop before the next
+            raise recipe.Stopped(out / name)
 
     def scored(model: Path, **record) -> dict:
         """A stage's record with its model scored, in the template it trained in (GRPO records theirs)."""
@@ -138,7 +148,7 @@ def run_seed(seed: int, a, protocol: Protocol, rl: RL, results: dict, save) -> N
                                         a.sft_lr, seed, level=rl.level, keep_per_problem=keep, extra=extra, salt=salt)
         except NothingVerified as e:  # nothing to train on: the stage is the model the recipe goes on from
             return scored(instead, skipped=str(e), instead=instead.name,
-                          template=mine.get(instead.name, {}).get("template", "chat"))
+                          template=mine.get(ARM_OF_DIR.get(instead.name, instead.name), {}).get("template", "chat"))
         return scored(dest, **stats)
 
     def has_model(run: Path) -> bool:
@@ -237,7 +247,9 @@ def main(argv=None) -> int:
     p.add_argument("--task", type=task_name,
                    help="the task RL trains on: a name, or a mixture of tasks and levels such as "
                         f"arithmetic@2,arithmetic@3,sort@4 (the first task is the headline; default: {plan_flag})")
-    p.add_argument("--level", type=int, default=2, help="GRPO's and RFT's level for a single task (default 2)")
+    p.add_argument("--level", type=int,
+                   help="for a single task: the one level every RL and sampling stage draws (default: all its levels, "
+                        "as the speedrun)")
     p.add_argument("--levels", type=int, nargs="+", help=f"the headline task's test levels (default: {plan_flag})")
     p.add_argument("--eval-tasks", nargs="+", choices=list(TASKS),
                    help=f"the tasks every stage is scored on (default: {plan_flag})")
@@ -266,6 +278,9 @@ def main(argv=None) -> int:
     # the base's plan says which levels of the other tasks the labeled set and the tests hold, and whether
     # the corpus had chat turns (then a pretrained model is scored in the chat template too)
     a.task_levels = {t: list(lvs) for t, lvs in plan.get("eval_levels", [])}
+    if a.levels is None:  # the plan's headline levels; for another headline, the plan's levels of that task
+        a.levels = plan["levels"] if a.headline == headline(plan["task"]) else \
+            a.task_levels.get(a.headline, [])  # none: all its levels (Protocol.build)
     a.base_templates = recipe.base_templates(bool(plan.get("corpus_chat")))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -276,10 +291,15 @@ def main(argv=None) -> int:
     settings = {k: getattr(a, k) for k in ("base", "task", "levels", "eval_tasks", "n", "k", "max_tokens")}
     if a.task_levels:  # protocols written before this setting existed stay comparable
         settings["task_levels"] = a.task_levels
-    saved = out / "protocol.json"
-    if saved.exists() and json.loads(saved.read_text()) != settings:
-        p.error(f"{out} holds results of other settings ({saved.read_text().strip()}); pick a new --out")
-    write_atomic(saved, json.dumps(settings))
+    # and one recipe: seeds side by side, or a rerun, never mix stages trained with other settings
+    recipe_settings = {k: getattr(a, k) for k in (*PLAN_KEYS, "zero_template", "level", "rs_keep", "distill_keep")}
+    with locked(out / ".results.lock"):
+        for saved, mine in ((out / "protocol.json", settings), (out / "recipe.json", recipe_settings)):
+            if saved.exists() and json.loads(saved.read_text()) != mine:
+                theirs = json.loads(saved.read_text())
+                diff = "; ".join(f"{k}: {theirs.get(k)!r} there, {v!r} now" for k, v in mine.items() if theirs.get(k) != v)
+                p.error(f"{out} holds results of other settings ({diff}); pass the same flags, or pick a new --out")
+            write_atomic(saved, json.dumps(mine))
     results = json.loads(path.read_text()) if path.exists() else {}
     protocol = Protocol.build(a.n, a.headline, a.levels, a.eval_tasks, task_levels=a.task_levels, k=a.k,
                               max_tokens=a.max_tokens)
@@ -292,7 +312,8 @@ def main(argv=None) -> int:
         """This process's seeds merged into OUT's results, which other processes' seeds may share."""
         with locked(out / ".results.lock"):
             merged = json.loads(path.read_text()) if path.exists() else {}
-            merged.update({str(s): results[str(s)] for s in a.seeds if str(s) in results})
+            for s in a.seeds:  # arm by arm: another process may run other arms of the same seed
+                merged.setdefault(str(s), {}).update(results.get(str(s), {}))
             write_atomic(path, json.dumps(merged, indent=2))
             write_atomic(out / "results.md", table(merged, levels, a.k))
 
@@ -300,7 +321,10 @@ def main(argv=None) -> int:
         for seed in a.seeds:
             run_seed(seed, a, protocol, rl, results, save)
     except recipe.Stopped as e:
-        print(f"stopped: {e} has no final model yet; rerun the same command to continue it", file=sys.stderr)
+        print(f"stopped at {e}; rerun the same command to continue", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("stopped; rerun the same command to continue", file=sys.stderr)
         return 130
     save()
     print((out / "results.md").read_text())

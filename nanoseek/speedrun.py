@@ -47,7 +47,6 @@ from pathlib import Path
 
 from .io import write_atomic
 from .rl.recipe import RL, Protocol, Stopped
-from .train.common import interrupts
 
 
 def headline(task: str) -> str:
@@ -121,13 +120,14 @@ class Plan:
 
 
 # The corpus is mostly worked task solutions (arithmetic levels 2 and 3 weighted up, and sorting), with
-# prose, code and Chinese kept for the curation, classification and tokenizer to work on. The loader
-# mixes by documents and a prose document is several solutions long, so the mix weights math far above
-# the rest to keep most pretraining tokens on the tasks (docs/log.md has the corpora tried). Countdown's
-# searches need one-line products a model this small cannot do, so they are left out. A share of the task
-# documents are chat turns, so that the base has met the layout its fine-tuning and serving use; and the
-# plans' labeled sets and tests hold the levels the corpus teaches (sorts of 3 and 4 numbers): the cold start
-# was where a model first met sorts of 5 and 6, and they broke the sorts it knew (docs/log.md).
+# prose, code and Chinese kept for the curation, classification and tokenizer to work on. The loader mixes
+# by documents and a prose document is several solutions long, so the mix weights math far above the rest
+# to keep most pretraining tokens on the tasks (docs/log.md has the corpora tried). Countdown's searches
+# need one-line products a model this small cannot do, so they are left out (`Plan.corpus_tasks`). A share
+# of the task documents are chat turns, so that the base has met the layout its fine-tuning and serving
+# use; and the plans' labeled sets and tests hold the levels the corpus teaches (sorts of 3 and 4
+# numbers): the cold start was where a model first met sorts of 5 and 6, and they broke the sorts it knew
+# (docs/log.md).
 CORPUS_KINDS = {"math": 0.9, "prose": 0.06, "code": 0.02, "chinese": 0.02}
 
 PLANS = {
@@ -170,6 +170,11 @@ class SpeedrunError(Exception):
     """A speedrun that cannot start or continue; printed without a traceback."""
 
 
+def interrupts() -> int:
+    from .train.common import interrupts as taken  # torch loads with it: not at import time
+    return taken()
+
+
 def _mean(rows: list[dict], key: str) -> float | None:
     vals = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
     return sum(vals) / len(vals) if vals else None
@@ -179,6 +184,7 @@ class Speedrun:
     def __init__(self, out: str | Path, plan: Plan, distill: bool = True, quiet: bool = False):
         self.out, self.plan, self.distill, self.quiet = Path(out), plan, distill, quiet
         self.records: dict[str, dict] = {}
+        self._interrupts_before = interrupts()
 
     # ---- bookkeeping -------------------------------------------------------------------------
 
@@ -206,6 +212,12 @@ class Speedrun:
         return [s for s in STAGES if (self.distill or s not in DISTILL_STAGES)
                 and not (s == "rl2" and not self.plan.rl2_steps)]
 
+    def _stop_if_interrupted(self) -> None:
+        """A Ctrl-C that came during a training loop's last step let the loop finish (nothing to save but its
+        result); stop here, before the next loop, rather than go on as if none came."""
+        if interrupts() > self._interrupts_before:
+            raise KeyboardInterrupt
+
     def run(self) -> Path:
         self._check_settings()
         start = time.perf_counter()
@@ -218,7 +230,7 @@ class Speedrun:
                 self._say(f"[{i}/{len(stages)}] {name}: done already ({self.records[name]['seconds']:.0f} s), skipped")
                 continue
             self._say(f"[{i}/{len(stages)}] {name} ...")
-            t0, taken = time.perf_counter(), interrupts()
+            t0, self._interrupts_before = time.perf_counter(), interrupts()
             ran = True
             record = getattr(self, f"stage_{name}")()
             record["seconds"] = time.perf_counter() - t0
@@ -226,8 +238,7 @@ class Speedrun:
             marker.parent.mkdir(exist_ok=True)
             write_atomic(marker, json.dumps(record, indent=2))
             self._say(f"[{i}/{len(stages)}] {name}: {record['seconds']:.0f} s")
-            if interrupts() > taken:  # Ctrl-C came during the stage's last step: it finished, the run stops
-                raise KeyboardInterrupt
+            self._stop_if_interrupted()
         report = self.out / "report" / "report.md"
         self._say(f"speedrun finished in {time.perf_counter() - start:.0f} s (this invocation): {report}")
         return report
@@ -436,6 +447,7 @@ class Speedrun:
         p = self.plan
         sft = recipe.sft(self.out / "student", [self.labeled], self.out / "student_sft", p.sft_steps, p.sft_lr,
                          p.seed, quiet=self.quiet)
+        self._stop_if_interrupted()  # two loops in one stage
         return {"sft_eval": self._score(sft), **self._grpo(sft, "student_rl")}
 
     # ---- measurements ------------------------------------------------------------------------

@@ -335,7 +335,7 @@ def set_rng_state(s: dict) -> None:
 
 # ---- stopping ------------------------------------------------------------------------------------------
 
-_INTERRUPTS = [0]  # Ctrl-Cs a loop took gracefully, ever: a caller running loops in turn stops after one
+_INTERRUPTS = [0]  # Ctrl-Cs training loops have taken gracefully in this process (see interrupts())
 
 
 def interrupts() -> int:
