@@ -58,42 +58,36 @@ ARMS = ("base", "r1zero", "sft", "rl", "rft", "rejection", "rl2", "student", "di
 
 ARM_OF_DIR = {"student-base": "student"}  # run dirs not named after the arm that scores them
 
-# the recipe's flags whose default is the base's plan (with --task, --eval-tasks and --advantage-scale, and
-# --levels from the plan's levels: PLAN_KEYS): flag, type, what it sets
+# the recipe's flags whose default is the base's plan: flag, type, the plan's field (speedrun.Plan), what it sets
+# (--task, --eval-tasks and --advantage-scale, with choices of their own, are added on their own)
 PLAN_FLAGS = (
-    ("--n", int, "test problems per task"),
-    ("--k", int, "samples per test problem for pass@k"),
-    ("--max-tokens", int, "longest completion"),
-    ("--steps", int, "GRPO steps, and RFT's SFT steps"),
-    ("--prompts", int, "GRPO problems per step"),
-    ("--group", int, "GRPO completions per problem"),
-    ("--grpo-lr", float, "GRPO learning rate"),
-    ("--beta", float, "GRPO KL weight"),
-    ("--temperature", float, "GRPO rollouts' temperature"),
-    ("--warmup", int, "GRPO warm-up steps"),
-    ("--resample", int, "GRPO dynamic-sampling draws from mid-run"),
-    ("--sft-steps", int, "cold-start SFT steps"),
-    ("--sft-lr", float, "SFT, RFT, rejection and distillation learning rate"),
-    ("--curve-n", int, "held-out problems of each GRPO curve point"),
-    ("--rs-problems", int, "rejection stage: unlabeled train problems the rl model answers"),
-    ("--rs-k", int, "rejection stage: answers per problem"),
-    ("--rs-steps", int, "rejection stage: SFT steps from the base"),
-    ("--rl2-steps", int, "second GRPO stage's steps (0: none)"),
-    ("--student-layers", int, "the distillation student's layers"),
-    ("--student-steps", int, "the student's pretraining steps"),
-    ("--distill-problems", int, "unlabeled train problems the teacher answers for the student"),
-    ("--distill-k", int, "teacher answers per problem"),
-    ("--distill-steps", int, "the student's SFT steps on them"),
+    ("--n", int, "eval_n", "test problems per task"),
+    ("--k", int, "eval_k", "samples per test problem for pass@k"),
+    ("--max-tokens", int, "max_tokens", "longest completion"),
+    ("--steps", int, "grpo_steps", "GRPO steps, and RFT's SFT steps"),
+    ("--prompts", int, "grpo_prompts", "GRPO problems per step"),
+    ("--group", int, "grpo_group", "GRPO completions per problem"),
+    ("--grpo-lr", float, "grpo_lr", "GRPO learning rate"),
+    ("--beta", float, "grpo_beta", "GRPO KL weight"),
+    ("--temperature", float, "grpo_temperature", "GRPO rollouts' temperature"),
+    ("--warmup", int, "grpo_warmup", "GRPO warm-up steps"),
+    ("--resample", int, "grpo_resample", "GRPO dynamic-sampling draws from mid-run"),
+    ("--sft-steps", int, "sft_steps", "cold-start SFT steps"),
+    ("--sft-lr", float, "sft_lr", "SFT, RFT, rejection and distillation learning rate"),
+    ("--curve-n", int, "curve_n", "held-out problems of each GRPO curve point"),
+    ("--rs-problems", int, "rs_problems", "rejection stage: unlabeled train problems the rl model answers"),
+    ("--rs-k", int, "rs_k", "rejection stage: answers per problem"),
+    ("--rs-steps", int, "rs_steps", "rejection stage: SFT steps from the base"),
+    ("--rl2-steps", int, "rl2_steps", "second GRPO stage's steps (0: none)"),
+    ("--student-layers", int, "distill_layers", "the distillation student's layers"),
+    ("--student-steps", int, "distill_pretrain_steps", "the student's pretraining steps"),
+    ("--distill-problems", int, "distill_problems", "unlabeled train problems the teacher answers for the student"),
+    ("--distill-k", int, "distill_k", "teacher answers per problem"),
+    ("--distill-steps", int, "distill_steps", "the student's SFT steps on them"),
 )
-# argparse dest -> the plan's field (speedrun.Plan)
-PLAN_KEYS = {"task": "task", "eval_tasks": "eval_tasks", "n": "eval_n", "k": "eval_k",
-             "max_tokens": "max_tokens", "steps": "grpo_steps", "prompts": "grpo_prompts", "group": "grpo_group",
-             "grpo_lr": "grpo_lr", "beta": "grpo_beta", "temperature": "grpo_temperature", "warmup": "grpo_warmup",
-             "resample": "grpo_resample", "advantage_scale": "grpo_advantage", "sft_steps": "sft_steps",
-             "sft_lr": "sft_lr", "curve_n": "curve_n", "rs_problems": "rs_problems", "rs_k": "rs_k",
-             "rs_steps": "rs_steps", "rl2_steps": "rl2_steps", "student_layers": "distill_layers",
-             "student_steps": "distill_pretrain_steps", "distill_problems": "distill_problems",
-             "distill_k": "distill_k", "distill_steps": "distill_steps"}
+# argparse dest -> the plan's field, for every setting the plan gives
+PLAN_KEYS = {"task": "task", "eval_tasks": "eval_tasks", "advantage_scale": "grpo_advantage",
+             **{flag[2:].replace("-", "_"): key for flag, _, key, _ in PLAN_FLAGS}}
 
 
 @contextmanager
@@ -253,7 +247,7 @@ def main(argv=None) -> int:
     p.add_argument("--levels", type=int, nargs="+", help=f"the headline task's test levels (default: {plan_flag})")
     p.add_argument("--eval-tasks", nargs="+", choices=list(TASKS),
                    help=f"the tasks every stage is scored on (default: {plan_flag})")
-    for flag, kind, what in PLAN_FLAGS:
+    for flag, kind, _, what in PLAN_FLAGS:
         p.add_argument(flag, type=kind, help=f"{what} (default: {plan_flag})")
     p.add_argument("--advantage-scale", choices=["std", "none"],
                    help=f"GRPO's advantage: (r - mean) / std, or r - mean as Dr. GRPO (default: {plan_flag})")

@@ -256,9 +256,8 @@ class Speedrun:
 
     def _labeled_problems(self, task, n: int):
         """n labeled train problems spread over the levels the test problems have (Protocol.build's)."""
-        p = self.plan
-        wanted = p.levels if task.name == p.headline else dict(p.eval_levels).get(task.name, ())
-        levels = [lv for lv in wanted if lv in task.levels]
+        from .rl.recipe import scored_levels
+        levels = scored_levels(task, self.plan.headline, self.plan.levels, self.plan.eval_levels)
         if not levels:
             return task.problems("train", n, seed=self._labeled_seed)
         return [q for i, lv in enumerate(levels)  # small levels give what they have
@@ -349,10 +348,14 @@ class Speedrun:
         from .rl import recipe
         return recipe.score(model, template, self.protocol, say=self._say)
 
-    def stage_base(self) -> dict:
+    def _score_base(self, model: Path) -> dict:
+        """A pretrained model (the base, the student) in each template its corpus taught; its best counts."""
         from .rl import recipe
-        return recipe.score_base(self.out / "pretrain", self.protocol, self.plan.headline, say=self._say,
+        return recipe.score_base(model, self.protocol, self.plan.headline, say=self._say,
                                  templates=recipe.base_templates(bool(self.plan.corpus_chat)))
+
+    def stage_base(self) -> dict:
+        return self._score_base(self.out / "pretrain")
 
     def _grpo(self, start: Path, name: str, template: str = "chat", steps: int | None = None, seed: int = 0) -> dict:
         """A GRPO stage; stages of one seed draw the same problems (a paired comparison) unless `seed` moves them."""
@@ -432,8 +435,7 @@ class Speedrun:
         p, run = self.plan, self.out / "student"
         config = recipe.student_config(p.preset, p.distill_layers, self.out / "student.json")
         self._pretrain(run, p.distill_pretrain_steps, config=str(config))
-        return {**self._train_record(run), **recipe.score_base(run, self.protocol, p.headline, say=self._say,
-                                                                templates=recipe.base_templates(bool(self.plan.corpus_chat)))}
+        return {**self._train_record(run), **self._score_base(run)}
 
     def stage_distill(self) -> dict:
         """R1's distillation: the student SFT'd on the final model's verified answers to unlabeled problems."""

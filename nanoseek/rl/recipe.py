@@ -26,6 +26,13 @@ from ..train.args import SFTConfig, TrainConfig, TrainError
 from .args import GRPOConfig, GRPORun
 
 
+def scored_levels(task, headline: str, levels, task_levels=()) -> list[int]:
+    """The levels of `task` a plan names for its labeled set and test problems: `levels` for the headline task,
+    else its `task_levels` entry (a dict or (task, levels) pairs); [] where none of the task's are named."""
+    wanted = levels if task.name == headline else dict(task_levels).get(task.name, ())
+    return [lv for lv in wanted if lv in task.levels]
+
+
 @dataclass(frozen=True)
 class Protocol:
     """How every stage is scored: fixed test problems per task, greedy pass@1 and pass@k."""
@@ -42,12 +49,10 @@ class Protocol:
         the task has)."""
         if kw.get("k", 2) < 2:
             raise ValueError(f"pass@k needs k >= 2 samples per problem (got {kw['k']}); pass@1 is the greedy score")
-        out, task_levels = {}, dict(task_levels)
+        out = {}
         for name in dict.fromkeys([headline, *tasks]):
             task = TASKS[name]
-            wanted = levels if name == headline else task_levels.get(name, [])
-            lvs = [lv for lv in wanted if lv in task.levels]
-            lvs = lvs or list(task.levels)
+            lvs = scored_levels(task, headline, levels, task_levels) or list(task.levels)
             out[name] = [p for i, lv in enumerate(lvs)
                          for p in task.problems("test", n // len(lvs) + (i < n % len(lvs)), level=lv, strict=False)]
         return cls(out, **kw)
