@@ -5,10 +5,9 @@
 
 --base is a speedrun dir whose data, tokenizer and pretrain stages have run; its data/sft.jsonl is
 the labeled set (every label worked, as the speedrun writes it), and its speedrun.json's plan gives
-each recipe setting that no flag names, so that by default each seed repeats the speedrun's recipe
-(its seeds are r1.py's own; the second GRPO stage draws at seed + 1000, where the speedrun's draws at
-its seed + 1). For
-each seed, from that one pretrained model, the stages of nanoseek/rl/recipe.py:
+each recipe setting that no flag names, so that by default each seed repeats the speedrun's recipe (seed 0
+is the speedrun's own run of the plan's seed 0, stage for stage). For each seed, from that one pretrained
+model, the stages of nanoseek/rl/recipe.py:
 
     base        the pretrained model, scored under the plain and the R1-Zero template (and chat, where the
                 base's corpus had chat turns); its best one counts
@@ -59,7 +58,7 @@ ARMS = ("base", "r1zero", "sft", "rl", "rft", "rejection", "rl2", "student", "di
 ARM_OF_DIR = {"student-base": "student"}  # run dirs not named after the arm that scores them
 
 # the recipe's flags whose default is the base's plan: flag, type, the plan's field (speedrun.Plan), what it sets
-# (--task, --eval-tasks and --advantage-scale, with choices of their own, are added on their own)
+# (--task, --eval-tasks, --advantage-scale and --precision, with choices of their own, are added on their own)
 PLAN_FLAGS = (
     ("--n", int, "eval_n", "test problems per task"),
     ("--k", int, "eval_k", "samples per test problem for pass@k"),
@@ -86,7 +85,7 @@ PLAN_FLAGS = (
     ("--distill-steps", int, "distill_steps", "the student's SFT steps on them"),
 )
 # argparse dest -> the plan's field, for every setting the plan gives
-PLAN_KEYS = {"task": "task", "eval_tasks": "eval_tasks", "advantage_scale": "grpo_advantage",
+PLAN_KEYS = {"task": "task", "eval_tasks": "eval_tasks", "advantage_scale": "grpo_advantage", "precision": "precision",
              **{flag[2:].replace("-", "_"): key for flag, _, key, _ in PLAN_FLAGS}}
 
 
@@ -139,7 +138,8 @@ def run_seed(seed: int, a, protocol: Protocol, rl: RL, results: dict, save) -> N
     def verified(teacher, start, dest, problems, k, temperature, steps, salt, instead, extra=(), keep=0) -> dict:
         try:
             stats = recipe.verified_sft(teacher, start, dest, rl.task, problems, k, temperature, rl.max_tokens, steps,
-                                        a.sft_lr, seed, level=rl.level, keep_per_problem=keep, extra=extra, salt=salt)
+                                        a.sft_lr, seed, level=rl.level, keep_per_problem=keep, extra=extra, salt=salt,
+                                        precision=a.precision)
         except NothingVerified as e:  # nothing to train on: the stage is the model the recipe goes on from
             return scored(instead, skipped=str(e), instead=instead.name,
                           template=mine.get(ARM_OF_DIR.get(instead.name, instead.name), {}).get("template", "chat"))
@@ -158,7 +158,8 @@ def run_seed(seed: int, a, protocol: Protocol, rl: RL, results: dict, save) -> N
         return scored(out / "r1zero", **recipe.grpo(base / "pretrain", out / "r1zero", rl, template, seed))
 
     stage("r1zero", r1zero)
-    stage("sft", lambda: scored(recipe.sft(base / "pretrain", [labeled], out / "sft", a.sft_steps, a.sft_lr, seed)))
+    stage("sft", lambda: scored(recipe.sft(base / "pretrain", [labeled], out / "sft", a.sft_steps, a.sft_lr, seed,
+                                                precision=a.precision)))
     stage("rl", lambda: scored(out / "rl", **recipe.grpo(out / "sft", out / "rl", rl, "chat", seed)))
     rl_samples = mine["rl"]["samples"] if "rl" in mine else rl.steps * rl.prompts * rl.group
     stage("rft", lambda: verified(out / "sft", out / "sft", out / "rft", rl_samples // rl.group, rl.group, 1.0,
@@ -166,9 +167,9 @@ def run_seed(seed: int, a, protocol: Protocol, rl: RL, results: dict, save) -> N
     stage("rejection", lambda: verified(out / "rl", base / "pretrain", out / "rejection", a.rs_problems, a.rs_k, 1.0,
                                         a.rs_steps, salt=1, instead=out / "rl", extra=[labeled], keep=a.rs_keep))
     rl2_start = out / ("rejection" if has_model(out / "rejection") else "rl")  # nothing verified: from rl
-    if a.rl2_steps:  # a seed of its own: not rl's problems and samples again
+    if a.rl2_steps:
         stage("rl2", lambda: {"from": rl2_start.name, **scored(out / "rl2", **recipe.grpo(
-            rl2_start, out / "rl2", rl, "chat", seed + 1_000, steps=a.rl2_steps))})
+            rl2_start, out / "rl2", rl, "chat", seed + recipe.RL2_SEED, steps=a.rl2_steps))})
     if any(arm in a.arms for arm in ("student", "distill", "student_rl")):
         student = student_base(a)
         stage("student", lambda: recipe.score_base(student, proto, a.headline, templates=a.base_templates))
@@ -183,7 +184,8 @@ def run_seed(seed: int, a, protocol: Protocol, rl: RL, results: dict, save) -> N
             instead=student, keep=a.distill_keep)})
 
         def student_rl() -> dict:
-            sft = recipe.sft(student, [labeled], out / "student_sft", a.sft_steps, a.sft_lr, seed)
+            sft = recipe.sft(student, [labeled], out / "student_sft", a.sft_steps, a.sft_lr, seed,
+                              precision=a.precision)
             return {"sft_eval": recipe.score(sft, "chat", proto),
                     **scored(out / "student_rl", **recipe.grpo(sft, out / "student_rl", rl, "chat", seed))}
 
@@ -249,6 +251,8 @@ def main(argv=None) -> int:
                    help=f"the tasks every stage is scored on (default: {plan_flag})")
     for flag, kind, _, what in PLAN_FLAGS:
         p.add_argument(flag, type=kind, help=f"{what} (default: {plan_flag})")
+    p.add_argument("--precision", choices=["fp32", "bf16", "auto"],
+                   help=f"what SFT, RFT, rejection and distillation compute in (GRPO: fp32) (default: {plan_flag})")
     p.add_argument("--advantage-scale", choices=["std", "none"],
                    help=f"GRPO's advantage: (r - mean) / std, or r - mean as Dr. GRPO (default: {plan_flag})")
     p.add_argument("--rs-keep", type=int, default=2,

@@ -69,7 +69,7 @@ class Plan:
     pretrain_lr: float
     curriculum: bool  # the first epoch of each domain easiest first (the tasks' levels)
     balance_mtp: bool  # whether pretraining bias-balances the MTP module's gate too
-    precision: str  # pretraining's (the base's and the student's): fp32, bf16 or auto (measured at start)
+    precision: str  # every training stage's but GRPO's (fp32): fp32, bf16 or auto (measured at each stage's start)
     batch_size: int
     seq_len: int
     sft_examples: int  # the labeled set: at most this many problems, each with its worked solution
@@ -372,7 +372,7 @@ class Speedrun:
         from .rl import recipe
         p = self.plan
         run = recipe.sft(self.out / "pretrain", [self.labeled], self.out / "sft", p.sft_steps, p.sft_lr, p.seed,
-                         quiet=self.quiet)
+                         quiet=self.quiet, precision=p.precision)
         return {**self._train_record(run), "eval": self._score(run)}
 
     def stage_rl(self) -> dict:
@@ -387,7 +387,8 @@ class Speedrun:
         p = self.plan
         try:
             stats = recipe.verified_sft(teacher, start, self.out / name, p.task, problems, k, temperature,
-                                        p.max_tokens, steps, p.sft_lr, p.seed, salt=salt, quiet=self.quiet, **kw)
+                                        p.max_tokens, steps, p.sft_lr, p.seed, salt=salt, quiet=self.quiet,
+                                        precision=p.precision, **kw)
         except NothingVerified as e:
             self._say(f"  {name}: {e}; the recipe goes on from {instead.name}")
             template = self.records.get(instead.name, {}).get("template", "chat")  # the student: its base's
@@ -408,9 +409,9 @@ class Speedrun:
                               p.rs_steps, salt=1, instead=self.out / "rl", keep_per_problem=2, extra=[self.labeled])
 
     def stage_rl2(self) -> dict:
+        from .rl import recipe
         start = "rl" if "skipped" in self.records["rejection"] else "rejection"  # nothing verified: from rl
-        # a seed of its own: not rl's problems and samples again
-        return {"from": start, **self._grpo(self.out / start, "rl2", steps=self.plan.rl2_steps, seed=1)}
+        return {"from": start, **self._grpo(self.out / start, "rl2", steps=self.plan.rl2_steps, seed=recipe.RL2_SEED)}
 
     @property
     def last_rl(self) -> str:
@@ -448,7 +449,7 @@ class Speedrun:
         from .rl import recipe
         p = self.plan
         sft = recipe.sft(self.out / "student", [self.labeled], self.out / "student_sft", p.sft_steps, p.sft_lr,
-                         p.seed, quiet=self.quiet)
+                         p.seed, quiet=self.quiet, precision=p.precision)
         self._stop_if_interrupted()  # two loops in one stage
         return {"sft_eval": self._score(sft), **self._grpo(sft, "student_rl")}
 

@@ -101,7 +101,8 @@ def test_report_has_every_table_and_plot(interrupted_then_finished):
 
 def test_every_stage_is_scored_under_one_protocol(interrupted_then_finished):
     """The same test problems for every stage, pass@1 and pass@k, the chat template after the base; the base under
-    both templates; the R1-Zero curve; the RFT control asked for as many samples as GRPO drew."""
+    both templates; the R1-Zero curve; the RFT control asked for as many samples as GRPO drew; every fine-tuning
+    stage in the plan's precision."""
     out = interrupted_then_finished[0]
     records = {p.stem: json.loads(p.read_text()) for p in (out / "stages").iterdir()}
     base = records["base"]
@@ -116,6 +117,9 @@ def test_every_stage_is_scored_under_one_protocol(interrupted_then_finished):
     curve = records["r1zero"]["curve"]
     assert [c["step"] for c in curve] == [0, 1, 2, 3] and all("mean_tokens" in c for c in curve)
     assert records["rft"]["asked"] == records["rl"]["samples"]
+    trained = [r for r in ("rft", "rejection") if "skipped" not in records[r]]  # a quick run may verify nothing
+    for run in ("pretrain", "sft", *trained):  # the plan's precision, not the host's load at the time
+        assert json.loads((out / run / "precision.json").read_text())["reason"] == "--precision fp32", run
     spec = records["final"]["speculative"]
     assert spec["identical_outputs"] and 0 <= spec["acceptance_rate"] <= 1
 

@@ -144,6 +144,11 @@ class Stopped(Exception):
     """A training stage left early (Ctrl-C) after saving a checkpoint; rerunning continues it."""
 
 
+# the second GRPO stage's draws are at its seed + this: not the first stage's problems again, nor (for seeds run
+# side by side, 0 1 2 ...) another seed's
+RL2_SEED = 1_000
+
+
 def grpo(start: str | Path, out: str | Path, rl: RL, template: str, seed: int, steps: int | None = None) -> dict:
     """GRPO from `start` into OUT: samples drawn, seconds, reward and response length at the start and the end,
     and the held-out curve (greedy pass@1 and response length over the steps)."""
@@ -163,24 +168,28 @@ def grpo(start: str | Path, out: str | Path, rl: RL, template: str, seed: int, s
 
 
 def sft(start: str | Path, data: list[str | Path], out: str | Path, steps: int, lr: float, seed: int,
-        quiet: bool = True) -> Path:
-    """Supervised fine-tuning of `start` on chat examples into OUT (resumed after a stop)."""
+        quiet: bool = True, precision: str = "auto") -> Path:
+    """Supervised fine-tuning of `start` on chat examples into OUT (resumed after a stop), in `precision` (a plan's:
+    the same precision whatever the host's load when the stage starts)."""
     from ..train import sft as sft_loop
 
     sft_loop.run(SFTConfig(model=str(start), data=[str(d) for d in data],
                            train=TrainConfig(out=str(out), steps=steps, lr=lr, warmup=max(1, steps // 10), seed=seed,
-                                             resume=True, quiet=quiet, save_every=max(10, steps // 3))))
+                                             resume=True, quiet=quiet, save_every=max(10, steps // 3),
+                                             precision=precision)))
     return finished(out)
 
 
 def verified_sft(teacher: str | Path, start: str | Path, out: str | Path, task: str, problems: int, k: int,
                  temperature: float, max_tokens: int, steps: int, lr: float, seed: int, level: int | None = None,
-                 keep_per_problem: int = 0, extra: list[str | Path] = (), salt: int = 0, quiet: bool = True) -> dict:
+                 keep_per_problem: int = 0, extra: list[str | Path] = (), salt: int = 0, quiet: bool = True,
+                 precision: str = "auto") -> dict:
     """`teacher` answers `problems` fresh train problems k times each; `start` is fine-tuned on the verified
     answers (and `extra` chat examples) into OUT. RFT (teacher = start, GRPO's sample count), R1's
     rejection-sampling stage (teacher = the RL model, start = the base, extra = the labeled set) and
     distillation (start = a smaller student) are this one function, each with its own `salt` so that
-    each draws problems of its own. The sampling counts; rft.NothingVerified when none was right."""
+    each draws problems of its own. The fine-tuning computes in `precision`, as `sft`. The sampling counts;
+    rft.NothingVerified when none was right."""
     from .rft import sample_and_sft
 
     out = Path(out)
@@ -194,7 +203,7 @@ def verified_sft(teacher: str | Path, start: str | Path, out: str | Path, task: 
     stats = sample_and_sft(teacher, start, out / "samples.jsonl", practised, probs, k, temperature, max_tokens,
                            keep_per_problem, extra=list(extra),
                            train=TrainConfig(out=str(out), steps=steps, lr=lr, warmup=max(1, steps // 10), seed=seed,
-                                             quiet=quiet, save_every=max(10, steps // 3)))
+                                             quiet=quiet, save_every=max(10, steps // 3), precision=precision))
     finished(out)
     return stats
 
