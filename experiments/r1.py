@@ -173,12 +173,15 @@ def run_seed(seed: int, a, protocol: Protocol, rl: RL, results: dict, save) -> N
     if any(arm in a.arms for arm in ("student", "distill", "student_rl")):
         student = student_base(a)
         stage("student", lambda: recipe.score_base(student, proto, a.headline, templates=a.base_templates))
-        teacher = out / ("rl2" if has_model(out / "rl2") else "rl")
-        drawn = out / "distill" / "teacher.json"  # samples drawn from one teacher are never reused for another
-        if drawn.exists() and json.loads(drawn.read_text())["teacher"] != teacher.name:
-            raise SystemExit(f"{drawn.parent} holds another teacher's samples: remove it to distil {teacher.name}")
-        drawn.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(drawn, json.dumps({"teacher": teacher.name}))
+        teacher = out / ("rl2" if a.rl2_steps else "rl")  # the final model
+        if "distill" in a.arms and "distill" not in mine:
+            if not has_model(teacher):
+                raise SystemExit(f"seed {seed}: distill needs the final model {teacher}: run its arms first")
+            drawn = out / "distill" / "teacher.json"  # samples drawn from one teacher are never reused for another
+            if drawn.exists() and json.loads(drawn.read_text())["teacher"] != teacher.name:
+                raise SystemExit(f"{drawn.parent} holds another teacher's samples: remove it to distil {teacher.name}")
+            drawn.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(drawn, json.dumps({"teacher": teacher.name}))
         stage("distill", lambda: {"teacher": teacher.name, **verified(
             teacher, student, out / "distill", a.distill_problems, a.distill_k, 0.7, a.distill_steps, salt=2,
             instead=student, keep=a.distill_keep)})
