@@ -6,8 +6,8 @@
 --base is a speedrun dir whose data, tokenizer and pretrain stages have run; its data/sft.jsonl is
 the labeled set (every label worked, as the speedrun writes it), and its speedrun.json's plan gives
 each recipe setting that no flag names, so that by default each seed repeats the speedrun's recipe (seed 0
-is the speedrun's own run of the plan's seed 0, stage for stage). For each seed, from that one pretrained
-model, the stages of nanoseek/rl/recipe.py:
+draws, stage for stage, what the speedrun of the plan's seed 0 draws). For each seed, from that one
+pretrained model, the stages of nanoseek/rl/recipe.py:
 
     base        the pretrained model, scored under the plain and the R1-Zero template (and chat, where the
                 base's corpus had chat turns); its best one counts
