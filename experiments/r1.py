@@ -258,6 +258,10 @@ def main(argv=None) -> int:
                    help=f"what SFT, RFT, rejection and distillation compute in (GRPO: fp32) (default: {plan_flag})")
     p.add_argument("--advantage-scale", choices=["std", "none"],
                    help=f"GRPO's advantage: (r - mean) / std, or r - mean as Dr. GRPO (default: {plan_flag})")
+    p.add_argument("--inner-updates", type=int, default=1,
+                   help="GRPO optimizer steps per batch of rollouts, mu (default 1, as the speedrun: the ratio is 1 "
+                        "and the clip never acts)")
+    p.add_argument("--clip-eps", type=float, default=0.2, help="GRPO's PPO clip range (default 0.2, as the speedrun)")
     p.add_argument("--rs-keep", type=int, default=2,
                    help="rejection stage: verified answers kept per problem (default 2, as the speedrun)")
     p.add_argument("--distill-keep", type=int, default=2,
@@ -294,6 +298,9 @@ def main(argv=None) -> int:
         settings["task_levels"] = a.task_levels
     # and one recipe: seeds side by side, or a rerun, never mix stages trained with other settings
     recipe_settings = {k: getattr(a, k) for k in (*PLAN_KEYS, "zero_template", "level", "rs_keep", "distill_keep")}
+    for k, default in (("inner_updates", 1), ("clip_eps", 0.2)):  # OUTs written before these flags stay valid
+        if getattr(a, k) != default:
+            recipe_settings[k] = getattr(a, k)
     with locked(out / ".results.lock"):
         for saved, mine in ((out / "protocol.json", settings), (out / "recipe.json", recipe_settings)):
             if saved.exists() and json.loads(saved.read_text()) != mine:
@@ -307,7 +314,7 @@ def main(argv=None) -> int:
     levels = protocol.levels()
     rl = RL(a.task, level=a.level, steps=a.steps, prompts=a.prompts, group=a.group, max_tokens=a.max_tokens,
             lr=a.grpo_lr, beta=a.beta, warmup=a.warmup, resample=a.resample, advantage_scale=a.advantage_scale,
-            temperature=a.temperature, curve_n=a.curve_n)
+            temperature=a.temperature, curve_n=a.curve_n, inner_updates=a.inner_updates, clip_eps=a.clip_eps)
 
     def save() -> None:
         """This process's seeds merged into OUT's results, which other processes' seeds may share."""

@@ -121,6 +121,8 @@ class RL:
     advantage_scale: str = "std"
     temperature: float = 1.0  # rollouts' sampling temperature (R1-Zero: 1)
     curve_n: int = 100  # held-out test problems of each point of the curve over the steps
+    inner_updates: int = 1  # optimizer steps per batch of rollouts (mu); from 2 the PPO clip acts
+    clip_eps: float = 0.2
     quiet: bool = True
 
     def config(self, template: str, seed: int, steps: int | None = None) -> GRPOConfig:
@@ -129,7 +131,7 @@ class RL:
                           max_tokens=self.max_tokens, lr=self.lr, beta=self.beta, seed=seed, warmup=self.warmup,
                           averaging="token", normalize="signal", advantage_scale=self.advantage_scale,
                           resample=self.resample, resample_from=half, ref_refresh=half, template=template,
-                          temperature=self.temperature)
+                          temperature=self.temperature, inner_updates=self.inner_updates, clip_eps=self.clip_eps)
 
 
 def finished(run: str | Path) -> Path:
