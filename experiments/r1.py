@@ -258,10 +258,11 @@ def main(argv=None) -> int:
                    help=f"what SFT, RFT, rejection and distillation compute in (GRPO: fp32) (default: {plan_flag})")
     p.add_argument("--advantage-scale", choices=["std", "none"],
                    help=f"GRPO's advantage: (r - mean) / std, or r - mean as Dr. GRPO (default: {plan_flag})")
-    p.add_argument("--inner-updates", type=int, default=1,
-                   help="GRPO optimizer steps per batch of rollouts, mu (default 1, as the speedrun: the ratio is 1 "
-                        "and the clip never acts)")
-    p.add_argument("--clip-eps", type=float, default=0.2, help="GRPO's PPO clip range (default 0.2, as the speedrun)")
+    p.add_argument("--inner-updates", type=int, default=RL.inner_updates,
+                   help=f"GRPO optimizer steps per batch of rollouts, mu (default {RL.inner_updates}, as the speedrun: "
+                        "at 1 the ratio is 1 and the clip never acts)")
+    p.add_argument("--clip-eps", type=float, default=RL.clip_eps,
+                   help=f"GRPO's PPO clip range (default {RL.clip_eps}, as the speedrun)")
     p.add_argument("--rs-keep", type=int, default=2,
                    help="rejection stage: verified answers kept per problem (default 2, as the speedrun)")
     p.add_argument("--distill-keep", type=int, default=2,
@@ -298,13 +299,13 @@ def main(argv=None) -> int:
         settings["task_levels"] = a.task_levels
     # and one recipe: seeds side by side, or a rerun, never mix stages trained with other settings
     recipe_settings = {k: getattr(a, k) for k in (*PLAN_KEYS, "zero_template", "level", "rs_keep", "distill_keep")}
-    for k, default in (("inner_updates", 1), ("clip_eps", 0.2)):  # OUTs written before these flags stay valid
-        if getattr(a, k) != default:
+    for k in ("inner_updates", "clip_eps"):  # recorded only where not RL's default: older OUTs stay valid
+        if getattr(a, k) != getattr(RL, k):
             recipe_settings[k] = getattr(a, k)
     with locked(out / ".results.lock"):
         for saved, mine in ((out / "protocol.json", settings), (out / "recipe.json", recipe_settings)):
-            if saved.exists() and json.loads(saved.read_text()) != mine:
-                theirs = json.loads(saved.read_text())
+            theirs = json.loads(saved.read_text()) if saved.exists() else mine
+            if theirs != mine:
                 diff = "; ".join(f"{k}: {theirs.get(k)!r} there, {v!r} now" for k, v in mine.items() if theirs.get(k) != v)
                 p.error(f"{out} holds results of other settings ({diff}); pass the same flags, or pick a new --out")
             write_atomic(saved, json.dumps(mine))
