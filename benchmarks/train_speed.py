@@ -4,9 +4,10 @@
     python benchmarks/train_speed.py --balance-steps 100    # quicker
 
 Part 1, same config, optimizer (AdamW, same hyper-parameters) and inputs: one full training step
-(forward, backward, optimizer step) of nanoseek's Trainer -- with and without the MTP loss --
-against transformers' DeepseekV3ForCausalLM(labels=...) + torch AdamW (fused, as nanoseek's), alternating
-call by call; fp32 and bf16 autocast. MFU against this CPU's matmul peak for the precision, measured in the
+(forward, backward, optimizer step) of nanoseek's Trainer -- with and without the MTP loss, and
+without it under `--compile` (each block's attention and norms through torch.compile; its compile
+time, paid in an untimed first step, is printed) -- against transformers' DeepseekV3ForCausalLM(labels=...)
++ torch AdamW (fused, as nanoseek's) in its default eager mode, alternating call by call; fp32 and bf16 autocast. MFU against this CPU's matmul peak for the precision, measured in the
 same run (its CPU flags and both peaks head the output). After the table, what `--precision auto` picks at
 each preset's shape, with the rates it measured.
 
@@ -35,14 +36,15 @@ from nanoseek.train.dist import World
 from nanoseek.train.precision import choose, measure
 
 
-def speed(name: str, batch: int, seq: int, rounds: int, peak: dict, auto_picks: list[str]) -> None:
+def speed(name: str, batch: int, seq: int, rounds: int, peak: dict, auto_picks: list[str],
+          compile_s: dict[str, float]) -> None:
     import transformers
 
     cfg = preset(name)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as d:
         save_model(Transformer(cfg), d)
-        ours = {mtp: load_model(d) for mtp in (True, False)}
+        ours = {v: load_model(d) for v in ("mtp", "plain", "compiled")}
         theirs = transformers.DeepseekV3ForCausalLM.from_pretrained(d, dtype=torch.float32)
     # fresh tokens every round (the same for every side within it): the experts' row counts then change
     # from step to step as in training, and bf16 pays for the GEMM shapes that are new (docs/training.md)
@@ -52,8 +54,8 @@ def speed(name: str, batch: int, seq: int, rounds: int, peak: dict, auto_picks: 
     oc = OptimConfig(warmup=1, lr=1e-4)
     flops = estimate(cfg.replace(num_nextn_predict_layers=0), seq_len=seq).flops_per_token_train
     for precision in ("fp32", "bf16"):
-        trainers = {mtp: Trainer(m, build_optimizer(m, oc), oc, LossConfig(mtp_weight=0.3 if mtp else 0.0),
-                                 10**6, World(), precision) for mtp, m in ours.items()}
+        trainers = {v: Trainer(m, build_optimizer(m, oc), oc, LossConfig(mtp_weight=0.3 if v == "mtp" else 0.0),
+                               10**6, World(), precision, compile=v == "compiled") for v, m in ours.items()}
         hf_opt = torch.optim.AdamW(theirs.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
         amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
 
@@ -66,11 +68,15 @@ def speed(name: str, batch: int, seq: int, rounds: int, peak: dict, auto_picks: 
             hf_opt.step()
             hf_opt.zero_grad(set_to_none=True)
 
-        fns = {"ours+mtp": lambda x, y: trainers[True].step([(x, y)]),
-               "ours": lambda x, y: trainers[False].step([(x, y)]), "hf": hf_step}
+        fns = {"ours+mtp": lambda x, y: trainers["mtp"].step([(x, y)]),
+               "ours": lambda x, y: trainers["plain"].step([(x, y)]),
+               "compiled": lambda x, y: trainers["compiled"].step([(x, y)]), "hf": hf_step}
         times = {k: [] for k in fns}
-        for f in fns.values():
+        for k, f in fns.items():
+            t = time.perf_counter()
             f(xs[0], ys[0])
+            if k == "compiled":
+                compile_s[f"{name} {precision}"] = time.perf_counter() - t
         for x, y in zip(xs[1:], ys[1:]):
             for k, f in fns.items():
                 t = time.perf_counter()
@@ -79,10 +85,10 @@ def speed(name: str, batch: int, seq: int, rounds: int, peak: dict, auto_picks: 
         tok_s = {k: batch * seq / statistics.median(v) for k, v in times.items()}
         mfu = flops * tok_s["ours"] / peak[precision]
         print(f"| {name} | {precision if precision == 'fp32' else 'bf16 autocast'} | {tok_s['ours']:,.0f} | "
-              f"{tok_s['ours+mtp']:,.0f} | {tok_s['hf']:,.0f} | {tok_s['ours'] / tok_s['hf']:.2f}x | {mfu:.0%} |",
-              flush=True)
+              f"{tok_s['ours+mtp']:,.0f} | {tok_s['compiled']:,.0f} | {tok_s['hf']:,.0f} | "
+              f"{tok_s['ours'] / tok_s['hf']:.2f}x | {tok_s['compiled'] / tok_s['hf']:.2f}x | {mfu:.0%} |", flush=True)
     cpu = torch.device("cpu")
-    auto = choose("auto", cpu, lambda: measure(ours[True], cpu, batch, seq), shape=f"batch {batch} x {seq} tokens")
+    auto = choose("auto", cpu, lambda: measure(ours["mtp"], cpu, batch, seq), shape=f"batch {batch} x {seq} tokens")
     auto_picks.append(f"{name}: `--precision auto` picks {auto.name} ({auto.reason})")
 
 
@@ -128,13 +134,15 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
     peak = host_peaks()
     print(f"{host_line(peak)}; transformers {transformers.__version__}; batch {args.batch} x {args.seq} tokens\n")
-    print("| model | precision | nanoseek tok/s | nanoseek + MTP tok/s | transformers tok/s | ratio (no MTP) | "
-          "nanoseek MFU |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | precision | nanoseek tok/s | nanoseek + MTP tok/s | nanoseek --compile tok/s | transformers tok/s | "
+          "ratio (no MTP) | ratio --compile | nanoseek MFU |")
+    print("|---|---|---|---|---|---|---|---|---|")
     auto_picks: list[str] = []
+    compile_s: dict[str, float] = {}
     for name in args.presets:
-        speed(name, args.batch, args.seq, args.rounds, peak, auto_picks)
+        speed(name, args.batch, args.seq, args.rounds, peak, auto_picks, compile_s)
     print("\n" + "\n".join(auto_picks))
+    print("--compile's first step (compiling included): " + ", ".join(f"{k} {v:.0f} s" for k, v in compile_s.items()))
     if args.balance_steps:
         with tempfile.TemporaryDirectory() as d:
             balance(args.balance_preset, args.balance_steps, Path(d))

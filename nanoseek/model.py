@@ -476,12 +476,29 @@ class Block(nn.Module):
         self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, h, cos, sin, cache=None, mask=None, absorb=False):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, cache, self.layer_idx, mask, absorb)
-        out = self.mlp(self.post_attention_layernorm(h))
+        if cache is None and mask is None and not absorb:
+            h, x = self.attend(h, cos, sin)
+        else:
+            h = h + self.self_attn(self.input_layernorm(h), cos, sin, cache, self.layer_idx, mask, absorb)
+            x = self.post_attention_layernorm(h)
+        out = self.mlp(x)
         if isinstance(out, tuple):
             out, stats = out
             return h + out, stats
         return h + out, None
+
+    def attend(self, h, cos, sin):
+        """The block's dense part without a cache (training, scoring): attention, residual, then the
+        MoE's input norm. `compile_dense` compiles it; the MoE stays eager, as its row counts vary."""
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin)
+        return h, self.post_attention_layernorm(h)
+
+
+def compile_dense(model: nn.Module) -> None:
+    """Compile every block's dense part (`Block.attend`, main and MTP blocks) with torch.compile, static
+    shapes: one graph per (shape, grad mode), shared by the blocks. Training speed-ups: docs/benchmarks.md."""
+    for block in (m for m in model.modules() if isinstance(m, Block)):
+        block.attend = torch.compile(block.attend, dynamic=False)
 
 
 class SharedHead(nn.Module):

@@ -81,6 +81,7 @@ def test_bf16_steps_track_fp32_steps_to_bf16_tolerance():
     torch.manual_seed(0)
     fp32 = Transformer(preset("tiny"))
     bf16 = copy.deepcopy(fp32)
+    compiled = copy.deepcopy(fp32)  # bf16 with the blocks' dense parts compiled (--compile)
     start = {k: v.clone() for k, v in fp32.state_dict().items()}
     gen = torch.Generator().manual_seed(0)
     batches = [[(x, torch.roll(x, -1, 1))] for x in (torch.randint(0, 512, (4, 64), generator=gen) for _ in range(5))]
@@ -96,18 +97,22 @@ def test_bf16_steps_track_fp32_steps_to_bf16_tolerance():
 
     oc = OptimConfig(warmup=1, lr=1e-3)
     runs = {}
-    for name, model in (("fp32", fp32), ("bf16", bf16)):
-        t = Trainer(model, build_optimizer(model, oc), oc, LossConfig(), 100, World(), name)
+    for name, model, computed in (("fp32", fp32, "fp32"), ("bf16", bf16, "bf16"), ("compiled", compiled, "bf16")):
+        t = Trainer(model, build_optimizer(model, oc), oc, LossConfig(), 100, World(), computed,
+                    compile=name == "compiled")
         assert all(p.dtype == torch.float32 for p in model.parameters())  # fp32 master weights
         runs[name] = [t.step(b)["loss"] for b in batches]
         assert all(v.dtype == torch.float32 for s in t.optim.opts[0].state.values() for v in s.values()
                    if torch.is_tensor(v) and v.dim())
     assert runs["bf16"] == pytest.approx(runs["fp32"], abs=2e-3)  # the losses move ~0.04 over these steps
+    assert runs["compiled"] == pytest.approx(runs["fp32"], abs=2e-3)
+    assert all(hasattr(b.attend, "_torchdynamo_orig_callable") for b in [*compiled.layers, compiled.mtp[0].block])
     moved = {n: {k: p.detach() - start[k] for k, p in m.named_parameters()}  # not the bias buffers: sign steps
-             for n, m in (("fp32", fp32), ("bf16", bf16))}
+             for n, m in (("fp32", fp32), ("bf16", bf16), ("compiled", compiled))}
     for k, d32 in moved["fp32"].items():
         if d32.norm() > 0:
             assert (moved["bf16"][k] - d32).norm() < 0.25 * d32.norm(), k
+            assert (moved["compiled"][k] - d32).norm() < 0.25 * d32.norm(), k
 
 
 def test_a_bf16_run_saves_fp32_masters_that_transformers_loads(tmp_path):

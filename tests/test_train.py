@@ -184,6 +184,21 @@ def test_resume_after_sigkill_is_bit_exact(data, tmp_path, precision):
     assert losses(tmp_path / "run") == losses(tmp_path / "ref")  # bit for bit
 
 
+def test_compiled_pretraining_matches_eager_and_resumes_exactly(data, tmp_path):
+    """--compile compiles each block's attention and norms: its steps are eager's to float rounding, and a run
+    resumed from a checkpoint repeats the uninterrupted one bit for bit."""
+    args = ["--steps", "6", "--save-every", "3"]
+    assert main(pretrain_argv(data, tmp_path / "eager", *args)) == 0
+    run = tmp_path / "run"
+    assert main(pretrain_argv(data, run, *args, "--compile")) == 0
+    whole = losses(run)
+    assert whole == pytest.approx(losses(tmp_path / "eager"), rel=1e-5)
+    shutil.rmtree(run / "checkpoints" / "step-00000006")  # as if killed after step 3's checkpoint
+    assert main(pretrain_argv(data, run, *args, "--compile", "--resume")) == 0
+    assert losses(run) == whole
+    assert main(pretrain_argv(data, tmp_path / "fp8", *args, "--compile", "--precision", "fp8")) == 2
+
+
 def test_crash_mid_save_keeps_the_previous_checkpoint(data, tmp_path, monkeypatch):
     run = tmp_path / "run"
     assert main(pretrain_argv(data, run, "--steps", "2", "--save-every", "2")) == 0

@@ -50,6 +50,7 @@ class TrainConfig:
     mtp_weight_schedule: str | None = None  # "W@F": the MTP weight becomes W from share F of the steps on
     precision: str = "auto"
     fp8_scaling: str = "fine"  # fine (V3's 1x128 tiles, 128x128 blocks) or tensor; with precision fp8
+    compile: bool = False  # torch.compile each block's attention and norms (the MoE stays eager)
     expert_parallel: int = 1  # ranks the routed experts are sharded over (= the torchrun processes)
     seed: int = 0
     save_every: int = 100
@@ -193,6 +194,11 @@ def add_common_arguments(p: argparse.ArgumentParser, default_lr: float, default_
     p.add_argument("--fp8-scaling", choices=["fine", "tensor"], default=d("fp8_scaling"),
                    help="with --precision fp8: fine, V3's scales per 1x128 activation tile and 128x128 weight "
                         "block, or tensor, one scale per GEMM operand, to compare (default fine)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile each block's attention, norms and residual with torch.compile (needs g++; the "
+                        "MoE stays eager): faster steps in bf16, little in fp32 (docs/benchmarks.md), after "
+                        "about half a minute of compiling per run; static shapes, so each new batch shape "
+                        "compiles again. Not with --precision fp8")
     p.add_argument("--expert-parallel", type=int, default=d("expert_parallel"), metavar="N",
                    help="shard every MoE layer's routed experts over the N torchrun processes and send tokens to "
                         "them with all-to-all; the rest stays data parallel. N must equal --nproc_per_node; "

@@ -28,7 +28,7 @@ import torch
 
 from ..checkpoint import write_model
 from ..io import COMMIT, atomic_dir
-from ..model import MoE, Transformer
+from ..model import MoE, Transformer, compile_dense
 from .args import TrainError
 from .dist import World, all_reduce, average_gradients
 from . import ep, fp8
@@ -214,10 +214,11 @@ class Trainer:
     def __init__(self, model: Transformer, optim: Optimizers, optim_cfg: OptimConfig, loss_cfg: LossConfig,
                  total_steps: int, world: World, precision: str = "auto", max_bad_steps: int = 10,
                  batch_shape: tuple[int, int] = (8, 256), resumed_precision: str | None = None,
-                 fp8_scaling: str = "fine"):
+                 fp8_scaling: str = "fine", compile: bool = False):
         """`precision`: fp32, bf16, fp8 or auto (measured at `batch_shape`, see precision.py);
         `resumed_precision`: what a resumed run computed in, which `auto` keeps; `fp8_scaling`: fine
-        (V3's tiles and blocks) or tensor, for fp8."""
+        (V3's tiles and blocks) or tensor, for fp8; `compile`: compile the blocks' dense parts
+        (`model.compile_dense`) after the precision is chosen, which measures them eager."""
         self.model, self.optim, self.oc, self.lc = model, optim, optim_cfg, loss_cfg
         self.total, self.world = total_steps, world
         self.requested = precision
@@ -232,6 +233,12 @@ class Trainer:
         self.replicated = [p for p in self.params if not ep.is_sharded(p)]
         if self.shards:
             ep.traffic(model, world)  # the measurement's passes are not training traffic
+        self.compiling = compile  # until the first step has run (and compiled)
+        if compile:
+            if self.fp8:
+                raise TrainError("--compile with --precision fp8 is not built (fp8's scaled GEMMs run eagerly); "
+                                 "drop one of them")
+            compile_dense(model)
 
     def step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
         """One optimizer step over the micro-batches; returns its metrics."""
@@ -244,15 +251,23 @@ class Trainer:
         mtp_weight, gamma = self.lc.at(self.step_num, self.total)
         for x, y in micro_batches:
             x, y = x.to(dev), y.to(dev)
-            with (torch.autocast(dev.type, dtype=self.amp or torch.float32, enabled=self.amp is not None),
-                  fp8.autocast(self.fp8)):
-                out = model.loss(x, y, mtp_weight, self.lc.balance_weight)
-            (out.loss / len(micro_batches)).backward()
+            try:
+                with (torch.autocast(dev.type, dtype=self.amp or torch.float32, enabled=self.amp is not None),
+                      fp8.autocast(self.fp8)):
+                    out = model.loss(x, y, mtp_weight, self.lc.balance_weight)
+                (out.loss / len(micro_batches)).backward()
+            except Exception as e:  # torch.compile raises its backends' own exception types
+                if not self.compiling or isinstance(e, TrainError):
+                    raise
+                raise TrainError(f"the compiled training step failed ({type(e).__name__}: {str(e)[:300]}); "
+                                 f"torch.compile needs a working C++ compiler (g++) on CPU. Run without "
+                                 f"--compile") from e
             sums += torch.tensor([out.loss.item(), out.lm_loss.item(), out.mtp_loss.item(),
                                   out.balance_loss.item()], dtype=torch.float64)
             counts = out.expert_counts if counts is None else counts + out.expert_counts
             tokens += int((y != -100).sum())
         sums /= len(micro_batches)
+        self.compiling = False
         average_gradients(self.replicated, self.world)
         all_reduce(sums, self.world, average=True)
         counts = all_reduce(counts.to(torch.float64), self.world)

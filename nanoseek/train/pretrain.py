@@ -116,7 +116,7 @@ def train_loop(tc: TrainConfig, model: Transformer, saved: dict | None, next_mic
     trainer = Trainer(model, optim, oc, lc, tc.steps, world, tc.precision, tc.max_bad_steps,
                       batch_shape=(tc.batch_size, tc.seq_len),
                       resumed_precision=saved["trainer"].get("precision") if saved else None,
-                      fp8_scaling=tc.fp8_scaling)
+                      fp8_scaling=tc.fp8_scaling, compile=tc.compile)
     choice = trainer.precision
     if world.main:
         print(f"precision: {choice.name} ({choice.reason})", file=sys.stderr, flush=True)
