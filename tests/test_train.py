@@ -199,6 +199,19 @@ def test_compiled_pretraining_matches_eager_and_resumes_exactly(data, tmp_path):
     assert main(pretrain_argv(data, tmp_path / "fp8", *args, "--compile", "--precision", "fp8")) == 2
 
 
+def test_a_compile_that_fails_is_a_clear_error(data, tmp_path, monkeypatch, capsys):
+    def no_compiler(model):  # what a host without g++ raises from inductor, at the first compiled call
+        def attend(*args):
+            raise RuntimeError("Compiler: g++ not found")
+        for block in model.layers:
+            block.attend = attend
+
+    monkeypatch.setattr(common, "compile_dense", no_compiler)
+    assert main(pretrain_argv(data, tmp_path / "run", "--steps", "2", "--compile")) == 2
+    err = capsys.readouterr().err
+    assert "g++ not found" in err and "Run without --compile" in err
+
+
 def test_crash_mid_save_keeps_the_previous_checkpoint(data, tmp_path, monkeypatch):
     run = tmp_path / "run"
     assert main(pretrain_argv(data, run, "--steps", "2", "--save-every", "2")) == 0
