@@ -470,6 +470,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
+        self.compiled_attend = None  # `attend` through torch.compile, once `compile_dense` has run
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = MLA(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -477,7 +478,7 @@ class Block(nn.Module):
 
     def forward(self, h, cos, sin, cache=None, mask=None, absorb=False):
         if cache is None and mask is None and not absorb:
-            h, x = self.attend(h, cos, sin)
+            h, x = (self.compiled_attend or Block.attend)(self, h, cos, sin)
         else:
             h = h + self.self_attn(self.input_layernorm(h), cos, sin, cache, self.layer_idx, mask, absorb)
             x = self.post_attention_layernorm(h)
@@ -496,9 +497,11 @@ class Block(nn.Module):
 
 def compile_dense(model: nn.Module) -> None:
     """Compile every block's dense part (`Block.attend`, main and MTP blocks) with torch.compile, static
-    shapes: one graph per (shape, grad mode), shared by the blocks. Training speed-ups: docs/benchmarks.md."""
+    shapes: one graph per (shape, grad mode), shared by the blocks, which pass themselves in (so a copy
+    of the model runs its own weights). Training speed-ups: docs/benchmarks.md."""
+    attend = torch.compile(Block.attend, dynamic=False)
     for block in (m for m in model.modules() if isinstance(m, Block)):
-        block.attend = torch.compile(block.attend, dynamic=False)
+        block.compiled_attend = attend
 
 
 class SharedHead(nn.Module):

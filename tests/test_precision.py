@@ -106,7 +106,7 @@ def test_bf16_steps_track_fp32_steps_to_bf16_tolerance():
                    if torch.is_tensor(v) and v.dim())
     assert runs["bf16"] == pytest.approx(runs["fp32"], abs=2e-3)  # the losses move ~0.04 over these steps
     assert runs["compiled"] == pytest.approx(runs["fp32"], abs=2e-3)
-    assert all(hasattr(b.attend, "_torchdynamo_orig_callable") for b in [*compiled.layers, compiled.mtp[0].block])
+    assert all(b.compiled_attend is not None for b in [*compiled.layers, compiled.mtp[0].block])
     moved = {n: {k: p.detach() - start[k] for k, p in m.named_parameters()}  # not the bias buffers: sign steps
              for n, m in (("fp32", fp32), ("bf16", bf16), ("compiled", compiled))}
     for k, d32 in moved["fp32"].items():

@@ -204,7 +204,7 @@ def test_a_compile_that_fails_is_a_clear_error(data, tmp_path, monkeypatch, caps
         def attend(*args):
             raise RuntimeError("Compiler: g++ not found")
         for block in model.layers:
-            block.attend = attend
+            block.compiled_attend = attend
 
     monkeypatch.setattr(common, "compile_dense", no_compiler)
     assert main(pretrain_argv(data, tmp_path / "run", "--steps", "2", "--compile")) == 2
