@@ -196,9 +196,9 @@ def add_common_arguments(p: argparse.ArgumentParser, default_lr: float, default_
                         "block, or tensor, one scale per GEMM operand, to compare (default fine)")
     p.add_argument("--compile", action="store_true",
                    help="compile each block's attention, norms and residual with torch.compile (needs g++; the "
-                        "MoE stays eager): faster steps in bf16, little in fp32 (docs/benchmarks.md), after "
-                        "about half a minute of compiling per run; static shapes, so each new batch shape "
-                        "compiles again. Not with --precision fp8")
+                        "MoE stays eager): faster steps in bf16, a little faster in fp32 (docs/benchmarks.md), "
+                        "after 10-30 s of compiling per run; static shapes, so each new batch shape compiles "
+                        "again. Not with --precision fp8")
     p.add_argument("--expert-parallel", type=int, default=d("expert_parallel"), metavar="N",
                    help="shard every MoE layer's routed experts over the N torchrun processes and send tokens to "
                         "them with all-to-all; the rest stays data parallel. N must equal --nproc_per_node; "

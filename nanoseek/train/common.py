@@ -218,7 +218,7 @@ class Trainer:
         """`precision`: fp32, bf16, fp8 or auto (measured at `batch_shape`, see precision.py);
         `resumed_precision`: what a resumed run computed in, which `auto` keeps; `fp8_scaling`: fine
         (V3's tiles and blocks) or tensor, for fp8; `compile`: compile the blocks' dense parts
-        (`model.compile_dense`) after the precision is chosen, which measures them eager."""
+        (`model.py`'s `compile_dense`) after the precision is chosen, which measures them eager."""
         self.model, self.optim, self.oc, self.lc = model, optim, optim_cfg, loss_cfg
         self.total, self.world = total_steps, world
         self.requested = precision
