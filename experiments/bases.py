@@ -3,6 +3,8 @@ scored under the speedrun's protocol, with the mean and standard error over seed
 
     python experiments/bases.py --data runs/first --out runs/bases --seeds 0 1 2
     python experiments/bases.py --data runs/first --out runs/bases-d4 --seeds 0 1 2 --decay-frac 0.4 --parallel 2
+    python experiments/bases.py --data runs/first --out runs/bases-fp32 --precision fp32 --parallel 3 \
+        --compare runs/bases-bf16          # two precisions' training curves side by side
 
 --data is a speedrun dir whose data, tokenizer and tokens stages have run; its speedrun.json gives the plan
 (preset, steps, lr, mix, curriculum, MTP-gate balancing), and the flags override parts of it. Each seed
@@ -20,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -95,6 +99,9 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=150, help="test problems per task (default 150, as the speedrun)")
     p.add_argument("--k", type=int, default=8, help="samples per test problem for pass@k (default 8)")
     p.add_argument("--max-tokens", type=int, default=200, help="longest completion (default 200)")
+    p.add_argument("--compare", metavar="DIR", help="another OUT of this script with the same seeds (e.g. another "
+                   "--precision): also plot both sets' training loss into OUT/loss-vs-NAME.png and tabulate their "
+                   "next-token loss every 1,000 steps, with the paired difference of the last window")
     p.add_argument("--train-seed", type=int, help=argparse.SUPPRESS)  # a --parallel child: train one seed
     a = p.parse_args(argv)
     out = Path(a.out)
@@ -151,7 +158,34 @@ def main(argv=None) -> int:
     write_atomic(out / "results.md", table(results, tasks, a.k))
     plot_losses({f"seed {s}": out / f"seed{s}" for s in a.seeds}, out / "loss.png", smooth=50)
     print((out / "results.md").read_text())
+    if a.compare:
+        print(compare(out, Path(a.compare), a.seeds))
     return 0
+
+
+def compare(out: Path, other: Path, seeds: list[int]) -> str:
+    """Both sets' training loss in one plot, and their next-token loss windows side by side (markdown)."""
+    missing = [str(other / f"seed{s}") for s in seeds if not (other / f"seed{s}" / "metrics.jsonl").exists()]
+    if missing:
+        raise SystemExit(f"--compare {other}: no training metrics in {', '.join(missing)}")
+    runs = {f"{d.name}, seed {s}": d / f"seed{s}" for s in seeds for d in (out, other)}
+    plot = plot_losses(runs, out / f"loss-vs-{other.name}.png", smooth=50)
+    windows = {label: loss_windows(run) for label, run in runs.items()}
+    ends = sorted({int(k.split("-")[1]) for w in windows.values() for k in w if int(k.split("-")[1]) % 1000 == 0})
+    keys = [f"{end - 249}-{end}" for end in ends]  # loss_windows' 250-step windows
+    lines = [f"Next-token loss, mean over each window of steps ({out.name} / {other.name}); plot: {plot}", "",
+             "| seed | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for s in seeds:
+        a, b = windows[f"{out.name}, seed {s}"], windows[f"{other.name}, seed {s}"]
+        lines.append(f"| {s} | " + " | ".join(f"{a[k]:.3f} / {b[k]:.3f}" if k in a and k in b else "–"
+                                             for k in keys) + " |")
+    last = keys[-1] if keys else None
+    if last and len(seeds) > 1 and all(last in w for w in windows.values()):
+        diffs = [windows[f"{out.name}, seed {s}"][last] - windows[f"{other.name}, seed {s}"][last] for s in seeds]
+        se = statistics.stdev(diffs) / math.sqrt(len(diffs))
+        lines += ["", f"{out.name} − {other.name}, steps {last}: {statistics.fmean(diffs):+.3f} ± {se:.3f} "
+                      f"(mean ± s.e. over seeds)"]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
