@@ -171,8 +171,9 @@ def compare(out: Path, other: Path, seeds: list[int]) -> str:
     runs = {f"{d.name}, seed {s}": d / f"seed{s}" for s in seeds for d in (out, other)}
     plot = plot_losses(runs, out / f"loss-vs-{other.name}.png", smooth=50)
     windows = {label: loss_windows(run) for label, run in runs.items()}
-    ends = sorted({int(k.split("-")[1]) for w in windows.values() for k in w if int(k.split("-")[1]) % 1000 == 0})
-    keys = [f"{end - 249}-{end}" for end in ends]  # loss_windows' 250-step windows
+    def end(key: str) -> int:  # "751-1000" -> 1000
+        return int(key.split("-")[1])
+    keys = sorted({k for w in windows.values() for k in w if end(k) % 1000 == 0}, key=end)
     lines = [f"Next-token loss, mean over each window of steps ({out.name} / {other.name}); plot: {plot}", "",
              "| seed | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
     for s in seeds:
