@@ -288,10 +288,13 @@ def main(argv=None) -> int:
         a.levels = plan["levels"] if a.headline == headline(plan["task"]) else \
             a.task_levels.get(a.headline, [])  # none: all its levels (Protocol.build)
     a.base_templates = recipe.base_templates(bool(plan.get("corpus_chat")))
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
     if a.k < 2:
         p.error(f"--k must be >= 2 (got {a.k}): pass@k needs several samples; pass@1 is the greedy score")
+    # checked here too, not only when a GRPO stage starts, so a typo fails before an hour of other arms
+    if a.inner_updates < 1 or not a.clip_eps > 0:
+        p.error(f"--inner-updates must be >= 1 and --clip-eps > 0 (got {a.inner_updates}, {a.clip_eps})")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
     # one scoring protocol per OUT: results of other test problems or k are never mixed into one table
     settings = {k: getattr(a, k) for k in ("base", "task", "levels", "eval_tasks", "n", "k", "max_tokens")}
