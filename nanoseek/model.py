@@ -379,16 +379,29 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, counts: list[int]):
         """x (N, D) -> (N, D). Token slots are sorted by expert so each expert multiplies only its own
         tokens: one GEMM per expert; in bf16 on a CPU each expert's rows padded with zeros to a multiple
-        of GROUP_ROWS (`grouped`)."""
+        of GROUP_ROWS (`grouped`). Without autograd, the slots are gathered from x and summed back per
+        token directly, with no K-fold copy of x."""
         N, K = indices.shape
         D = x.shape[-1]
         dtype = compute_dtype(x)
         order = indices.flatten().argsort(stable=True)  # (N*K,) slots sorted by expert
-        # cast before copying K times: fewer elements to convert under autocast
-        slots = x.to(dtype).unsqueeze(1).expand(N, K, D).reshape(N * K, D)
         if dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu" and fp8.active() is None:
-            y = self.grouped(slots, order, counts)
+            y = self.grouped(x.to(dtype).unsqueeze(1).expand(N, K, D).reshape(N * K, D), order, counts)
+        elif not torch.is_grad_enabled() and x.device.type == "cpu":
+            # inference (prefill, scoring): gather each sorted slot's token straight from x and add the
+            # weighted outputs back per token. Training goes through slot order instead, because the
+            # backward of this gather and of index_add would be accumulating scatters (PermuteRows);
+            # a GPU too, whose index_add adds with atomics, in no fixed order.
+            tokens = order // K
+            segments = x.to(dtype).index_select(0, tokens).split(counts)
+            gate_up, down = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
+            outs = [expert_ffn(seg, w13, w2) for seg, w13, w2 in zip(segments, gate_up, down) if seg.shape[0]]
+            y = torch.cat(outs) * weights.flatten()[order].unsqueeze(1).to(dtype)
+            out = torch.zeros(N, D, dtype=torch.float32, device=x.device)
+            return out.index_add_(0, tokens, y.float()).to(x.dtype)
         else:
+            # cast before copying K times: fewer elements to convert under autocast
+            slots = x.to(dtype).unsqueeze(1).expand(N, K, D).reshape(N * K, D)
             inverse = torch.empty_like(order)
             inverse[order] = torch.arange(N * K, device=x.device)
             # split and unbind once: slicing per expert would make backward fill a full-size zero

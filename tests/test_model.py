@@ -103,6 +103,9 @@ def test_moe_equals_slow_per_token_reference(scoring):
             ref[t] += weights[t, k] * (moe.experts.down_proj[e] @ (F.silu(g @ xt) * (u @ xt)))
         ref[t] += moe.shared_experts(xt)
     assert torch.allclose(y.view(-1, cfg.hidden_size), ref, atol=1e-5)
+    with torch.no_grad():  # inference gathers from x and adds back per token instead of via slot order
+        y_inference, _ = moe(x)
+    assert torch.allclose(y_inference.view(-1, cfg.hidden_size), ref, atol=1e-5)
     assert stats.counts.sum() == 15 * cfg.num_experts_per_tok
     assert torch.equal(stats.counts, torch.bincount(indices.flatten(), minlength=cfg.n_routed_experts))
 
