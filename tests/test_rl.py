@@ -298,7 +298,9 @@ def test_grpo_under_torchrun_equals_one_process(sft_tiny, tmp_path, extra):
         assert a["kl"] == pytest.approx(b["kl"], abs=1e-6) and a["entropy"] == pytest.approx(b["entropy"], rel=1e-5)
     assert sum(m["trained_sequences"] for m in one) > 0
     a, b = load_model(tmp_path / "one").state_dict(), load_model(tmp_path / "two").state_dict()
-    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    # The ranks reduce their sums in another order, and Adam's normalisation magnifies that rounding where a
+    # gradient is near zero (1.0e-5 on one host); a wrong reduction moves weights by the order of lr (1e-3).
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 5e-5
 
 
 def test_resample_draws_until_p_groups_have_signal(sft_tiny, tmp_path):
@@ -379,7 +381,9 @@ def test_distill_under_torchrun_samples_and_trains_like_one_process(sft_tiny, tm
     torch.manual_seed(1)
     student = tmp_path / "student-base"
     save_model(Transformer(preset("tiny", num_hidden_layers=1)), student, extra_files=Tokenizer.byte_level().files())
-    flags = ["distill", "--teacher", str(sft_tiny), "--student", str(student), "--task", "arithmetic", "--problems",
+    # level 1, the only one the teacher was trained on: other levels it solves too rarely for 21 problems to be sure
+    # of a verified answer on every host
+    flags = ["distill", "--teacher", str(sft_tiny), "--student", str(student), "--task", "arithmetic@1", "--problems",
              "21", "--k", "8", "--temperature", "1.0", "--max-tokens", "64", "--steps", "4", "--eval-n", "8", "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "nanoseek", *flags, "--out", str(tmp_path / "one")], check=True, env=env)
