@@ -100,8 +100,9 @@ def main(argv=None) -> int:
     p.add_argument("--k", type=int, default=8, help="samples per test problem for pass@k (default 8)")
     p.add_argument("--max-tokens", type=int, default=200, help="longest completion (default 200)")
     p.add_argument("--compare", metavar="DIR", help="another OUT of this script with the same seeds (e.g. another "
-                   "--precision): also plot both sets' training loss into OUT/loss-vs-NAME.png and tabulate their "
-                   "next-token loss every 1,000 steps, with the paired difference of the last window")
+                   "--precision): also plot both sets' next-token loss into OUT/loss-vs-NAME.png and tabulate it every "
+                   "1,000 steps, with the paired difference of the last window; seeds that only one set holds are "
+                   "drawn and listed too, as the seed-to-seed noise to read the difference against")
     p.add_argument("--train-seed", type=int, help=argparse.SUPPRESS)  # a --parallel child: train one seed
     a = p.parse_args(argv)
     out = Path(a.out)
@@ -164,28 +165,35 @@ def main(argv=None) -> int:
 
 
 def compare(out: Path, other: Path, seeds: list[int]) -> str:
-    """Both sets' training loss in one plot, and their next-token loss windows side by side (markdown)."""
+    """Both sets' next-token loss in one plot, and their loss windows side by side (markdown). `seeds` must have
+    run in both; any further seeds either set holds are drawn and tabulated too, unpaired, since a seed's spread
+    within one set is the noise a difference between the sets is read against."""
     missing = [str(other / f"seed{s}") for s in seeds if not (other / f"seed{s}" / "metrics.jsonl").exists()]
     if missing:
         raise SystemExit(f"--compare {other}: no training metrics in {', '.join(missing)}")
-    runs = {f"{d.name}, seed {s}": d / f"seed{s}" for s in seeds for d in (out, other)}
-    plot = plot_losses(runs, out / f"loss-vs-{other.name}.png", smooth=50)
+    held = {d: {int(m.parent.name[4:]) for m in d.glob("seed*/metrics.jsonl") if m.parent.name[4:].isdigit()}
+            for d in (out, other)}
+    every = sorted(set(seeds) | held[out] | held[other])
+    runs = {f"{d.name}, seed {s}": d / f"seed{s}" for s in every for d in (out, other) if s in held[d]}
+    plot = plot_losses(runs, out / f"loss-vs-{other.name}.png", smooth=50, key="lm_loss", start=200)
     windows = {label: loss_windows(run) for label, run in runs.items()}
     def end(key: str) -> int:  # "751-1000" -> 1000
         return int(key.split("-")[1])
+    def cell(w: dict, key: str) -> str:
+        return f"{w[key]:.3f}" if key in w else "–"
     keys = sorted({k for w in windows.values() for k in w if end(k) % 1000 == 0}, key=end)
-    lines = [f"Next-token loss, mean over each window of steps ({out.name} / {other.name}); plot: {plot}", "",
-             "| seed | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
-    for s in seeds:
-        a, b = windows[f"{out.name}, seed {s}"], windows[f"{other.name}, seed {s}"]
-        lines.append(f"| {s} | " + " | ".join(f"{a[k]:.3f} / {b[k]:.3f}" if k in a and k in b else "–"
-                                             for k in keys) + " |")
+    lines = [f"Next-token loss, mean over each window of steps ({out.name} / {other.name}; – where a set lacks "
+             f"the seed); plot: {plot}", "", "| seed | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for s in every:
+        a, b = windows.get(f"{out.name}, seed {s}", {}), windows.get(f"{other.name}, seed {s}", {})
+        lines.append(f"| {s} | " + " | ".join(f"{cell(a, k)} / {cell(b, k)}" for k in keys) + " |")
     last = keys[-1] if keys else None
-    if last and len(seeds) > 1 and all(last in w for w in windows.values()):
-        diffs = [windows[f"{out.name}, seed {s}"][last] - windows[f"{other.name}, seed {s}"][last] for s in seeds]
+    paired = [s for s in seeds if all(last in windows.get(f"{d.name}, seed {s}", {}) for d in (out, other))]
+    if len(paired) > 1:
+        diffs = [windows[f"{out.name}, seed {s}"][last] - windows[f"{other.name}, seed {s}"][last] for s in paired]
         se = statistics.stdev(diffs) / math.sqrt(len(diffs))
         lines += ["", f"{out.name} − {other.name}, steps {last}: {statistics.fmean(diffs):+.3f} ± {se:.3f} "
-                      f"(mean ± s.e. over seeds)"]
+                      f"(mean ± s.e. over seeds {', '.join(map(str, paired))})"]
     return "\n".join(lines) + "\n"
 
 

@@ -166,16 +166,21 @@ def plot_curves(curves: dict[str, Path], path: str | Path) -> Path:
     return Path(path)
 
 
-def plot_losses(runs: dict[str, Path], path: str | Path, smooth: int = 10) -> Path:
-    """Training loss over the steps, one line per run ({label: run dir}), each a running mean over `smooth`
-    steps so that runs differing by less than the step-to-step noise can be told apart."""
+def plot_losses(runs: dict[str, Path], path: str | Path, smooth: int = 10, key: str = "loss",
+                start: int = 0) -> Path:
+    """Training loss (`key` of the metrics: "loss" the total, "lm_loss" the next-token loss) over the steps after
+    `start`, one line per run ({label: run dir}), each a running mean over `smooth` steps so that runs differing
+    by less than the step-to-step noise can be told apart; `start` skips the first fall, which would otherwise
+    set the y axis."""
     series, steps = {}, []
     for label, run in runs.items():
-        rows = read_metrics(run)
-        loss = [r["loss"] for r in rows]
+        rows = [r for r in read_metrics(run) if key in r]
+        loss = [r[key] for r in rows]
         series[label] = [sum(loss[max(0, i - smooth + 1):i + 1]) / len(loss[max(0, i - smooth + 1):i + 1])
                          for i in range(len(loss))]
         steps = steps if len(steps) >= len(rows) else [r["step"] for r in rows]
     n = min(len(s) for s in series.values())
-    return _lines(Path(path), steps[:n], {k: v[:n] for k, v in series.items()}, "step",
-                  f"training loss (mean of {smooth} steps)")
+    first = next((i for i, step in enumerate(steps[:n]) if step > start), n)
+    name = "next-token loss" if key == "lm_loss" else "training loss"
+    return _lines(Path(path), steps[first:n], {k: v[first:n] for k, v in series.items()}, "step",
+                  f"{name} (mean of {smooth} steps)")
